@@ -1,0 +1,186 @@
+"""Bulk jobs: publish chunks with deterministic ids, collect results in input order.
+
+A bulk job is many tasks named ``<batch id>-<chunk number>``. Publishing runs ahead of
+collection by at most ``max_in_flight`` chunks, so a producer's memory stays flat on
+any input size. Results are read many keys per round trip. Because ids are
+deterministic, a rerun with the same batch id finds finished chunks in the result store
+and does not send them again (``--resume``).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+
+import numpy as np
+
+from producer.chunks import Chunk, ChunkResult, array_chunks, merge
+from producer.client import Client
+from producer.store import is_final
+from shared.errors import JobFailed
+from shared.repository import ModelVersion
+
+logger = logging.getLogger(__name__)
+
+_MGET_MAX = 256  # keys per result-store round trip
+
+
+def chunk_id(batch_id: str, index: int) -> str:
+    return f"{batch_id}-{index:07d}"
+
+
+@dataclass
+class _Pending:
+    chunk: Chunk
+    job_id: str
+    sent: bool
+    meta: dict | None = None
+
+
+class Pipeline:
+    """Publishes chunks and yields their results in input order."""
+
+    def __init__(self, client: Client, model: str, batch_id: str, *,
+                 max_in_flight: int | None = None, stall_timeout: float | None = None):
+        self.client = client
+        self.version, self.pinned = client.model(model)
+        self.batch_id = batch_id
+        self.max_in_flight = max_in_flight or client.settings.max_in_flight
+        self.stall_timeout = stall_timeout
+        self.sent = 0
+        self.reused = 0
+
+    @property
+    def manifest_version(self) -> ModelVersion:
+        return self.version
+
+    def _publish(self, chunk: Chunk, producer: object) -> _Pending:
+        job_id = chunk_id(self.batch_id, chunk.index)
+        if not len(chunk.keep):
+            return _Pending(chunk, job_id, sent=False, meta={"status": "SUCCESS", "result": {}})
+        name = self.version.manifest.input().name
+        extra = {}
+        if len(chunk.keep) == chunk.rows:
+            extra["first_row"] = chunk.start
+        else:
+            extra["row_ids"] = chunk.start + chunk.keep.astype(np.int64)
+        self.client.publish(self.version.manifest.name, job_id, {name: chunk.data},
+                            self.pinned, producer=producer, **extra)
+        self.sent += 1
+        chunk.data = chunk.data[:0]  # sent: keep only what merging needs
+        return _Pending(chunk, job_id, sent=True)
+
+    def run(self, chunks: Iterable[Chunk], done: set[int] | None = None
+            ) -> Iterator[ChunkResult]:
+        """``done``: chunk numbers already finished in the store; they are not sent."""
+        done = done or set()
+        specs = self.version.manifest.outputs
+        window: deque[_Pending] = deque()
+        source = iter(chunks)
+        exhausted = False
+        last_progress = time.monotonic()
+        pause = 0.0005
+        with self.client.app.producer_or_acquire() as producer:
+            while True:
+                while not exhausted and len(window) < self.max_in_flight:
+                    chunk = next(source, None)
+                    if chunk is None:
+                        exhausted = True
+                    elif chunk.index in done:
+                        window.append(_Pending(chunk, chunk_id(self.batch_id, chunk.index),
+                                               sent=False))
+                        self.reused += 1
+                    else:
+                        window.append(self._publish(chunk, producer))
+                if not window:
+                    return
+                if self._poll(window):
+                    last_progress, pause = time.monotonic(), 0.0005
+                while window and window[0].meta is not None:
+                    entry = window.popleft()
+                    yield merge(entry.chunk, specs, entry.meta.get("result"))
+                if window and window[0].meta is None:
+                    self._check_stall(last_progress, window[0])
+                    time.sleep(pause)
+                    pause = min(pause * 2, 0.05)
+
+    def _poll(self, window: deque[_Pending]) -> bool:
+        waiting = [p for p in list(window)[:_MGET_MAX] if p.meta is None]
+        metas = self.client.store.fetch_many([p.job_id for p in waiting])
+        progressed = False
+        for entry, meta in zip(waiting, metas, strict=True):
+            if is_final(meta):
+                entry.meta = meta
+                progressed = True
+        return progressed
+
+    def _check_stall(self, since: float, head: _Pending) -> None:
+        if self.stall_timeout is not None and time.monotonic() - since > self.stall_timeout:
+            raise TimeoutError(
+                f"no result for {head.job_id} (rows {head.chunk.start}.."
+                f"{head.chunk.start + head.chunk.rows - 1}) in {self.stall_timeout} s; "
+                "is a worker consuming this model's queue?")
+
+
+def finished_chunks(client: Client, batch_id: str, count: int) -> set[int]:
+    """Chunk numbers of ``batch_id`` whose results are already in the store."""
+    done: set[int] = set()
+    for first in range(0, count, _MGET_MAX):
+        ids = [chunk_id(batch_id, i) for i in range(first, min(count, first + _MGET_MAX))]
+        for i, meta in enumerate(client.store.fetch_many(ids)):
+            if meta is not None and meta.get("status") == "SUCCESS":
+                done.add(first + i)
+    return done
+
+
+@dataclass
+class BatchResult:
+    outputs: dict[str, np.ndarray]
+    ok: np.ndarray
+    errors: dict[int, str]
+
+    def __len__(self) -> int:
+        return len(self.ok)
+
+
+class BatchHandle:
+    """``Client.submit_many``: every chunk is published at once; ``results()`` collects."""
+
+    def __init__(self, pipeline: Pipeline, chunks: list[Chunk]):
+        self.pipeline = pipeline
+        self.chunks = chunks
+
+    @property
+    def batch_id(self) -> str:
+        return self.pipeline.batch_id
+
+    @classmethod
+    def start(cls, client: Client, model: str, rows: np.ndarray, chunk_rows: int,
+              batch_id: str | None = None) -> BatchHandle:
+        pipeline = Pipeline(client, model, batch_id or uuid.uuid4().hex,
+                            max_in_flight=10**9)
+        spec = pipeline.version.manifest.input()
+        chunks = list(array_chunks(spec, rows, chunk_rows))
+        return cls(pipeline, chunks)
+
+    def iter_results(self, timeout: float | None = None) -> Iterator[ChunkResult]:
+        self.pipeline.stall_timeout = timeout
+        yield from self.pipeline.run(self.chunks)
+
+    def results(self, timeout: float | None = 60.0,
+                on_chunk: Callable[[ChunkResult], None] | None = None) -> BatchResult:
+        """All rows in input order; ``timeout`` bounds the wait for any one chunk."""
+        parts = []
+        for part in self.iter_results(timeout):
+            parts.append(part)
+            if on_chunk:
+                on_chunk(part)
+        if not parts:
+            raise JobFailed("the batch has no rows")
+        outputs = {k: np.concatenate([p.outputs[k] for p in parts]) for k in parts[0].outputs}
+        errors = {row: msg for p in parts for row, msg in p.errors.items()}
+        return BatchResult(outputs, np.concatenate([p.ok for p in parts]), errors)

@@ -1,0 +1,188 @@
+"""The ``inferq`` command line. Worker-side commands import ``workers`` lazily, so a
+client-only install still runs ``score`` and ``status`` against a remote fleet."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+
+from shared.errors import InferqError
+from shared.settings import Settings, load_settings
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="Queue-based inference: enqueue jobs, run batching workers, score files.")
+models_app = typer.Typer(no_args_is_help=True, help="Build and list models in the repository.")
+app.add_typer(models_app, name="models")
+err = Console(stderr=True)
+out = Console()
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(level=level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def _workers(module: str) -> Any:
+    import importlib
+
+    try:
+        return importlib.import_module(f"workers.{module}")
+    except ImportError as exc:
+        raise InferqError(f"this command needs the worker extra ({exc}); "
+                          "install it with: pip install 'inferq[worker]'") from None
+
+
+@contextlib.contextmanager
+def _client(settings: Settings, models: list[str] | None = None) -> Iterator[Any]:
+    """A Client; with no broker configured, also an in-process worker (embedded mode)."""
+    from producer.client import Client
+
+    client = Client(settings)
+    if not settings.embedded:
+        yield client
+        return
+    main = _workers("main")
+    with main.embedded_worker(settings, client.app, models):
+        yield client
+
+
+@app.command()
+def score(
+    model: Annotated[str, typer.Option(help="model name, or name@version")],
+    input: Annotated[Path, typer.Option("--input", "-i", help=".npy, .csv, .jsonl or .parquet")],
+    output: Annotated[Path, typer.Option("--output", "-o", help=".parquet, .csv or .jsonl")],
+    chunk_rows: Annotated[int | None, typer.Option(help="rows per message")] = None,
+    resume: Annotated[bool, typer.Option(help="reuse finished chunks of an interrupted run")]
+    = False,
+    progress: Annotated[bool, typer.Option(help="show a progress bar")] = True,
+    stall_timeout: Annotated[float | None, typer.Option(help="give up when no chunk finishes "
+                                                        "for this many seconds")] = None,
+    log_level: str = "WARNING",
+) -> None:
+    """Score every row of a file; output rows come in input order, errors in `error`."""
+    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
+                               TimeElapsedColumn, TimeRemainingColumn)
+
+    from producer.score import score_file
+
+    _setup_logging(log_level)
+    settings = load_settings()
+    name = model.partition("@")[0]
+    bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                   TextColumn("{task.fields[rate]:>9} rows/s"), TimeElapsedColumn(),
+                   TextColumn("ETA"), TimeRemainingColumn(), console=err, disable=not progress,
+                   transient=False)
+    with _client(settings, [name]) as client, bar:
+        task = bar.add_task(f"scoring {model}", total=None, rate="-")
+
+        def on_chunk(part: Any) -> None:
+            bar.advance(task, part.rows)
+            t = bar.tasks[task]
+            bar.update(task, rate=f"{t.completed / t.elapsed:,.0f}" if t.elapsed else "-")
+
+        try:
+            report = score_file(client, model, input, output, chunk_rows=chunk_rows,
+                                resume=resume, stall_timeout=stall_timeout,
+                                on_start=lambda n: bar.update(task, total=n),
+                                on_chunk=on_chunk)
+        except KeyboardInterrupt:
+            bar.stop()
+            err.print(f"interrupted; finished chunks are kept. Resume with: inferq score "
+                      f"--model {model} --input {input} --output {output} --resume")
+            raise typer.Exit(130) from None
+    err.print(f"{report.rows:,} rows ({report.failed:,} failed) in {report.seconds:.2f} s = "
+              f"{report.rows_per_s:,.0f} rows/s; {report.sent_chunks} chunks sent, "
+              f"{report.reused_chunks} reused -> {report.output}")
+
+
+@app.command()
+def worker(
+    models: Annotated[str | None, typer.Option(help="comma list; default: every model")] = None,
+    concurrency: Annotated[int | None, typer.Option(help="task threads")] = None,
+    hostname: Annotated[str | None, typer.Option(help="node name, e.g. gpu0@%h")] = None,
+    log_level: str = "INFO",
+) -> None:
+    """Run a batching worker on the models' queues (needs INFERQ_BROKER_URL)."""
+    _setup_logging(log_level)
+    settings = load_settings()
+    if settings.embedded:
+        raise InferqError("INFERQ_BROKER_URL: set it (redis://… or amqp://…) to run a "
+                          "standalone worker; `inferq demo` runs the embedded default")
+    main = _workers("main")
+    names = [m.strip() for m in models.split(",")] if models else None
+    raise typer.Exit(main.run_worker(settings, names, concurrency=concurrency,
+                                     hostname=hostname, loglevel=log_level.upper()))
+
+
+@app.command()
+def demo(log_level: str = "WARNING") -> None:
+    """Build digits if missing, score the 1,797 images through the queue, print accuracy."""
+    from producer.demo import run_demo
+
+    _setup_logging(log_level)
+    settings = load_settings()
+    build = _workers("build.digits")
+    version = build.ensure_digits(settings.model_repo)
+    images, labels = build.load_digits_data()
+    out.print(run_demo(settings, _client(settings, ["digits"]), version, images, labels))
+
+
+@app.command()
+def status(job_id: str) -> None:
+    """Print a job's status and result as JSON."""
+    from producer.client import Client
+
+    res = Client(load_settings()).get(job_id)
+    data = res.model_dump(mode="json", exclude={"outputs"})
+    if res.outputs is not None:
+        data["outputs"] = {k: v.tolist() for k, v in res.outputs.items()}
+    out.print_json(json.dumps(data))
+
+
+@models_app.command("build")
+def models_build(names: Annotated[list[str] | None, typer.Argument()] = None) -> None:
+    """Build bundled models (default: all) into INFERQ_MODEL_REPO."""
+    settings = load_settings()
+    build = _workers("build.digits")
+    for name in names or ["digits"]:
+        if name != "digits":
+            raise InferqError(f"unknown bundled model {name!r}; bundled: digits")
+        version = build.build_digits(settings.model_repo)
+        q = version.manifest.quality
+        out.print(f"built {version.key} at {version.path} "
+                  f"(held-out accuracy {q.get('heldout_accuracy', 0):.4f})")
+
+
+@models_app.command("list")
+def models_list() -> None:
+    """List models and versions in INFERQ_MODEL_REPO."""
+    from shared.repository import ModelRepository
+
+    repo = ModelRepository(load_settings().model_repo)
+    for name in repo.names():
+        for v in repo.versions(name):
+            m = repo.resolve(name, v).manifest
+            out.print(f"{name}@{v}  {m.runtime}  {m.compression}  {m.size_bytes:,} bytes  "
+                      f"{json.dumps(m.quality)}")
+
+
+def main() -> None:
+    try:
+        app()
+    except InferqError as exc:
+        err.print(f"[red]error:[/red] {exc}")
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    main()

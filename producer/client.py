@@ -1,0 +1,147 @@
+"""The Python SDK: submit jobs, read them back from any process, score many rows."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from celery import Celery
+
+from producer.store import ResultStore, is_final, status_of
+from shared.celery_app import INFER_TASK, make_app, model_queue
+from shared.errors import InputError, JobFailed
+from shared.repository import ModelRepository, ModelVersion, parse_model_ref
+from shared.schemas import JobResult, JobStatus, Manifest, RowError
+from shared.settings import Settings, load_settings
+from shared.validation import as_row, check_rows
+
+# Publishing retries while the broker is away (~25 s), then fails naming the job.
+PUBLISH_RETRY = {"max_retries": 12, "interval_start": 0.1, "interval_step": 0.5,
+                 "interval_max": 3.0}
+
+
+class Client:
+    """One per process; thread-safe for submit/get.
+
+    ``Client()`` reads ``INFERQ_*`` settings; with no broker configured it talks to the
+    embedded in-memory broker, which needs a worker in the same process
+    (see ``workers.main.embedded_worker``).
+    """
+
+    def __init__(self, settings: Settings | None = None, app: Celery | None = None):
+        self.settings = settings or load_settings()
+        self.app = app or make_app(self.settings)
+        self.repo = ModelRepository(self.settings.model_repo)
+        self.store = ResultStore(self.app)
+
+    # -- models --------------------------------------------------------------------------
+    def model(self, ref: str) -> tuple[ModelVersion, int | None]:
+        """Resolve ``name`` or ``name@version`` -> (its manifest, the pinned version or None)."""
+        name, pinned = parse_model_ref(ref)
+        return self.repo.resolve(name, pinned), pinned
+
+    # -- publishing ----------------------------------------------------------------------
+    def publish(self, model: str, job_id: str, inputs: dict[str, np.ndarray],
+                version: int | None = None, producer: Any = None, **extra: Any) -> None:
+        kwargs = {"model": model, "inputs": inputs, "version": version,
+                  "submitted_at": time.time(), **extra}
+        self.app.send_task(INFER_TASK, kwargs=kwargs, task_id=job_id,
+                           queue=model_queue(self.settings, model), producer=producer,
+                           retry=True, retry_policy=PUBLISH_RETRY)
+
+    def submit(self, model: str, row: Any, *, job_id: str | None = None) -> Job:
+        """Enqueue one row (or a few, as a 2-D array); validated here, before sending."""
+        version, pinned = self.model(model)
+        inputs = _coerce(version.manifest, row)
+        job_id = job_id or uuid.uuid4().hex
+        name = version.manifest.name
+        self.store.mark_queued(job_id, {"model": name, "submitted_at": time.time()})
+        self.publish(name, job_id, inputs, pinned)
+        return Job(self, job_id, name)
+
+    def submit_many(self, model: str, rows: Any, *, chunk_rows: int | None = None,
+                    batch_id: str | None = None) -> BatchHandle:
+        """Enqueue many rows as binary chunks; results come back in input order."""
+        from producer.bulk import BatchHandle as _Handle  # avoids an import cycle
+
+        return _Handle.start(self, model, np.asarray(rows),
+                             chunk_rows or self.settings.chunk_rows, batch_id)
+
+    # -- reading -------------------------------------------------------------------------
+    def get(self, job_id: str) -> JobResult:
+        """The job's status and, when done, its outputs; works from any process."""
+        return to_result(job_id, self.store.fetch(job_id))
+
+    def wait(self, job_id: str, timeout: float | None = 30.0) -> JobResult:
+        return to_result(job_id, self.store.wait(job_id, timeout))
+
+
+@dataclass
+class Job:
+    client: Client
+    id: str
+    model: str
+
+    def status(self) -> JobStatus:
+        return self.client.get(self.id).status
+
+    def result(self, timeout: float | None = 30.0) -> dict[str, np.ndarray]:
+        """The outputs; raises JobFailed if the job or its row failed."""
+        res = self.client.wait(self.id, timeout)
+        if res.status is not JobStatus.succeeded:
+            raise JobFailed(res.error or "job failed")
+        if res.errors:
+            raise JobFailed("; ".join(e.message for e in res.errors))
+        assert res.outputs is not None
+        return res.outputs
+
+
+def _coerce(manifest: Manifest, row: Any) -> dict[str, np.ndarray]:
+    """A row, a few rows, or {input name: value} -> {input name: array of rows}."""
+    values = row if isinstance(row, dict) else {manifest.inputs[0].name: row}
+    unknown = set(values) - {s.name for s in manifest.inputs}
+    if unknown:
+        raise InputError(f"unknown input(s) {sorted(unknown)} for model {manifest.name}; "
+                         f"it takes {[s.name for s in manifest.inputs]}")
+    out = {}
+    for spec in manifest.inputs:
+        if spec.name not in values:
+            raise InputError(f"missing input {spec.name!r} for model {manifest.name}",
+                             field=spec.name)
+        arr = np.asarray(values[spec.name]) if not isinstance(values[spec.name], list) \
+            else values[spec.name]
+        try:
+            out[spec.name] = as_row(spec, arr)[None]
+        except InputError:
+            many = np.asarray(arr)
+            if many.ndim < 2:
+                raise
+            data, _, errors = check_rows(spec, many)
+            if errors:
+                raise InputError(errors[0].message, row=errors[0].row, field=spec.name) from None
+            out[spec.name] = data
+    return out
+
+
+def to_result(job_id: str, meta: dict[str, Any]) -> JobResult:
+    status = status_of(meta)
+    value = meta.get("result")
+    res = JobResult(job_id=job_id, status=status)
+    if isinstance(value, BaseException) or status is JobStatus.failed:
+        res.error = f"{type(value).__name__}: {value}" if isinstance(value, BaseException) \
+            else str(value)
+        return res
+    if isinstance(value, dict):
+        res.model = value.get("model")
+        res.version = value.get("version")
+        res.submitted_at = value.get("submitted_at")
+        if is_final(meta):
+            res.outputs = value.get("outputs")
+            res.errors = [RowError(**{k: e.get(k) for k in ("row", "field", "message")})
+                          for e in value.get("errors", [])]
+            res.batch_rows = list(value.get("batch_rows", []))
+            res.finished_at = value.get("finished_at")
+    return res

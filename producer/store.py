@@ -1,0 +1,73 @@
+"""Reading job records from the Celery result backend, many keys per round trip."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from celery import Celery, states
+
+from shared.errors import JobNotFound
+from shared.schemas import JobStatus
+
+_STATUS = {
+    states.PENDING: JobStatus.queued,
+    states.RECEIVED: JobStatus.queued,
+    states.STARTED: JobStatus.running,
+    states.RETRY: JobStatus.retrying,
+    states.SUCCESS: JobStatus.succeeded,
+    states.FAILURE: JobStatus.failed,
+    states.REVOKED: JobStatus.failed,
+}
+
+
+def status_of(meta: dict[str, Any]) -> JobStatus:
+    return _STATUS.get(meta.get("status", states.PENDING), JobStatus.queued)
+
+
+def is_final(meta: dict[str, Any] | None) -> bool:
+    return meta is not None and meta.get("status") in states.READY_STATES
+
+
+class ResultStore:
+    """The result backend as a key-value store: job id -> the task's meta dict."""
+
+    def __init__(self, app: Celery):
+        self.backend = app.backend
+
+    def mark_queued(self, job_id: str, info: dict[str, Any]) -> None:
+        """Record a job before publishing it, so ``get`` tells queued from unknown."""
+        self.backend.store_result(job_id, info, states.PENDING)
+
+    def fetch_many(self, job_ids: list[str]) -> list[dict[str, Any] | None]:
+        if not job_ids:
+            return []
+        keys = [self.backend.get_key_for_task(j) for j in job_ids]
+        values = list(self.backend.mget(keys))
+        return [None if v is None else self.backend.decode_result(v) for v in values]
+
+    def fetch(self, job_id: str) -> dict[str, Any]:
+        meta = self.fetch_many([job_id])[0]
+        if meta is None:
+            raise JobNotFound(f"no job {job_id!r} in the result store "
+                              "(never submitted, or its result expired)")
+        return meta
+
+    def wait(self, job_id: str, timeout: float | None = None) -> dict[str, Any]:
+        """Poll until the job is final (short intervals first, then up to 50 ms).
+
+        A job with no record yet counts as queued until the timeout; then it is unknown.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        pause = 0.001
+        while True:
+            meta = self.fetch_many([job_id])[0]
+            if meta is not None and is_final(meta):
+                return meta
+            if deadline is not None and time.monotonic() >= deadline:
+                if meta is None:
+                    return self.fetch(job_id)  # raises JobNotFound
+                raise TimeoutError(f"job {job_id} not finished after {timeout} s "
+                                   f"(status {status_of(meta).value})")
+            time.sleep(pause)
+            pause = min(pause * 2, 0.05)

@@ -1,0 +1,1 @@
+"""What producers and workers agree on: settings, schemas, the tensor codec, the Celery app."""

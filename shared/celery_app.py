@@ -1,0 +1,74 @@
+"""The Celery app both sides build, its task names and queue names.
+
+Producers send tasks by name (``send_task``) and never import worker code, so an
+``inferq[client]`` install needs neither torch nor onnxruntime.
+"""
+
+from __future__ import annotations
+
+from celery import Celery
+from kombu import Exchange, Queue
+
+from shared import codec
+from shared.settings import Settings
+
+INFER_TASK = "inferq.infer"
+
+
+def queue_name(settings: Settings, model: str) -> str:
+    """One queue per model, so workers choose what they serve."""
+    return f"{settings.queue_prefix}infer.{model}"
+
+
+def model_queue(settings: Settings, model: str) -> Queue:
+    """The queue of one model, declared the same way by producers and workers.
+
+    On RabbitMQ it is a durable quorum queue (replicated, with delivery counting);
+    Redis ignores the arguments.
+    """
+    name = queue_name(settings, model)
+    return Queue(name, Exchange(name, type="direct", durable=True), routing_key=name,
+                 durable=True, queue_arguments={"x-queue-type": "quorum"})
+
+
+def make_app(settings: Settings) -> Celery:
+    codec.register(settings.max_message_bytes)
+    backend = settings.effective_result_backend()
+    if settings.embedded:
+        (settings.home / "results").mkdir(parents=True, exist_ok=True)
+    app = Celery("inferq", broker=settings.broker_url or "memory://localhost/", backend=backend,
+                 set_as_current=False)
+    vt = settings.visibility_timeout
+    app.conf.update(
+        task_serializer=codec.SERIALIZER,
+        result_serializer=codec.SERIALIZER,
+        accept_content=codec.ACCEPT,
+        result_accept_content=codec.ACCEPT,
+        # A message is acked only after its result is stored; a worker that dies
+        # mid-task leaves it to be redelivered (reject_on_worker_lost), and each
+        # thread reserves one message at a time so a crash strands little.
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        task_track_started=True,
+        result_expires=settings.result_expires,
+        result_backend_always_retry=True,
+        result_backend_max_retries=10,
+        broker_connection_retry_on_startup=True,
+        task_default_queue=queue_name(settings, "default"),
+        worker_hijack_root_logger=False,
+        worker_send_task_events=True,
+        task_send_sent_event=False,
+        broker_transport_options={
+            # Redis: a message fetched but not acked within this time is redelivered;
+            # it must exceed the longest task. The restore sweep runs often enough
+            # for that bound to hold (kombu's default sweep is ~100 s).
+            "visibility_timeout": vt,
+            "unacked_restore_interval": max(1, min(10, vt // 4)),
+            "unacked_restore_throttle": 1,
+            # RabbitMQ: wait for the broker to confirm each publish.
+            "confirm_publish": True,
+        },
+        result_backend_transport_options={"visibility_timeout": vt},
+    )
+    return app

@@ -1,0 +1,86 @@
+"""One typed settings object, read from ``INFERQ_*`` environment variables.
+
+Built by :func:`load_settings` (never at import), which turns a validation failure into
+a :class:`ConfigError` naming the variable.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from pydantic import Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from shared.errors import ConfigError
+
+ENV_PREFIX = "INFERQ_"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore")
+
+    broker_url: str | None = Field(
+        None, description="redis://… or amqp://…; unset runs the embedded in-memory default"
+    )
+    result_backend: str | None = Field(
+        None, description="redis://… result store; defaults to the broker URL when it is Redis"
+    )
+    home: Path = Field(
+        Path.home() / ".inferq", description="local state: the embedded result store, caches"
+    )
+    model_repo: Path = Field(Path("models"), description="the model repository folder")
+    queue_prefix: str = Field("", description="prefix of every queue name (isolates tenants, tests)")
+    result_expires: int = Field(7 * 24 * 3600, ge=60, description="seconds a result is kept")
+    visibility_timeout: int = Field(
+        3600, ge=1, description="Redis broker: seconds before an unacked message is redelivered"
+    )
+    chunk_rows: int = Field(1024, ge=1, le=1_000_000, description="rows per message in bulk jobs")
+    max_in_flight: int = Field(64, ge=1, description="bulk chunks outstanding at once per producer")
+    max_batch_rows: int = Field(256, ge=1, description="rows per model call")
+    max_delay_ms: float = Field(5.0, ge=0, description="longest a row waits for batch-mates")
+    concurrency: int = Field(32, ge=1, description="task threads per worker process")
+    ort_threads: int = Field(0, ge=0, description="ONNX Runtime intra-op threads; 0 = cores")
+    max_message_bytes: int = Field(64 * 2**20, ge=1024, description="cap on one decoded payload")
+    task_max_retries: int = Field(3, ge=0, description="retries of a transient failure")
+    fault_injection: str = Field(
+        "", description="testing only: comma list such as 'delay_ms=20'; empty in production"
+    )
+
+    @field_validator("queue_prefix")
+    @classmethod
+    def _plain_prefix(cls, value: str) -> str:
+        if value and not all(c.isalnum() or c in "._-" for c in value):
+            raise ValueError("use letters, digits, '.', '_' and '-' only")
+        return value
+
+    @property
+    def embedded(self) -> bool:
+        return not self.broker_url
+
+    def effective_result_backend(self) -> str:
+        if self.result_backend:
+            return self.result_backend
+        if self.embedded:
+            return "file://" + str((self.home / "results").resolve())
+        if self.broker_url and self.broker_url.startswith(("redis://", "rediss://")):
+            return self.broker_url
+        raise ConfigError(
+            "INFERQ_RESULT_BACKEND: required when INFERQ_BROKER_URL is not Redis "
+            "(set it to a redis:// URL so results persist and any process can read them)"
+        )
+
+    def effective_ort_threads(self) -> int:
+        return self.ort_threads or (os.cpu_count() or 1)
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Read the environment (plus overrides); a bad value raises ConfigError naming it."""
+    try:
+        return Settings(**overrides)  # type: ignore[arg-type]
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors():
+            field = str(err["loc"][0]) if err["loc"] else "?"
+            problems.append(f"{ENV_PREFIX}{field.upper()}: {err['msg']}")
+        raise ConfigError("invalid settings: " + "; ".join(problems)) from None

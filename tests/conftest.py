@@ -1,0 +1,199 @@
+"""Shared fixtures: the digits model built once, real-service environments, worker processes.
+
+Real-service fixtures skip when the service is down on a laptop, and fail under CI
+(``CI`` set), where .ci/run starts the services.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+REDIS = "redis://127.0.0.1:6379"
+REDIS_TEST_DB = int(os.environ.get("INFERQ_TEST_REDIS_DB", "12"))
+AMQP = "amqp://guest:guest@127.0.0.1:5672//"
+
+
+def service_up(port: int, host: str = "127.0.0.1") -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=1):
+            return True
+    except OSError:
+        return False
+
+
+def need(port: int, name: str) -> None:
+    if service_up(port):
+        return
+    if os.environ.get("CI"):
+        pytest.fail(f"{name} is not reachable on 127.0.0.1:{port} in CI")
+    pytest.skip(f"{name} is not running on 127.0.0.1:{port}")
+
+
+@pytest.fixture(scope="session")
+def model_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from workers.build.digits import build_digits
+
+    root = tmp_path_factory.mktemp("models")
+    build_digits(root)
+    return root
+
+
+@pytest.fixture(scope="session")
+def digits(model_repo: Path) -> dict[str, np.ndarray]:
+    """10,000 real digit images (the 1,797 tiled) and in-process ORT outputs for them."""
+    import onnxruntime as ort
+
+    from workers.build.digits import load_digits_data
+
+    images, labels = load_digits_data()
+    reps = -(-10_000 // len(images))
+    x = np.concatenate([images] * reps)[:10_000]
+    y = np.concatenate([labels] * reps)[:10_000]
+    session = ort.InferenceSession(str(model_repo / "digits" / "1" / "model.onnx"),
+                                   providers=["CPUExecutionProvider"])
+    probs, label = session.run(["probabilities", "label"], {"image": x})
+    return {"x": x, "y": y, "probabilities": probs, "label": label}
+
+
+def _settings_env(broker: str, backend: str, model_repo: Path, home: Path, **extra: str
+                  ) -> dict[str, str]:
+    env = {
+        "INFERQ_BROKER_URL": broker,
+        "INFERQ_RESULT_BACKEND": backend,
+        "INFERQ_MODEL_REPO": str(model_repo),
+        "INFERQ_HOME": str(home),
+        "INFERQ_QUEUE_PREFIX": f"t{uuid.uuid4().hex[:10]}.",
+    }
+    env.update(extra)
+    return env
+
+
+def _cleanup(env: dict[str, str]) -> None:
+    import redis
+
+    redis.Redis.from_url(env["INFERQ_RESULT_BACKEND"]).flushdb()
+    if env["INFERQ_BROKER_URL"].startswith("amqp"):
+        from kombu import Connection
+
+        with Connection(env["INFERQ_BROKER_URL"]) as conn:
+            channel = conn.channel()
+            name = env["INFERQ_QUEUE_PREFIX"] + "infer.digits"
+            for op in (lambda: channel.queue_delete(name), lambda: channel.exchange_delete(name)):
+                try:
+                    op()
+                except Exception:  # already gone
+                    channel = conn.channel()
+
+
+@pytest.fixture(params=["redis", "rabbitmq"])
+def broker_env(request: pytest.FixtureRequest, model_repo: Path, tmp_path: Path
+               ) -> Iterator[dict[str, str]]:
+    """INFERQ_* variables for a real broker (each test its own queues), cleaned up after."""
+    need(6379, "Redis")
+    backend = f"{REDIS}/{REDIS_TEST_DB}"
+    if request.param == "rabbitmq":
+        need(5672, "RabbitMQ")
+        broker = AMQP
+    else:
+        broker = backend
+    env = _settings_env(broker, backend, model_repo, tmp_path / "home",
+                        INFERQ_VISIBILITY_TIMEOUT="8")
+    yield env
+    _cleanup(env)
+
+
+@pytest.fixture
+def redis_env(model_repo: Path, tmp_path: Path) -> Iterator[dict[str, str]]:
+    need(6379, "Redis")
+    backend = f"{REDIS}/{REDIS_TEST_DB}"
+    env = _settings_env(backend, backend, model_repo, tmp_path / "home",
+                        INFERQ_VISIBILITY_TIMEOUT="8")
+    yield env
+    _cleanup(env)
+
+
+def client_for(env: dict[str, str]):  # noqa: ANN201 - returns producer.client.Client
+    from producer.client import Client
+    from shared.settings import load_settings
+
+    prefix = "INFERQ_"
+    return Client(load_settings(**{k[len(prefix):].lower(): v for k, v in env.items()
+                                   if k.startswith(prefix)}))
+
+
+def run_cli(args: list[str], env: dict[str, str], timeout: float = 120,
+            cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    full_env = {**os.environ, **env, "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, "-m", "producer.cli", *args], env=full_env,
+                          capture_output=True, text=True, timeout=timeout, cwd=cwd or ROOT)
+
+
+class WorkerProcess:
+    """An ``inferq worker`` subprocess; waits for Celery's ready line, stopped by PID."""
+
+    def __init__(self, env: dict[str, str], log: Path, *args: str):
+        self.log = log
+        cmd = [sys.executable, "-m", "producer.cli", "worker", "--models", "digits",
+               "--log-level", "INFO", *args]
+        self.handle = log.open("ab")
+        self.proc = subprocess.Popen(cmd, env={**os.environ, **env, "PYTHONPATH": str(ROOT)},
+                                     stdout=self.handle, stderr=subprocess.STDOUT, cwd=ROOT)
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def wait_ready(self, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        seen = self.log.stat().st_size if self.log.exists() else 0
+        while time.monotonic() < deadline:
+            if " ready." in self.log.read_text(errors="replace")[seen - seen:]:
+                return
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"worker exited with {self.proc.returncode}:\n"
+                                   + self.log.read_text(errors="replace")[-3000:])
+            time.sleep(0.1)  # polling a log file: there is no event to wait on
+        raise TimeoutError("worker not ready in time:\n" + self.log.read_text()[-3000:])
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        if self.proc.poll() is None:
+            os.kill(self.proc.pid, sig)
+        self.proc.wait(timeout=30)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=10)
+        self.handle.close()
+
+
+@pytest.fixture
+def start_worker(tmp_path: Path) -> Iterator:
+    started: list[WorkerProcess] = []
+
+    def start(env: dict[str, str], *args: str, ready: bool = True) -> WorkerProcess:
+        w = WorkerProcess(env, tmp_path / f"worker-{len(started)}.log", *args)
+        started.append(w)
+        if ready:
+            w.wait_ready()
+        return w
+
+    yield start
+    for w in started:
+        w.stop()

@@ -1,0 +1,254 @@
+"""The dynamic batcher: one thread owns the model and merges rows from many tasks.
+
+Task threads hand rows to :meth:`Batcher.submit` and wait on a Future. The batcher
+thread takes the waiting rows, up to ``max_batch_rows``; it waits for more only while
+some task has announced rows that are not yet submitted, and never past
+``max_delay_ms`` after the first waiting row, so a lone job on an idle worker runs at
+once. A model call that raises is bisected until the failing rows are found; only those
+rows get an error, every other row gets its output.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from shared.errors import BatchContractError
+
+logger = logging.getLogger(__name__)
+
+Inputs = dict[str, np.ndarray]
+Outputs = dict[str, np.ndarray]
+RunFn = Callable[[Inputs], Outputs]
+
+
+@dataclass
+class Outcome:
+    """What one submitted job gets back: outputs for every row (zeros where it failed)."""
+
+    outputs: Outputs | None
+    errors: dict[int, str]  # row within the job -> message
+    batch_rows: list[int]  # the size of each model call the job's rows ran in
+
+
+@dataclass
+class _Ticket:
+    used: bool = False
+
+
+@dataclass
+class _Job:
+    rows: int
+    future: Future[Outcome]
+    parts_left: int
+    parts: dict[int, tuple[Outputs | None, dict[int, str], int]] = field(default_factory=dict)
+
+
+@dataclass
+class _Part:
+    job: _Job
+    offset: int  # first row of this part within its job
+    inputs: Inputs
+    rows: int
+    arrived: float
+
+
+def _rows_of(inputs: Inputs) -> int:
+    counts = {name: len(value) for name, value in inputs.items()}
+    if len(set(counts.values())) != 1:
+        raise ValueError(f"inputs disagree on the number of rows: {counts}")
+    return next(iter(counts.values()))
+
+
+class Batcher:
+    def __init__(self, run: RunFn, *, name: str, max_batch_rows: int, max_delay_ms: float,
+                 on_batch: Callable[[int, float], None] | None = None):
+        if max_batch_rows < 1:
+            raise ValueError(f"max_batch_rows must be >= 1, got {max_batch_rows}")
+        if max_delay_ms < 0:
+            raise ValueError(f"max_delay_ms must be >= 0, got {max_delay_ms}")
+        self._run = run
+        self.name = name
+        self.max_batch_rows = max_batch_rows
+        self.max_delay = max_delay_ms / 1000.0
+        self._on_batch = on_batch
+        self._queue: deque[_Part] = deque()
+        self._queued_rows = 0
+        self._announced = 0
+        self._cond = threading.Condition()
+        self._running = False
+        self._thread: threading.Thread | None = None
+
+    # -- the task side -------------------------------------------------------------------
+    @contextmanager
+    def announced(self) -> Iterator[_Ticket]:
+        """Tell the batcher rows are coming (decode, validate), so it waits for them.
+
+        Pass the ticket to :meth:`submit`; leaving without submitting withdraws it.
+        """
+        ticket = _Ticket()
+        with self._cond:
+            self._announced += 1
+        try:
+            yield ticket
+        finally:
+            with self._cond:
+                if not ticket.used:
+                    self._announced -= 1
+                    self._cond.notify()
+
+    def submit(self, inputs: Inputs, ticket: _Ticket | None = None) -> Future[Outcome]:
+        rows = _rows_of(inputs)
+        future: Future[Outcome] = Future()
+        if rows == 0:
+            future.set_result(Outcome(outputs=None, errors={}, batch_rows=[]))
+            return future
+        size = self.max_batch_rows
+        offsets = range(0, rows, size)
+        job = _Job(rows=rows, future=future, parts_left=len(offsets))
+        now = time.monotonic()
+        with self._cond:
+            if not self._running:
+                raise RuntimeError(f"batcher for {self.name} is not running")
+            if ticket is not None and not ticket.used:
+                ticket.used = True
+                self._announced -= 1
+            for off in offsets:
+                part = {k: v[off:off + size] for k, v in inputs.items()}
+                n = min(size, rows - off)
+                self._queue.append(_Part(job, off, part, n, now))
+                self._queued_rows += n
+            self._cond.notify()
+        return future
+
+    # -- lifecycle -----------------------------------------------------------------------
+    def start(self) -> None:
+        with self._cond:
+            if self._running:
+                return
+            self._running = True
+        self._thread = threading.Thread(target=self._loop, name=f"batcher-{self.name}",
+                                        daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        with self._cond:
+            self._running = False
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    # -- the batcher thread --------------------------------------------------------------
+    def _take(self) -> list[_Part] | None:
+        with self._cond:
+            while not self._queue:
+                if not self._running:
+                    return None
+                self._cond.wait()
+            deadline = self._queue[0].arrived + self.max_delay
+            while self._queued_rows < self.max_batch_rows and self._announced > 0:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self._cond.wait(left)
+            batch, rows = [], 0
+            while self._queue and (not batch or rows + self._queue[0].rows <= self.max_batch_rows):
+                part = self._queue.popleft()
+                batch.append(part)
+                rows += part.rows
+            self._queued_rows -= rows
+            return batch
+
+    def _loop(self) -> None:
+        while True:
+            batch = self._take()
+            if batch is None:
+                return
+            try:
+                self._execute(batch)
+            except BaseException as exc:  # never leave a waiting task hanging
+                logger.exception("batcher %s: batch of %d parts failed", self.name, len(batch))
+                for part in batch:
+                    if not part.job.future.done():
+                        part.job.future.set_exception(exc)
+
+    def _execute(self, batch: list[_Part]) -> None:
+        names = batch[0].inputs.keys()
+        merged = {k: np.concatenate([p.inputs[k] for p in batch]) if len(batch) > 1
+                  else batch[0].inputs[k] for k in names}
+        total = sum(p.rows for p in batch)
+        started = time.perf_counter()
+        outputs, errors = self._run_bisect(merged, total)
+        if self._on_batch is not None:
+            self._on_batch(total, time.perf_counter() - started)
+        offset = 0
+        for part in batch:
+            sl = slice(offset, offset + part.rows)
+            part_out = None if outputs is None else {k: v[sl] for k, v in outputs.items()}
+            part_err = {i - offset: m for i, m in errors.items() if offset <= i < sl.stop}
+            self._finish_part(part, part_out, part_err, total)
+            offset += part.rows
+
+    def _run_checked(self, inputs: Inputs, rows: int) -> Outputs:
+        outputs = self._run(inputs)
+        for name, value in outputs.items():
+            if len(value) != rows:
+                raise BatchContractError(
+                    f"model {self.name} returned {len(value)} rows of {name!r} for {rows} inputs")
+        return outputs
+
+    def _run_bisect(self, inputs: Inputs, rows: int) -> tuple[Outputs | None, dict[int, str]]:
+        """Run the rows; if the call raises, split until the failing rows are isolated."""
+        try:
+            return self._run_checked(inputs, rows), {}
+        except Exception as exc:
+            if rows == 1:
+                logger.warning("model %s failed on a row: %s", self.name, exc)
+                return None, {0: f"model {self.name} failed on this row: "
+                                 f"{type(exc).__name__}: {exc}"}
+        mid = rows // 2
+        left, left_err = self._run_bisect({k: v[:mid] for k, v in inputs.items()}, mid)
+        right, right_err = self._run_bisect({k: v[mid:] for k, v in inputs.items()}, rows - mid)
+        errors = {**left_err, **{i + mid: m for i, m in right_err.items()}}
+        return _join(left, mid, right, rows - mid), errors
+
+    def _finish_part(self, part: _Part, outputs: Outputs | None, errors: dict[int, str],
+                     batch_rows: int) -> None:
+        job = part.job
+        job.parts[part.offset] = (outputs, errors, batch_rows)
+        job.parts_left -= 1
+        if job.parts_left:
+            return
+        ordered = [job.parts[off] for off in sorted(job.parts)]
+        offsets = sorted(job.parts)
+        merged: Outputs | None = None
+        all_errors: dict[int, str] = {}
+        done = 0
+        for off, (out, err, _) in zip(offsets, ordered, strict=True):
+            n = min(self.max_batch_rows, job.rows - off)
+            merged = _join(merged, done, out, n) if done else (
+                None if out is None else dict(out))
+            all_errors.update({off + i: m for i, m in err.items()})
+            done += n
+        job.future.set_result(Outcome(merged, all_errors, [b for _, _, b in ordered]))
+
+
+def _join(left: Outputs | None, left_rows: int, right: Outputs | None,
+          right_rows: int) -> Outputs | None:
+    """Concatenate two row blocks; a failed block (None) becomes zeros shaped like the other."""
+    if left is None and right is None:
+        return None
+    if left is None:
+        assert right is not None
+        left = {k: np.zeros((left_rows, *v.shape[1:]), v.dtype) for k, v in right.items()}
+    if right is None:
+        right = {k: np.zeros((right_rows, *v.shape[1:]), v.dtype) for k, v in left.items()}
+    return {k: np.concatenate([left[k], right[k]]) for k in left}

@@ -1,0 +1,96 @@
+"""Starting a worker: a standalone process (``inferq worker``) or an in-process thread."""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from celery import Celery
+from celery.worker import WorkController
+
+from shared.celery_app import make_app, model_queue
+from shared.errors import ConfigError
+from shared.repository import ModelRepository
+from shared.settings import Settings
+from workers.pool import ModelPool
+from workers.tasks import register_tasks
+
+logger = logging.getLogger(__name__)
+
+
+def prepare(settings: Settings, models: list[str] | None, app: Celery | None = None
+            ) -> tuple[Celery, ModelPool, list[str]]:
+    """Build the app, load and warm every served model before consuming anything."""
+    repo = ModelRepository(settings.model_repo)
+    models = models or repo.names()
+    if not models:
+        raise ConfigError(
+            f"INFERQ_MODEL_REPO: no models in {settings.model_repo.resolve()}; "
+            "build them with `inferq models build` or pass --models")
+    app = app or make_app(settings)
+    # The threads pool traces tasks through the current (thread-local, else default) app.
+    app.set_current()
+    app.set_default()
+    pool = ModelPool(settings)
+    for name in models:
+        pool.get(name)
+    register_tasks(app, pool)
+    app.conf.task_queues = [model_queue(settings, name) for name in models]
+    return app, pool, models
+
+
+def run_worker(settings: Settings, models: list[str] | None = None, *,
+               concurrency: int | None = None, hostname: str | None = None,
+               loglevel: str = "INFO") -> int:
+    """Run a Celery worker (threads pool) until it is told to stop; returns its exit code."""
+    app, pool, models = prepare(settings, models)
+    worker = app.Worker(
+        pool_cls="threads", concurrency=concurrency or settings.concurrency,
+        queues=[q.name for q in app.conf.task_queues],
+        hostname=hostname or f"inferq@{socket.gethostname()}", loglevel=loglevel,
+        without_mingle=True, without_gossip=True,
+    )
+    logger.info("worker serving %s", ", ".join(models))
+    try:
+        worker.start()
+    finally:
+        pool.close()
+    return int(worker.exitcode or 0)
+
+
+class _ReadyWorker(WorkController):
+    """A WorkController that says when its consumer is ready (for in-process use)."""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        self.ready = threading.Event()
+        super().__init__(*args, **kwargs)
+
+    def on_consumer_ready(self, consumer: Any) -> None:
+        self.ready.set()
+
+
+@contextmanager
+def embedded_worker(settings: Settings, app: Celery, models: list[str] | None = None
+                    ) -> Iterator[ModelPool]:
+    """A worker on a thread of this process: the embedded default needs no broker."""
+    app, pool, _ = prepare(settings, models, app)
+    worker = _ReadyWorker(
+        app=app, pool_cls="threads", concurrency=settings.concurrency,
+        queues=[q.name for q in app.conf.task_queues], hostname="embedded@inferq",
+        loglevel="WARNING", without_heartbeat=True, without_mingle=True,
+        without_gossip=True,
+    )
+    thread = threading.Thread(target=worker.start, name="inferq-embedded-worker", daemon=True)
+    thread.start()
+    if not worker.ready.wait(30):
+        raise RuntimeError("the embedded worker did not start within 30 s")
+    try:
+        yield pool
+    finally:
+        worker.stop(in_sighandler=False)
+        thread.join(10)
+        pool.close()

@@ -1,0 +1,97 @@
+"""The models a worker process serves: one runtime and one batcher per model version."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+
+from shared.repository import ModelRepository, ModelVersion
+from shared.settings import Settings
+from workers import faults
+from workers.batcher import Batcher
+from workers.runtime import load_runtime
+
+logger = logging.getLogger(__name__)
+
+_LATEST_TTL = 5.0  # seconds a "latest version" lookup is reused
+
+
+@dataclass
+class BatchStats:
+    """The worker's own record of model calls (rows per call), for tests and metrics."""
+
+    calls: int = 0
+    rows: int = 0
+    max_rows: int = 0
+    seconds: float = 0.0
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def record(self, rows: int, seconds: float) -> None:
+        with self.lock:
+            self.calls += 1
+            self.rows += rows
+            self.max_rows = max(self.max_rows, rows)
+            self.seconds += seconds
+
+    def snapshot(self) -> dict[str, float]:
+        with self.lock:
+            return {"calls": self.calls, "rows": self.rows, "max_rows": self.max_rows,
+                    "seconds": round(self.seconds, 6)}
+
+
+@dataclass
+class Served:
+    version: ModelVersion
+    batcher: Batcher
+    stats: BatchStats
+
+
+class ModelPool:
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.repo = ModelRepository(settings.model_repo)
+        self._served: dict[str, Served] = {}
+        self._latest: dict[str, tuple[float, ModelVersion]] = {}
+        self._lock = threading.Lock()
+
+    def get(self, name: str, version: int | None = None) -> Served:
+        resolved = self._resolve(name, version)
+        served = self._served.get(resolved.key)
+        if served is not None:
+            return served
+        with self._lock:
+            if resolved.key not in self._served:
+                self._served[resolved.key] = self._load(resolved)
+            return self._served[resolved.key]
+
+    def _resolve(self, name: str, version: int | None) -> ModelVersion:
+        if version is not None:
+            return self.repo.resolve(name, version)
+        now = time.monotonic()
+        cached = self._latest.get(name)
+        if cached and now - cached[0] < _LATEST_TTL:
+            return cached[1]
+        latest = self.repo.resolve(name)
+        self._latest[name] = (now, latest)
+        return latest
+
+    def _load(self, version: ModelVersion) -> Served:
+        s = self.settings
+        runtime = load_runtime(version, threads=s.effective_ort_threads())
+        if hasattr(runtime, "warm_up"):
+            runtime.warm_up(s.max_batch_rows)
+        stats = BatchStats()
+        batcher = Batcher(faults.wrap(runtime.run, s.fault_injection), name=version.key,
+                          max_batch_rows=s.max_batch_rows, max_delay_ms=s.max_delay_ms,
+                          on_batch=stats.record)
+        batcher.start()
+        return Served(version, batcher, stats)
+
+    def stats(self) -> dict[str, dict[str, float]]:
+        return {key: served.stats.snapshot() for key, served in self._served.items()}
+
+    def close(self) -> None:
+        for served in self._served.values():
+            served.batcher.stop()

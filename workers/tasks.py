@@ -1,0 +1,125 @@
+"""The Celery task every job runs: validate, hand rows to the batcher, return one result."""
+
+from __future__ import annotations
+
+import logging
+import socket
+import time
+from typing import Any
+
+import numpy as np
+from celery import Celery
+from celery.worker.control import inspect_command
+
+from shared.celery_app import INFER_TASK
+from shared.errors import InputError
+from shared.schemas import Manifest
+from shared.validation import check_rows
+from workers.batcher import Outcome
+from workers.pool import ModelPool
+
+logger = logging.getLogger(__name__)
+
+
+def _validate(manifest: Manifest, inputs: Any, first_row: int, row_ids: Any
+              ) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray, list[dict[str, Any]]]:
+    """-> (valid rows per input, their indices, the row labels, errors of the other rows).
+
+    Rows are labelled ``first_row + i``, or by ``row_ids`` when the producer dropped
+    rows (bad ones) from a block; errors carry both the label and the index in the message.
+    """
+    if not isinstance(inputs, dict):
+        raise InputError("inputs must be a mapping of input name to array", field="inputs")
+    rows: int | None = None
+    labels: np.ndarray | None = None
+    checked: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    errors: dict[int, dict[str, Any]] = {}
+    for spec in manifest.inputs:
+        if spec.name not in inputs:
+            raise InputError(f"missing input {spec.name!r} (model {manifest.name} takes "
+                             f"{[s.name for s in manifest.inputs]})", field=spec.name)
+        arr = np.asarray(inputs[spec.name])
+        if rows is not None and arr.shape[:1] != (rows,):
+            raise InputError(f"input {spec.name!r} has {arr.shape[:1]} rows, others {rows}",
+                             field=spec.name)
+        rows = arr.shape[0] if arr.ndim else 0
+        if labels is None:
+            labels = _labels(row_ids, first_row, rows)
+        data, kept, errs = check_rows(spec, arr, first_row, labels=labels)
+        checked[spec.name] = (data, kept)
+        for e in errs:
+            index = int(np.flatnonzero(labels == e.row)[0])
+            errors.setdefault(index, {"index": index, **e.model_dump()})
+    assert rows is not None and labels is not None
+    keep = np.setdiff1d(np.arange(rows), np.array(list(errors), dtype=np.int64))
+    valid = {name: data if len(kept) == len(keep) else data[np.searchsorted(kept, keep)]
+             for name, (data, kept) in checked.items()}
+    return valid, keep, labels, list(errors.values())
+
+
+def _labels(row_ids: Any, first_row: int, rows: int) -> np.ndarray:
+    if row_ids is None:
+        return np.arange(first_row, first_row + rows)
+    labels = np.asarray(row_ids)
+    if labels.shape != (rows,) or labels.dtype.kind not in "iu":
+        raise InputError(f"row_ids must be {rows} integers, got {labels.shape} "
+                         f"{labels.dtype}", field="row_ids")
+    return labels
+
+
+def _assemble(manifest: Manifest, outcome: Outcome, keep: np.ndarray, labels: np.ndarray,
+              errors: list[dict[str, Any]]) -> tuple[dict, np.ndarray]:
+    rows = len(labels)
+    ok = np.zeros(rows, dtype=bool)
+    ok[keep] = True
+    outputs: dict[str, np.ndarray] = {}
+    for spec in manifest.outputs:
+        got = None if outcome.outputs is None else outcome.outputs[spec.name]
+        if got is not None and len(keep) == rows:
+            outputs[spec.name] = got
+            continue
+        shape = got.shape[1:] if got is not None else [max(d, 1) for d in spec.row_shape]
+        full = np.zeros((rows, *shape), got.dtype if got is not None else spec.np_dtype)
+        if got is not None:
+            full[keep] = got
+        outputs[spec.name] = full
+    for i, message in outcome.errors.items():
+        index = int(keep[i])
+        ok[index] = False
+        row = int(labels[index])
+        errors.append({"index": index, "row": row, "field": None,
+                       "message": f"row {row}: {message}"})
+    return outputs, ok
+
+
+def register_tasks(app: Celery, pool: ModelPool) -> None:
+    hostname = socket.gethostname()
+
+    @app.task(name=INFER_TASK, bind=True, resultrepr_maxsize=160)
+    def infer(self: Any, model: str, inputs: Any, version: int | None = None,
+              first_row: int = 0, row_ids: Any = None,
+              submitted_at: float | None = None) -> dict[str, Any]:
+        started = time.time()
+        served = pool.get(model, version)
+        manifest = served.version.manifest
+        with served.batcher.announced() as ticket:
+            data, keep, labels, errors = _validate(manifest, inputs, first_row, row_ids)
+            future = served.batcher.submit(data, ticket)
+        outcome = future.result(timeout=pool.settings.visibility_timeout)
+        outputs, ok = _assemble(manifest, outcome, keep, labels, errors)
+        if errors:
+            logger.info("job %s model %s: %d of %d rows failed", self.request.id,
+                        served.version.key, len(errors), len(labels))
+        return {
+            "model": manifest.name, "version": manifest.version, "rows": len(labels),
+            "outputs": outputs, "ok": ok,
+            "errors": sorted(errors, key=lambda e: e["index"]),
+            "batch_rows": outcome.batch_rows, "submitted_at": submitted_at,
+            "started_at": started, "finished_at": time.time(),
+            "worker": self.request.hostname or hostname,
+        }
+
+    @inspect_command(name="inferq_stats")
+    def inferq_stats(state: Any) -> dict[str, Any]:
+        """Model calls and rows per model version in this worker process."""
+        return pool.stats()
