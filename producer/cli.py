@@ -26,6 +26,11 @@ err = Console(stderr=True)
 out = Console()
 
 
+def _say(message: str) -> None:
+    """A plain line on stderr: never wrapped or marked up, so it can be grepped."""
+    err.print(message, soft_wrap=True, highlight=False, markup=False)
+
+
 def _setup_logging(level: str) -> None:
     logging.basicConfig(level=level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -81,8 +86,13 @@ def score(
                    TextColumn("{task.fields[rate]:>9} rows/s"), TimeElapsedColumn(),
                    TextColumn("ETA"), TimeRemainingColumn(), console=err, disable=not progress,
                    transient=False)
-    with _client(settings, [name]) as client, bar:
-        task = bar.add_task(f"scoring {model}", total=None, rate="-")
+    task = bar.add_task(f"scoring {model}", total=None, rate="-")
+
+    def on_start(total: int | None) -> None:
+        bar.update(task, total=total)
+        bar.start()  # only once the input and model are known good
+
+    with _client(settings, [name]) as client:
 
         def on_chunk(part: Any) -> None:
             bar.advance(task, part.rows)
@@ -92,16 +102,17 @@ def score(
         try:
             report = score_file(client, model, input, output, chunk_rows=chunk_rows,
                                 resume=resume, stall_timeout=stall_timeout,
-                                on_start=lambda n: bar.update(task, total=n),
-                                on_chunk=on_chunk)
+                                on_start=on_start, on_chunk=on_chunk)
         except KeyboardInterrupt:
             bar.stop()
-            err.print(f"interrupted; finished chunks are kept. Resume with: inferq score "
-                      f"--model {model} --input {input} --output {output} --resume")
+            _say(f"interrupted; finished chunks are kept. Resume with: inferq score "
+                 f"--model {model} --input {input} --output {output} --resume")
             raise typer.Exit(130) from None
-    err.print(f"{report.rows:,} rows ({report.failed:,} failed) in {report.seconds:.2f} s = "
-              f"{report.rows_per_s:,.0f} rows/s; {report.sent_chunks} chunks sent, "
-              f"{report.reused_chunks} reused -> {report.output}")
+        finally:
+            bar.stop()
+    _say(f"{report.rows:,} rows ({report.failed:,} failed) in {report.seconds:.2f} s = "
+         f"{report.rows_per_s:,.0f} rows/s; {report.sent_chunks} chunks sent, "
+         f"{report.reused_chunks} reused -> {report.output}")
 
 
 @app.command()
@@ -179,7 +190,7 @@ def main() -> None:
     try:
         app()
     except InferqError as exc:
-        err.print(f"[red]error:[/red] {exc}")
+        _say(f"error: {exc}")
         sys.exit(2)
 
 

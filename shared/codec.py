@@ -53,10 +53,11 @@ def _pack_array(arr: np.ndarray) -> msgpack.ExtType:
     kind = arr.dtype.str.lstrip("<>|=")
     if kind not in ALLOWED_DTYPES:
         raise CodecError(f"dtype {arr.dtype} is not allowed; use a numeric dtype")
+    shape = list(arr.shape)  # before ascontiguousarray, which makes 0-d arrays 1-d
     if arr.dtype.byteorder == ">":
         arr = arr.astype(arr.dtype.newbyteorder("<"))
     arr = np.ascontiguousarray(arr)
-    header = msgpack.packb([kind, list(arr.shape)])
+    header = msgpack.packb([kind, shape])
     return msgpack.ExtType(_ND_EXT, header + arr.tobytes())
 
 

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from shared.errors import ModelNotFound
-from shared.schemas import Manifest, check_model_name
+from shared.schemas import MODEL_NAME, Manifest, check_model_name
 
 
 @dataclass(frozen=True)
@@ -29,7 +29,7 @@ def parse_model_ref(ref: str) -> tuple[str, int | None]:
     check_model_name(name)
     if not version:
         return name, None
-    if not version.isdigit() or int(version) < 1:
+    if not (version.isascii() and version.isdigit()) or int(version) < 1:
         raise ModelNotFound(f"model version {version!r} is invalid: use a positive integer")
     return name, int(version)
 
@@ -45,13 +45,14 @@ class ModelRepository:
             return []
         return sorted(
             int(p.name) for p in folder.iterdir()
-            if p.name.isdigit() and (p / "manifest.json").is_file()
+            if p.name.isascii() and p.name.isdigit() and (p / "manifest.json").is_file()
         )
 
     def names(self) -> list[str]:
         if not self.root.is_dir():
             return []
-        return sorted(p.name for p in self.root.iterdir() if p.is_dir() and self.versions(p.name))
+        return sorted(p.name for p in self.root.iterdir()
+                      if p.is_dir() and MODEL_NAME.fullmatch(p.name) and self.versions(p.name))
 
     def resolve(self, ref: str, version: int | None = None) -> ModelVersion:
         name, ref_version = parse_model_ref(ref)

@@ -9,11 +9,11 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-MODEL_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
+MODEL_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
 
 
 def check_model_name(name: str) -> str:
-    if not isinstance(name, str) or not MODEL_NAME.match(name):
+    if not isinstance(name, str) or not MODEL_NAME.fullmatch(name):
         raise ValueError(
             f"model name {name!r} is invalid: use 1-64 lowercase letters, digits, '_' or '-'"
         )

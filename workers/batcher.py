@@ -209,6 +209,9 @@ class Batcher:
         """Run the rows; if the call raises, split until the failing rows are isolated."""
         try:
             return self._run_checked(inputs, rows), {}
+        except BatchContractError as exc:  # a model bug: splitting will not help
+            logger.error("%s", exc)
+            return None, {i: f"{type(exc).__name__}: {exc}" for i in range(rows)}
         except Exception as exc:
             if rows == 1:
                 logger.warning("model %s failed on a row: %s", self.name, exc)

@@ -25,7 +25,11 @@ def parse(spec: str) -> dict[str, float]:
         key, sep, value = item.partition("=")
         if not sep or key not in ("delay_ms", "raise_on", "exit_on"):
             raise ValueError(f"INFERQ_FAULT_INJECTION: cannot read {item!r}")
-        faults[key] = float(value)
+        try:
+            faults[key] = float(value)
+        except ValueError:
+            raise ValueError(f"INFERQ_FAULT_INJECTION: {key} needs a number, got {value!r}"
+                             ) from None
     return faults
 
 

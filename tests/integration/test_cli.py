@@ -1,0 +1,122 @@
+"""The CLI as a user runs it: demo, score with progress, resume, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import redis
+
+from tests.conftest import ROOT, run_cli
+
+pytestmark = pytest.mark.integration
+
+
+def test_demo_runs_embedded_with_no_broker(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("INFERQ_")}
+    env.update(INFERQ_HOME=str(tmp_path / "home"), INFERQ_MODEL_REPO=str(tmp_path / "models"),
+               PYTHONPATH=str(ROOT))
+    proc = subprocess.run([sys.executable, "-m", "producer.cli", "demo"], env=env,
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = proc.stdout
+    accuracy = float(out.split("accuracy ")[1].split()[0])
+    assert accuracy >= 0.97, out
+    assert "scored 1,797 digits" in out and "rows/s" in out
+    predictions = tmp_path / "home" / "demo" / "digits-predictions.parquet"
+    assert pq.read_table(predictions).num_rows == 1797
+    assert list((tmp_path / "home" / "results").iterdir())  # the persistent local store
+
+
+def test_score_npy_to_parquet_in_order(redis_env, start_worker, digits, tmp_path):
+    start_worker(redis_env)
+    src = tmp_path / "x.npy"
+    np.save(src, digits["x"].reshape(len(digits["x"]), 64))  # flat rows are reshaped
+    out = tmp_path / "preds.parquet"
+    proc = run_cli(["score", "--model", "digits", "--input", str(src), "--output", str(out),
+                    "--chunk-rows", "700", "--stall-timeout", "60"], redis_env)
+    assert proc.returncode == 0, proc.stderr
+    assert "10,000 rows (0 failed)" in proc.stderr and "rows/s" in proc.stderr
+    table = pq.read_table(out).to_pydict()
+    assert table["row"] == list(range(10_000))
+    np.testing.assert_array_equal(table["label"], digits["label"])
+    assert all(e is None for e in table["error"])
+    assert not out.with_name(out.name + ".inferq.json").exists()
+
+
+def test_bad_csv_rows_fail_alone(redis_env, start_worker, digits, tmp_path):
+    start_worker(redis_env)
+    flat = digits["x"][:20].reshape(20, 64)
+    lines = [",".join(f"p{i}" for i in range(64))]
+    lines += [",".join(str(int(v)) for v in row) for row in flat]
+    cells = lines[4].split(",")  # data row 3
+    cells[5] = "abc"
+    lines[4] = ",".join(cells)
+    lines[8] = ",".join(lines[8].split(",")[:63])  # data row 7: a value short
+    src = tmp_path / "x.csv"
+    src.write_text("\n".join(lines) + "\n")
+    out = tmp_path / "preds.jsonl"
+    proc = run_cli(["score", "--model", "digits", "-i", str(src), "-o", str(out),
+                    "--no-progress", "--stall-timeout", "60"], redis_env)
+    assert proc.returncode == 0, proc.stderr
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["row"] for r in rows] == list(range(20))
+    errors = {r["row"]: r["error"] for r in rows if r["error"]}
+    assert sorted(errors) == [3, 7]
+    assert "row 3" in errors[3] and "p5" in errors[3] and "'abc'" in errors[3]
+    assert "row 7" in errors[7] and "64" in errors[7] and "63" in errors[7]
+    good = [r for r in rows if not r["error"]]
+    assert [r["label"] for r in good] == [int(digits["label"][r["row"]]) for r in good]
+
+
+def test_missing_input_and_unknown_model_are_clear(redis_env, tmp_path):
+    proc = run_cli(["score", "--model", "digits", "-i", str(tmp_path / "nope.npy"),
+                    "-o", str(tmp_path / "o.parquet")], redis_env)
+    assert proc.returncode == 2 and "nope.npy does not exist" in proc.stderr
+    src = tmp_path / "x.npy"
+    np.save(src, np.zeros((3, 64), np.float32))
+    proc = run_cli(["score", "--model", "nope", "-i", str(src), "-o", str(tmp_path / "o.csv")],
+                   redis_env)
+    assert proc.returncode == 2 and "unknown model 'nope'" in proc.stderr
+
+
+def _finished(env: dict[str, str], batch_id: str) -> int:
+    r = redis.Redis.from_url(env["INFERQ_RESULT_BACKEND"])
+    return sum(1 for _ in r.scan_iter(f"celery-task-meta-{batch_id}-*"))
+
+
+def test_interrupt_and_resume_does_not_redo_finished_chunks(redis_env, start_worker, digits,
+                                                            tmp_path):
+    start_worker({**redis_env, "INFERQ_FAULT_INJECTION": "delay_ms=60"}, "--concurrency", "2")
+    src = tmp_path / "x.npy"
+    np.save(src, digits["x"])
+    out = tmp_path / "preds.parquet"
+    args = ["score", "--model", "digits", "-i", str(src), "-o", str(out), "--chunk-rows",
+            "250", "--stall-timeout", "60"]
+    env = {**os.environ, **redis_env, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, "-m", "producer.cli", *args], env=env, cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    state = out.with_name(out.name + ".inferq.json")
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and proc.poll() is None:
+        if state.exists() and _finished(redis_env, json.loads(state.read_text())["batch_id"]) >= 8:
+            break
+        time.sleep(0.05)  # watching another process: nothing to wait on but the store
+    os.kill(proc.pid, signal.SIGINT)  # what Ctrl-C sends
+    _, stderr = proc.communicate(timeout=30)
+    assert proc.returncode == 130, stderr
+    assert "--resume" in stderr and not out.exists()
+    proc = run_cli([*args, "--resume"], redis_env)
+    assert proc.returncode == 0, proc.stderr
+    reused = int(proc.stderr.split(" chunks sent, ")[1].split()[0])
+    assert reused >= 8, proc.stderr
+    table = pq.read_table(out).to_pydict()
+    assert table["row"] == list(range(10_000))
+    np.testing.assert_array_equal(table["label"], digits["label"])

@@ -1,0 +1,340 @@
+"""The dynamic batcher: merging, splitting, waiting for announced rows, bisecting failures.
+
+Ordering is made deterministic with events: the fake model blocks its first call on a
+gate, so later submissions queue up behind it and are taken together once it opens.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, wait
+
+import numpy as np
+import pytest
+
+from workers.batcher import Batcher, Outcome
+
+WAIT = 5.0  # bound on every wait for something that should happen
+POISON = -7.0
+
+
+class FakeModel:
+    """``y = x.sum(axis=1)``; records batch sizes; can hold its first call on a gate."""
+
+    def __init__(self, *, gate_first: bool = False, poison: float | None = None) -> None:
+        self.sizes: list[int] = []
+        self._lock = threading.Lock()
+        self.entered = threading.Event()
+        self.gate = threading.Event()
+        if not gate_first:
+            self.gate.set()
+        self.poison = poison
+
+    def __call__(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        x = inputs["x"]
+        with self._lock:
+            self.sizes.append(len(x))
+            first = len(self.sizes) == 1
+        if first:
+            self.entered.set()
+            assert self.gate.wait(WAIT), "test never opened the gate"
+        if self.poison is not None and (x[:, 0] == self.poison).any():
+            raise ValueError("poisoned row")
+        return {"y": x.sum(axis=1), "x2": x * 2}
+
+    def calls(self) -> list[int]:
+        with self._lock:
+            return list(self.sizes)
+
+
+def rows(n: int, start: int = 0) -> dict[str, np.ndarray]:
+    return {"x": np.arange(start * 3, (start + n) * 3, dtype=np.float32).reshape(n, 3)}
+
+
+def expected(inputs: dict[str, np.ndarray]) -> np.ndarray:
+    return inputs["x"].sum(axis=1)
+
+
+Make = Callable[..., Batcher]
+
+
+@pytest.fixture
+def make() -> Iterator[Make]:
+    """Builds and starts batchers named toy@1; stops them (opening any gate) afterwards."""
+    started: list[Batcher] = []
+    models: list[FakeModel] = []
+
+    def make(model: object, *, max_batch_rows: int = 64, max_delay_ms: float = 0.0,
+             **kw: object) -> Batcher:
+        if isinstance(model, FakeModel):
+            models.append(model)
+        b = Batcher(model, name="toy@1", max_batch_rows=max_batch_rows,  # type: ignore[arg-type]
+                    max_delay_ms=max_delay_ms, **kw)  # type: ignore[arg-type]
+        b.start()
+        started.append(b)
+        return b
+
+    yield make
+    for model in models:
+        model.gate.set()
+    for b in started:
+        b.stop(timeout=WAIT)
+
+
+def gated(make: Make, **kw: object) -> tuple[Batcher, FakeModel]:
+    """A batcher whose model is busy on a 1-row gate job until ``model.gate.set()``."""
+    model = FakeModel(gate_first=True, poison=kw.pop("poison", None))  # type: ignore[arg-type]
+    b = make(model, **kw)
+    b.submit(rows(1, start=1000))
+    assert model.entered.wait(WAIT), "the batcher never called the model"
+    return b, model
+
+
+def result(future: Future[Outcome]) -> Outcome:
+    return future.result(timeout=WAIT)
+
+
+# -- outputs --------------------------------------------------------------------------------
+def test_each_job_gets_its_own_outputs_in_order(make: Make) -> None:
+    b = make(FakeModel())
+    jobs = [rows(n, start=10 * i) for i, n in enumerate([1, 3, 2, 5])]
+    futures = [b.submit(j) for j in jobs]
+    for job, fut in zip(jobs, futures, strict=True):
+        out = result(fut)
+        assert out.errors == {}
+        np.testing.assert_array_equal(out.outputs["y"], expected(job))
+        np.testing.assert_array_equal(out.outputs["x2"], job["x"] * 2)
+
+
+def test_zero_row_job_completes_at_once_without_a_model_call(make: Make) -> None:
+    model = FakeModel()
+    b = make(model)
+    out = result(b.submit({"x": np.zeros((0, 3), np.float32)}))
+    assert out == Outcome(outputs=None, errors={}, batch_rows=[])
+    assert model.calls() == []
+
+
+def test_concurrent_submits_are_merged_into_one_batch(make: Make) -> None:
+    b, model = gated(make, max_batch_rows=64)
+    jobs = [rows(1 + i % 3, start=10 * i) for i in range(12)]
+    futures: list[Future[Outcome] | None] = [None] * len(jobs)
+
+    def submit(i: int) -> None:
+        futures[i] = b.submit(jobs[i])
+
+    threads = [threading.Thread(target=submit, args=(i,)) for i in range(len(jobs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(WAIT)
+        assert not t.is_alive()
+    model.gate.set()
+
+    outcomes = [result(f) for f in futures]  # type: ignore[arg-type]
+    total = sum(len(j["x"]) for j in jobs)
+    assert model.calls() == [1, total]
+    for job, out in zip(jobs, outcomes, strict=True):
+        np.testing.assert_array_equal(out.outputs["y"], expected(job))
+        assert out.batch_rows == [total]
+
+
+def test_no_batch_exceeds_max_batch_rows(make: Make) -> None:
+    b, model = gated(make, max_batch_rows=4)
+    jobs = [rows(n, start=10 * i) for i, n in enumerate([1, 1, 3, 2, 4, 1, 1, 1, 2])]
+    futures = [b.submit(j) for j in jobs]
+    model.gate.set()
+    for job, fut in zip(jobs, futures, strict=True):
+        np.testing.assert_array_equal(result(fut).outputs["y"], expected(job))
+    sizes = model.calls()[1:]
+    assert sum(sizes) == sum(len(j["x"]) for j in jobs)
+    assert max(sizes) <= 4
+    assert any(s > 1 for s in sizes)
+    assert sizes == [2, 3, 2, 4, 3, 2]  # greedy, in arrival order, never splitting a part
+
+
+def test_job_bigger_than_max_batch_rows_is_split_and_reassembled(make: Make) -> None:
+    model = FakeModel()
+    b = make(model, max_batch_rows=4)
+    job = rows(10)
+    out = result(b.submit(job))
+    assert model.calls() == [4, 4, 2]
+    assert out.batch_rows == [4, 4, 2]
+    assert out.errors == {}
+    np.testing.assert_array_equal(out.outputs["y"], expected(job))
+    np.testing.assert_array_equal(out.outputs["x2"], job["x"] * 2)
+
+
+def test_on_batch_hook_sees_every_model_call(make: Make) -> None:
+    seen: list[tuple[int, float]] = []
+    b = make(FakeModel(), max_batch_rows=3, on_batch=lambda n, secs: seen.append((n, secs)))
+    result(b.submit(rows(7)))
+    assert [n for n, _ in seen] == [3, 3, 1]
+    assert all(secs >= 0 for _, secs in seen)
+
+
+# -- waiting ---------------------------------------------------------------------------------
+def test_lone_job_is_not_held_for_the_delay(make: Make) -> None:
+    model = FakeModel()
+    b = make(model, max_delay_ms=10_000)
+    out = b.submit(rows(2)).result(timeout=2)  # far below the 10 s delay
+    assert model.calls() == [2]
+    np.testing.assert_array_equal(out.outputs["y"], expected(rows(2)))
+
+
+def test_batcher_waits_for_announced_rows(make: Make) -> None:
+    model = FakeModel()
+    b = make(model, max_delay_ms=10_000)
+    early, late = rows(2), rows(3, start=50)
+    with b.announced() as ticket:
+        first = b.submit(early)
+        # the announced rows are not in yet, so the early job must stay queued
+        done, _ = wait([first], timeout=0.2)
+        assert not done, "batcher ran without waiting for announced rows"
+        second = b.submit(late, ticket)
+    out1, out2 = result(first), result(second)
+    assert model.calls() == [5]
+    assert out1.batch_rows == out2.batch_rows == [5]
+    np.testing.assert_array_equal(out1.outputs["y"], expected(early))
+    np.testing.assert_array_equal(out2.outputs["y"], expected(late))
+
+
+def test_withdrawn_announcement_releases_the_wait(make: Make) -> None:
+    model = FakeModel()
+    b = make(model, max_delay_ms=10_000)
+    with b.announced():
+        fut = b.submit(rows(2))
+    # leaving the block without submitting withdraws the ticket: no 10 s wait
+    assert fut.result(timeout=2).errors == {}
+    assert model.calls() == [2]
+
+
+def test_announced_rows_are_waited_for_no_longer_than_the_delay(make: Make) -> None:
+    model = FakeModel()
+    b = make(model, max_delay_ms=20)
+    with b.announced():
+        out = b.submit(rows(2)).result(timeout=WAIT)
+    assert out.errors == {}
+    assert model.calls() == [2]
+
+
+def test_full_batch_does_not_wait_for_announced_rows(make: Make) -> None:
+    model = FakeModel()
+    b = make(model, max_batch_rows=4, max_delay_ms=10_000)
+    with b.announced():
+        out = b.submit(rows(4)).result(timeout=2)
+    assert out.batch_rows == [4]
+
+
+# -- failures --------------------------------------------------------------------------------
+def poisoned(n: int, bad: list[int], start: int = 0) -> dict[str, np.ndarray]:
+    job = rows(n, start)
+    job["x"][bad, 0] = POISON
+    return job
+
+
+def test_failing_rows_are_bisected_out(make: Make) -> None:
+    model = FakeModel(poison=POISON)
+    b = make(model)
+    job = poisoned(8, [2, 5])
+    out = result(b.submit(job))
+    assert sorted(out.errors) == [2, 5]
+    assert all("toy@1" in m and "poisoned row" in m for m in out.errors.values())
+    good = [0, 1, 3, 4, 6, 7]
+    np.testing.assert_array_equal(out.outputs["y"][good], expected(job)[good])
+    np.testing.assert_array_equal(out.outputs["y"][[2, 5]], [0, 0])
+    assert out.outputs["x2"].shape == (8, 3)
+
+
+def test_bisection_keys_errors_by_row_within_each_job(make: Make) -> None:
+    b, model = gated(make, poison=POISON)
+    clean, dirty, other = rows(3), poisoned(4, [1, 3], start=10), rows(2, start=20)
+    futures = [b.submit(j) for j in (clean, dirty, other)]
+    model.gate.set()
+    out_clean, out_dirty, out_other = (result(f) for f in futures)
+    assert model.calls()[1] == 9  # all three shared the first try
+    assert out_clean.errors == {} and out_other.errors == {}
+    np.testing.assert_array_equal(out_clean.outputs["y"], expected(clean))
+    np.testing.assert_array_equal(out_other.outputs["y"], expected(other))
+    assert sorted(out_dirty.errors) == [1, 3]
+    np.testing.assert_array_equal(out_dirty.outputs["y"][[0, 2]], expected(dirty)[[0, 2]])
+
+
+@pytest.mark.parametrize("bad", [[6], [4, 5, 6, 7], [0, 1, 2, 3], [0, 1, 2, 3, 4, 5, 6, 7, 8, 9]],
+                         ids=["one", "middle-part", "first-part", "all"])
+def test_errors_in_a_split_job_keep_their_row_numbers(make: Make, bad: list[int]) -> None:
+    b = make(FakeModel(poison=POISON), max_batch_rows=4)
+    job = poisoned(10, bad)
+    out = result(b.submit(job))
+    assert sorted(out.errors) == bad
+    good = [i for i in range(10) if i not in bad]
+    if good:
+        np.testing.assert_array_equal(out.outputs["y"][good], expected(job)[good])
+        np.testing.assert_array_equal(out.outputs["y"][bad], np.zeros(len(bad)))
+        assert out.outputs["y"].shape == (10,)
+    else:
+        assert out.outputs is None
+
+
+def test_wrong_number_of_output_rows_fails_every_row_naming_the_model(make: Make) -> None:
+    def short(inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return {"y": inputs["x"].sum(axis=1)[:-1]}
+
+    b = make(short)
+    out = result(b.submit(rows(4)))
+    assert out.outputs is None
+    assert sorted(out.errors) == [0, 1, 2, 3]
+    for message in out.errors.values():
+        assert "BatchContractError" in message
+        assert "model toy@1 returned 3 rows of 'y' for 4 inputs" in message
+
+
+def test_a_batch_that_cannot_run_fails_its_futures_instead_of_hanging(make: Make) -> None:
+    b, model = gated(make)
+    ok = b.submit(rows(1))
+    odd = b.submit({"z": np.zeros((1, 3), np.float32)})  # no "x": the merge itself fails
+    model.gate.set()
+    with pytest.raises(KeyError):
+        odd.result(timeout=WAIT)
+    with pytest.raises(KeyError):
+        ok.result(timeout=WAIT)
+
+
+# -- contract and lifecycle --------------------------------------------------------------------
+@pytest.mark.parametrize(("kw", "word"), [
+    ({"max_batch_rows": 0, "max_delay_ms": 5}, "max_batch_rows"),
+    ({"max_batch_rows": -3, "max_delay_ms": 5}, "max_batch_rows"),
+    ({"max_batch_rows": 8, "max_delay_ms": -1}, "max_delay_ms"),
+])
+def test_invalid_knobs_are_refused_when_built(kw: dict[str, float], word: str) -> None:
+    with pytest.raises(ValueError, match=word):
+        Batcher(FakeModel(), name="toy@1", **kw)  # type: ignore[arg-type]
+
+
+def test_inputs_that_disagree_on_rows_are_refused(make: Make) -> None:
+    b = make(FakeModel())
+    with pytest.raises(ValueError, match="disagree"):
+        b.submit({"x": np.zeros((3, 3)), "mask": np.zeros((2, 3))})
+
+
+def test_submit_before_start_or_after_stop_raises(make: Make) -> None:
+    idle = Batcher(FakeModel(), name="toy@1", max_batch_rows=4, max_delay_ms=0)
+    with pytest.raises(RuntimeError, match="toy@1"):
+        idle.submit(rows(1))
+    b = make(FakeModel())
+    assert result(b.submit(rows(1))).errors == {}
+    b.stop(timeout=WAIT)
+    with pytest.raises(RuntimeError, match="not running"):
+        b.submit(rows(1))
+
+
+def test_stop_drains_jobs_already_submitted(make: Make) -> None:
+    b, model = gated(make)
+    pending = b.submit(rows(2))
+    b.stop(timeout=0)  # stop taking new jobs; the batcher thread is still busy on the gate
+    with pytest.raises(RuntimeError):
+        b.submit(rows(1))
+    model.gate.set()
+    np.testing.assert_array_equal(result(pending).outputs["y"], expected(rows(2)))
+    b.stop(timeout=WAIT)
+    assert not b._thread.is_alive()

@@ -1,0 +1,139 @@
+"""The model repository: versions on disk, references, and name checks."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from shared.errors import ModelNotFound
+from shared.repository import ModelRepository, parse_model_ref
+from shared.schemas import Manifest, TensorSpec, check_model_name
+
+
+def write_manifest(root: Path, name: str, version: int, **extra: object) -> Path:
+    folder = root / name / str(version)
+    folder.mkdir(parents=True)
+    manifest = Manifest(
+        name=name, version=version,
+        inputs=[TensorSpec(name="x", dtype="float32", shape=[-1, 4])],
+        outputs=[TensorSpec(name="y", dtype="float32", shape=[-1])],
+        **extra,  # type: ignore[arg-type]
+    )
+    (folder / "manifest.json").write_text(manifest.model_dump_json())
+    return folder
+
+
+@pytest.fixture
+def repo(tmp_path: Path) -> ModelRepository:
+    root = tmp_path / "models"
+    write_manifest(root, "m", 1, notes="first")
+    write_manifest(root, "m", 2, notes="second")
+    write_manifest(root, "other", 1)
+    (root / "m" / "3").mkdir()  # no manifest yet: a build in progress
+    (root / "m" / "latest").mkdir()  # not a version number
+    return ModelRepository(root)
+
+
+def test_versions_and_names(repo: ModelRepository) -> None:
+    assert repo.versions("m") == [1, 2]
+    assert repo.versions("nothing") == []
+    assert repo.names() == ["m", "other"]
+
+
+def test_versions_sort_numerically(tmp_path: Path) -> None:
+    for v in (2, 10, 9):
+        write_manifest(tmp_path, "m", v)
+    repo = ModelRepository(tmp_path)
+    assert repo.versions("m") == [2, 9, 10]
+    assert repo.resolve("m").manifest.version == 10
+
+
+def test_resolve_latest(repo: ModelRepository) -> None:
+    mv = repo.resolve("m")
+    assert mv.manifest.version == 2 and mv.manifest.notes == "second"
+    assert mv.path == repo.root / "m" / "2"
+    assert mv.key == "m@2"
+    assert mv.artifact == repo.root / "m" / "2" / "model.onnx"
+
+
+def test_resolve_pinned(repo: ModelRepository) -> None:
+    assert repo.resolve("m@1").manifest.notes == "first"
+    assert repo.resolve("m", version=1).key == "m@1"
+    assert repo.resolve("m@2", version=1).key == "m@1"  # the explicit argument wins
+
+
+def test_unknown_model_lists_the_known_ones(repo: ModelRepository) -> None:
+    with pytest.raises(ModelNotFound, match="unknown model 'nope'") as info:
+        repo.resolve("nope")
+    assert "m, other" in str(info.value)
+
+
+def test_unknown_model_in_an_empty_repository(tmp_path: Path) -> None:
+    with pytest.raises(ModelNotFound, match="models here: none"):
+        ModelRepository(tmp_path / "absent").resolve("m")
+
+
+@pytest.mark.parametrize("stray", ["__pycache__", ".tmp-build", "Scratch"])
+def test_stray_folders_do_not_break_the_listing(repo: ModelRepository, stray: str) -> None:
+    (repo.root / stray).mkdir()
+    assert repo.names() == ["m", "other"]
+    with pytest.raises(ModelNotFound):
+        repo.resolve("nope")
+
+
+@pytest.mark.parametrize("ref", ["m@3", "m@7", "other@2"])
+def test_missing_version(repo: ModelRepository, ref: str) -> None:
+    with pytest.raises(ModelNotFound, match="has no version") as info:
+        repo.resolve(ref)
+    assert "versions: [" in str(info.value)
+
+
+@pytest.mark.parametrize("ref", ["m@0", "m@x", "m@-1", "m@1.5"])
+def test_invalid_version(repo: ModelRepository, ref: str) -> None:
+    with pytest.raises(ModelNotFound, match="positive integer"):
+        repo.resolve(ref)
+
+
+@pytest.mark.parametrize("name", ["../etc", "..", "A", "x/y", "", "-x", "a b", "a" * 65,
+                                  "/abs", "m\\x", "m\nx", "\nm"])
+def test_unsafe_names_are_refused(repo: ModelRepository, name: str) -> None:
+    with pytest.raises(ValueError, match="invalid"):
+        check_model_name(name)
+    with pytest.raises(ValueError, match="invalid"):
+        repo.resolve(name)
+    with pytest.raises(ValueError, match="invalid"):
+        repo.versions(name)
+
+
+def test_a_trailing_newline_is_refused() -> None:
+    with pytest.raises(ValueError, match="invalid"):
+        check_model_name("m\n")
+
+
+def test_traversal_through_a_reference_is_refused(repo: ModelRepository) -> None:
+    with pytest.raises(ValueError):
+        repo.resolve("../etc@1")
+
+
+@pytest.mark.parametrize("name", ["a", "m", "digits", "a" * 64, "0x", "res_net-50"])
+def test_good_names(name: str) -> None:
+    assert check_model_name(name) == name
+
+
+def test_parse_model_ref() -> None:
+    assert parse_model_ref("digits") == ("digits", None)
+    assert parse_model_ref("digits@3") == ("digits", 3)
+    assert parse_model_ref("digits@") == ("digits", None)
+
+
+def test_manifest_refuses_a_bad_name() -> None:
+    with pytest.raises(ValueError, match="invalid"):
+        Manifest(name="../x", version=1, inputs=[], outputs=[])
+
+
+def test_next_version(repo: ModelRepository, tmp_path: Path) -> None:
+    assert repo.next_version("m") == 3  # the manifest-less folder 3 does not count
+    assert repo.next_version("other") == 2
+    assert repo.next_version("new") == 1
+    assert ModelRepository(tmp_path / "absent").next_version("m") == 1
