@@ -1,0 +1,27 @@
+# One target per habit. `make demo` and `make test` each set everything up first.
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+PYTEST_ARGS ?=
+
+$(BIN)/.installed: pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e ".[all]"
+	touch $@
+
+.PHONY: install demo test test-all lint bench
+install: $(BIN)/.installed
+
+demo: install  ## score the bundled digits through the embedded queue (no broker needed)
+	$(BIN)/inferq demo
+
+test: install  ## unit + integration tests (needs Redis and RabbitMQ on localhost)
+	$(BIN)/python -m pytest -m "not slow and not gpu" $(PYTEST_ARGS)
+
+test-all: install
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+lint: install
+	$(BIN)/ruff check shared producer workers tests
+	$(BIN)/mypy shared producer workers
