@@ -160,14 +160,18 @@ def status(job_id: str) -> None:
 
 
 @models_app.command("build")
-def models_build(names: Annotated[list[str] | None, typer.Argument()] = None) -> None:
-    """Build bundled models (default: all) into INFERQ_MODEL_REPO."""
+def models_build(
+    names: Annotated[list[str] | None, typer.Argument()] = None,
+    if_missing: Annotated[bool, typer.Option(help="keep an existing version")] = False,
+) -> None:
+    """Build bundled models (default: all) into INFERQ_MODEL_REPO as a new version."""
     settings = load_settings()
     build = _workers("build.digits")
     for name in names or ["digits"]:
         if name != "digits":
             raise InferqError(f"unknown bundled model {name!r}; bundled: digits")
-        version = build.build_digits(settings.model_repo)
+        make = build.ensure_digits if if_missing else build.build_digits
+        version = make(settings.model_repo)
         q = version.manifest.quality
         out.print(f"built {version.key} at {version.path} "
                   f"(held-out accuracy {q.get('heldout_accuracy', 0):.4f})")

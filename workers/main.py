@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import logging
-import socket
+import os
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
 from celery import Celery
+from celery.utils.nodenames import host_format
 from celery.worker import WorkController
 
 from shared.celery_app import make_app, model_queue
@@ -51,7 +52,7 @@ def run_worker(settings: Settings, models: list[str] | None = None, *,
     worker = app.Worker(
         pool_cls="threads", concurrency=concurrency or settings.concurrency,
         queues=[q.name for q in app.conf.task_queues],
-        hostname=hostname or f"inferq@{socket.gethostname()}", loglevel=loglevel,
+        hostname=host_format(hostname or f"inferq.{os.getpid()}@%h"), loglevel=loglevel,
         without_mingle=True, without_gossip=True,
     )
     logger.info("worker serving %s", ", ".join(models))
