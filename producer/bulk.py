@@ -63,7 +63,7 @@ class Pipeline:
         if not len(chunk.keep):
             return _Pending(chunk, job_id, sent=False, meta={"status": "SUCCESS", "result": {}})
         name = self.version.manifest.input().name
-        extra = {}
+        extra: dict[str, object] = {}
         if len(chunk.keep) == chunk.rows:
             extra["first_row"] = chunk.start
         else:
@@ -102,7 +102,7 @@ class Pipeline:
                     last_progress, pause = time.monotonic(), 0.0005
                 while window and window[0].meta is not None:
                     entry = window.popleft()
-                    yield merge(entry.chunk, specs, entry.meta.get("result"))
+                    yield merge(entry.chunk, specs, (entry.meta or {}).get("result"))
                 if window and window[0].meta is None:
                     self._check_stall(last_progress, window[0])
                     time.sleep(pause)

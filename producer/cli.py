@@ -74,8 +74,14 @@ def score(
     log_level: str = "WARNING",
 ) -> None:
     """Score every row of a file; output rows come in input order, errors in `error`."""
-    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
-                               TimeElapsedColumn, TimeRemainingColumn)
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
     from producer.score import score_file
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from celery import Celery
@@ -17,6 +17,9 @@ from shared.repository import ModelRepository, ModelVersion, parse_model_ref
 from shared.schemas import JobResult, JobStatus, Manifest, RowError
 from shared.settings import Settings, load_settings
 from shared.validation import as_row, check_rows
+
+if TYPE_CHECKING:
+    from producer.bulk import BatchHandle
 
 # Publishing retries while the broker is away (~25 s), then fails naming the job.
 PUBLISH_RETRY = {"max_retries": 12, "interval_start": 0.1, "interval_step": 0.5,

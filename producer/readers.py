@@ -131,7 +131,7 @@ def _fit_ints(spec: TensorSpec, start: int, values: np.ndarray,
         return values
     info = np.iinfo(target)
     flat = values.reshape(values.shape[0], -1)
-    out = ((flat < info.min) | (flat > info.max)).any(axis=1)
+    out = np.asarray(((flat < info.min) | (flat > info.max)).any(axis=1))
     problem = f"field {spec.name!r}: value out of range for {spec.dtype} [{info.min}, {info.max}]"
     for i in np.flatnonzero(out):
         bad.setdefault(int(i), _row_error(spec, start + int(i), problem))
@@ -337,7 +337,6 @@ def _json_value(spec: TensorSpec, line: str) -> Any:
 
 def _parse_jsonl(spec: TensorSpec, index: int, start: int, lines: list[str]) -> Chunk:
     """Decode each line, then try the block as one array; per row only when that fails."""
-    width = _width(spec)
     bad: dict[int, RowError] = {}
     found: dict[int, Any] = {}
     for i, line in enumerate(lines):
@@ -440,7 +439,8 @@ def _parquet_iter(pf: pq.ParquetFile, spec: TensorSpec, chunk_rows: int,
 def _parquet_pieces(pf: pq.ParquetFile, columns: list[str], chunk_rows: int,
                     skip: frozenset[int]) -> Iterator[pa.RecordBatch | int]:
     """Record batches in file order; a row group no wanted chunk touches is just its size."""
-    meta, first, wanted = pf.metadata, 0, []
+    meta, first = pf.metadata, 0
+    wanted: list[int] = []
     for rg in range(meta.num_row_groups):
         n = meta.row_group(rg).num_rows
         touched = range(first // chunk_rows, (first + n - 1) // chunk_rows + 1)

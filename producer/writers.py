@@ -42,7 +42,7 @@ def open_writer(path: Path, output_specs: list[TensorSpec]) -> ResultWriter:
     """A writer for ``path`` chosen by its extension; columns row, <outputs...>, error."""
     path = Path(path)
     suffix = path.suffix.lower()
-    writers: dict[str, type[_BaseWriter]] = {
+    writers: dict[str, type[_ParquetWriter | _CsvWriter | _JsonlWriter]] = {
         ".parquet": _ParquetWriter, ".csv": _CsvWriter, ".jsonl": _JsonlWriter}
     if suffix not in writers:
         raise InputError(f"output file {path}: unsupported extension {suffix or '(none)'!r}; "

@@ -30,7 +30,7 @@ class Settings(BaseSettings):
         Path.home() / ".inferq", description="local state: the embedded result store, caches"
     )
     model_repo: Path = Field(Path("models"), description="the model repository folder")
-    queue_prefix: str = Field("", description="prefix of every queue name (isolates tenants, tests)")
+    queue_prefix: str = Field("", description="prefix of every queue name (isolation)")
     result_expires: int = Field(7 * 24 * 3600, ge=60, description="seconds a result is kept")
     visibility_timeout: int = Field(
         3600, ge=1, description="Redis broker: seconds before an unacked message is redelivered"

@@ -159,7 +159,8 @@ class Batcher:
                 if left <= 0:
                     break
                 self._cond.wait(left)
-            batch, rows = [], 0
+            batch: list[_Part] = []
+            rows = 0
             while self._queue and (not batch or rows + self._queue[0].rows <= self.max_batch_rows):
                 part = self._queue.popleft()
                 batch.append(part)
