@@ -9,7 +9,7 @@ from __future__ import annotations
 from celery import Celery
 from kombu import Exchange, Queue
 
-from shared import codec
+from shared import codec, filestore
 from shared.settings import Settings
 
 INFER_TASK = "inferq.infer"
@@ -36,6 +36,8 @@ def make_app(settings: Settings) -> Celery:
     backend = settings.effective_result_backend()
     if settings.embedded:
         (settings.home / "results").mkdir(parents=True, exist_ok=True)
+    if backend.startswith("file://"):
+        backend = filestore.URL_PREFIX + backend  # atomic writes: pollers never see half
     app = Celery("inferq", broker=settings.broker_url or "memory://localhost/", backend=backend,
                  set_as_current=False)
     vt = settings.visibility_timeout
@@ -71,4 +73,7 @@ def make_app(settings: Settings) -> Celery:
         },
         result_backend_transport_options={"visibility_timeout": vt},
     )
+    if settings.embedded:
+        # The in-memory transport is polled (every 1 s by default): poll often instead.
+        app.conf.broker_transport_options["polling_interval"] = 0.002
     return app
