@@ -117,15 +117,15 @@ def _coerce(manifest: Manifest, row: Any) -> dict[str, np.ndarray]:
         arr = np.asarray(values[spec.name]) if not isinstance(values[spec.name], list) \
             else values[spec.name]
         try:
-            out[spec.name] = as_row(spec, arr)[None]
+            many = as_row(spec, arr)[None]
         except InputError:
             many = np.asarray(arr)
             if many.ndim < 2:
                 raise
-            data, _, errors = check_rows(spec, many)
-            if errors:
-                raise InputError(errors[0].message, row=errors[0].row, field=spec.name) from None
-            out[spec.name] = data
+        data, _, errors = check_rows(spec, many)
+        if errors:
+            raise InputError(errors[0].message, row=errors[0].row, field=spec.name)
+        out[spec.name] = data
     return out
 
 

@@ -66,7 +66,9 @@ class ResultStore:
                 return meta
             if deadline is not None and time.monotonic() >= deadline:
                 if meta is None:
-                    return self.fetch(job_id)  # raises JobNotFound
+                    meta = self.fetch(job_id)  # raises JobNotFound
+                    if is_final(meta):
+                        return meta
                 raise TimeoutError(f"job {job_id} not finished after {timeout} s "
                                    f"(status {status_of(meta).value})")
             time.sleep(pause)

@@ -14,6 +14,10 @@ def _describe(shape: tuple[int, ...]) -> str:
     return "(" + ", ".join("any" if d == -1 else str(d) for d in shape) + ")"
 
 
+def _squeeze(shape: tuple[int, ...]) -> tuple[int, ...]:
+    return tuple(d for d in shape if d != 1)
+
+
 def as_row(spec: TensorSpec, value: Any, row: int = 0) -> np.ndarray:
     """One row (list, nested list or array) -> an array of the spec's row shape and dtype."""
     try:
@@ -29,7 +33,9 @@ def as_row(spec: TensorSpec, value: Any, row: int = 0) -> np.ndarray:
         )
     want = spec.row_shape
     if -1 not in want and arr.shape != want:
-        if arr.size == int(np.prod(want)):
+        # A flat row, or the row without its size-1 axes (an 8x8 image for (1, 8, 8)).
+        if arr.size == int(np.prod(want)) and (
+                arr.ndim == 1 or _squeeze(arr.shape) == _squeeze(want)):
             arr = arr.reshape(want)
         else:
             raise InputError(

@@ -1,0 +1,42 @@
+"""The client-only install promise: the producer side never imports torch, ORT or workers."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+PRODUCER_MODULES = ["producer", "producer.client", "producer.bulk", "producer.score",
+                    "producer.cli", "producer.readers", "producer.writers"]
+FORBIDDEN = ("torch", "onnxruntime", "workers")
+
+
+def run_python(*args: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "COLUMNS": "200", "NO_COLOR": "1",
+           "TERM": "dumb"}
+    return subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=60)
+
+
+def test_producer_modules_import_without_worker_dependencies() -> None:
+    code = (
+        "import importlib, sys\n"
+        f"for name in {PRODUCER_MODULES!r}:\n"
+        "    importlib.import_module(name)\n"
+        f"bad = sorted(m for m in sys.modules if m.split('.')[0] in {FORBIDDEN!r})\n"
+        "print('loaded:', bad)\n"
+    )
+    proc = run_python("-c", code)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "loaded: []", proc.stdout + proc.stderr
+
+
+def test_cli_help_lists_every_command() -> None:
+    proc = run_python("-m", "producer.cli", "--help")
+    assert proc.returncode == 0, proc.stderr
+    # A command is the first word of a line in the commands table (boxed or plain).
+    listed = set(re.findall(r"^[\W_]*([a-z]+) {2,}\S", proc.stdout, flags=re.MULTILINE))
+    assert {"score", "worker", "demo", "status", "models"} <= listed, proc.stdout
