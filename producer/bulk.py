@@ -47,7 +47,7 @@ class Pipeline:
     def __init__(self, client: Client, model: str, batch_id: str, *,
                  max_in_flight: int | None = None, stall_timeout: float | None = None):
         self.client = client
-        self.version, self.pinned = client.model(model)
+        self.version, self.ref = client.model(model)
         self.batch_id = batch_id
         self.max_in_flight = max_in_flight or client.settings.max_in_flight
         self.stall_timeout = stall_timeout
@@ -68,8 +68,7 @@ class Pipeline:
             extra["first_row"] = chunk.start
         else:
             extra["row_ids"] = chunk.start + chunk.keep.astype(np.int64)
-        self.client.publish(self.version.manifest.name, job_id, {name: chunk.data},
-                            self.pinned, producer=producer, **extra)
+        self.client.publish(self.ref, job_id, {name: chunk.data}, producer=producer, **extra)
         self.sent += 1
         chunk.data = chunk.data[:0]  # sent: keep only what merging needs
         return _Pending(chunk, job_id, sent=True)

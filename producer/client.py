@@ -13,7 +13,7 @@ from celery import Celery
 from producer.store import ResultStore, is_final, status_of
 from shared.celery_app import INFER_TASK, make_app, model_queue
 from shared.errors import InputError, JobFailed
-from shared.repository import ModelRepository, ModelVersion, parse_model_ref
+from shared.repository import ModelRef, ModelRepository, ModelVersion, parse_model_ref
 from shared.schemas import JobResult, JobStatus, Manifest, RowError
 from shared.settings import Settings, load_settings
 from shared.validation import as_row, check_rows
@@ -41,29 +41,32 @@ class Client:
         self.store = ResultStore(self.app)
 
     # -- models --------------------------------------------------------------------------
-    def model(self, ref: str) -> tuple[ModelVersion, int | None]:
-        """Resolve ``name`` or ``name@version`` -> (its manifest, the pinned version or None)."""
-        name, pinned = parse_model_ref(ref)
-        return self.repo.resolve(name, pinned), pinned
+    def model(self, ref: str) -> tuple[ModelVersion, ModelRef]:
+        """``name[:variant][@version]`` -> (the version it means now, the parsed reference).
+
+        The reference, not the version resolved here, travels with the job: the worker
+        resolves it again, so a new default reaches running workers without a restart.
+        """
+        parsed = parse_model_ref(ref)
+        return self.repo.resolve(parsed), parsed
 
     # -- publishing ----------------------------------------------------------------------
-    def publish(self, model: str, job_id: str, inputs: dict[str, np.ndarray],
-                version: int | None = None, producer: Any = None, **extra: Any) -> None:
-        kwargs = {"model": model, "inputs": inputs, "version": version,
-                  "submitted_at": time.time(), **extra}
+    def publish(self, ref: ModelRef, job_id: str, inputs: dict[str, Any],
+                producer: Any = None, **extra: Any) -> None:
+        kwargs = {"model": ref.name, "variant": ref.variant, "version": ref.version,
+                  "inputs": inputs, "submitted_at": time.time(), **extra}
         self.app.send_task(INFER_TASK, kwargs=kwargs, task_id=job_id,
-                           queue=model_queue(self.settings, model), producer=producer,
+                           queue=model_queue(self.settings, ref.name), producer=producer,
                            retry=True, retry_policy=PUBLISH_RETRY)
 
     def submit(self, model: str, row: Any, *, job_id: str | None = None) -> Job:
         """Enqueue one row (or a few, as a 2-D array); validated here, before sending."""
-        version, pinned = self.model(model)
+        version, ref = self.model(model)
         inputs = _coerce(version.manifest, row)
         job_id = job_id or uuid.uuid4().hex
-        name = version.manifest.name
-        self.store.mark_queued(job_id, {"model": name, "submitted_at": time.time()})
-        self.publish(name, job_id, inputs, pinned)
-        return Job(self, job_id, name)
+        self.store.mark_queued(job_id, {"model": ref.name, "submitted_at": time.time()})
+        self.publish(ref, job_id, inputs)
+        return Job(self, job_id, ref.name)
 
     def submit_many(self, model: str, rows: Any, *, chunk_rows: int | None = None,
                     batch_id: str | None = None) -> BatchHandle:

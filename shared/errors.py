@@ -19,6 +19,10 @@ class ModelNotFound(InferqError):
     """No such model (or version) in the model repository."""
 
 
+class InvalidModelName(InferqError, ValueError):
+    """A model name, variant or version that cannot be used (e.g. a path)."""
+
+
 class InputError(InferqError):
     """Input does not match the model's manifest. Permanent: never retried."""
 

@@ -1,12 +1,46 @@
-"""The model repository: ``<root>/<name>/<version>/{manifest.json, artifact}``."""
+"""The model repository: ``<root>/<name>/<version>/{manifest.json, artifact, ...}``.
+
+A reference names a model, optionally a variant and a version: ``minilm``,
+``minilm:int8``, ``minilm@3``. ``<root>/<name>/default.json`` says which variant (or
+version) a bare name means, so the default lives in the repository, not in code; without
+it a bare name means the newest ``fp32`` version. Versions are published atomically
+(staged in a hidden folder, then renamed), so a reader never sees half a model.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
-from shared.errors import ModelNotFound
-from shared.schemas import MODEL_NAME, Manifest, check_model_name
+from shared.errors import InferqError, InvalidModelName, ModelNotFound
+from shared.schemas import MODEL_NAME, Manifest, check_model_name, check_variant
+
+MANIFEST = "manifest.json"
+DEFAULT = "default.json"
+
+
+class ModelCorrupt(InferqError):
+    """The artifact on disk does not match the sha256 in its manifest."""
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    name: str
+    variant: str | None = None
+    version: int | None = None
+
+    def __str__(self) -> str:
+        return (self.name + (f":{self.variant}" if self.variant else "")
+                + (f"@{self.version}" if self.version else ""))
 
 
 @dataclass(frozen=True)
@@ -22,21 +56,53 @@ class ModelVersion:
     def key(self) -> str:
         return f"{self.manifest.name}@{self.manifest.version}"
 
+    def verify(self) -> None:
+        """Refuse an artifact whose sha256 differs from the manifest's."""
+        want = self.manifest.artifact_sha256
+        if not want:
+            return
+        got = sha256_file(self.artifact)
+        if got != want:
+            raise ModelCorrupt(f"model {self.key}: {self.artifact} has sha256 {got[:12]}…, "
+                               f"its manifest says {want[:12]}…; the file is corrupted or "
+                               "was replaced — rebuild or restore it")
 
-def parse_model_ref(ref: str) -> tuple[str, int | None]:
-    """``digits`` or ``digits@3`` -> (name, version or None for the latest)."""
-    name, _, version = ref.partition("@")
-    check_model_name(name)
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def parse_model_ref(ref: str) -> ModelRef:
+    """``name[:variant][@version]`` -> ModelRef; a malformed reference raises ModelNotFound."""
+    rest, _, version = ref.partition("@")
+    name, _, variant = rest.partition(":")
+    try:
+        check_model_name(name)
+        if variant:
+            check_variant(variant)
+    except ValueError as exc:
+        raise InvalidModelName(str(exc)) from None
     if not version:
-        return name, None
+        return ModelRef(name, variant or None)
     if not (version.isascii() and version.isdigit()) or int(version) < 1:
-        raise ModelNotFound(f"model version {version!r} is invalid: use a positive integer")
-    return name, int(version)
+        raise InvalidModelName(f"model version {version!r} is invalid: use a positive integer")
+    return ModelRef(name, variant or None, int(version))
 
 
 class ModelRepository:
     def __init__(self, root: Path | str):
         self.root = Path(root)
+
+    # -- listing -------------------------------------------------------------------------
+    def names(self) -> list[str]:
+        if not self.root.is_dir():
+            return []
+        return sorted(p.name for p in self.root.iterdir()
+                      if p.is_dir() and MODEL_NAME.fullmatch(p.name) and self.versions(p.name))
 
     def versions(self, name: str) -> list[int]:
         check_model_name(name)
@@ -45,32 +111,115 @@ class ModelRepository:
             return []
         return sorted(
             int(p.name) for p in folder.iterdir()
-            if p.name.isascii() and p.name.isdigit() and (p / "manifest.json").is_file()
+            if p.name.isascii() and p.name.isdigit() and (p / MANIFEST).is_file()
         )
 
-    def names(self) -> list[str]:
-        if not self.root.is_dir():
-            return []
-        return sorted(p.name for p in self.root.iterdir()
-                      if p.is_dir() and MODEL_NAME.fullmatch(p.name) and self.versions(p.name))
+    def load(self, name: str, version: int) -> ModelVersion:
+        path = self.root / name / str(version)
+        try:
+            manifest = Manifest.model_validate_json((path / MANIFEST).read_text())
+        except FileNotFoundError:
+            raise ModelNotFound(f"model {name!r} has no version {version} "
+                                f"(versions: {self.versions(name)})") from None
+        return ModelVersion(path=path, manifest=manifest)
 
-    def resolve(self, ref: str, version: int | None = None) -> ModelVersion:
-        name, ref_version = parse_model_ref(ref)
-        version = version or ref_version
-        known = self.versions(name)
+    def all(self, name: str) -> list[ModelVersion]:
+        return [self.load(name, v) for v in self.versions(name)]
+
+    # -- the default ---------------------------------------------------------------------
+    def default(self, name: str) -> dict[str, Any]:
+        """``{"variant": "int8"}`` or ``{"version": 3}``; ``{}`` when none is set."""
+        path = self.root / check_model_name(name) / DEFAULT
+        if not path.is_file():
+            return {}
+        data = json.loads(path.read_text())
+        return {k: data[k] for k in ("variant", "version") if data.get(k) is not None}
+
+    def set_default(self, name: str, *, variant: str | None = None,
+                    version: int | None = None) -> ModelVersion:
+        """Point the bare name at a variant (its newest version) or a version: a rollback."""
+        if (variant is None) == (version is None):
+            raise ValueError("give a variant or a version")
+        target = self.resolve(ModelRef(name, variant, version))  # must exist
+        data = {"variant": variant, "version": version, "set_at": _now()}
+        _write_atomic(self.root / name / DEFAULT, json.dumps(data, indent=2))
+        return target
+
+    # -- resolving -----------------------------------------------------------------------
+    def resolve(self, ref: str | ModelRef, version: int | None = None) -> ModelVersion:
+        r = parse_model_ref(ref) if isinstance(ref, str) else ref
+        version = version or r.version
+        known = self.versions(r.name)
         if not known:
             have = ", ".join(self.names()) or "none"
             raise ModelNotFound(
-                f"unknown model {name!r} in {self.root} (models here: {have}); "
-                f"build the bundled ones with `inferq models build`"
-            )
-        chosen = version if version is not None else known[-1]
-        if chosen not in known:
-            raise ModelNotFound(f"model {name!r} has no version {chosen} (versions: {known})")
-        path = self.root / name / str(chosen)
-        manifest = Manifest.model_validate_json((path / "manifest.json").read_text())
-        return ModelVersion(path=path, manifest=manifest)
+                f"unknown model {r.name!r} in {self.root} (models here: {have}); "
+                f"build the bundled ones with `inferq models build`")
+        if version is not None:
+            found = self.load(r.name, version)
+            if r.variant and found.manifest.variant != r.variant:
+                raise ModelNotFound(f"{r.name}@{version} is variant "
+                                    f"{found.manifest.variant!r}, not {r.variant!r}")
+            return found
+        variant = r.variant
+        if variant is None:
+            default = self.default(r.name)
+            if "version" in default:
+                return self.load(r.name, int(default["version"]))
+            variant = default.get("variant", "fp32")
+        for v in reversed(known):
+            found = self.load(r.name, v)
+            if found.manifest.variant == variant:
+                return found
+        if r.variant is None and variant == "fp32":
+            return self.load(r.name, known[-1])  # no fp32 and no default: the newest
+        variants = sorted({m.manifest.variant for m in self.all(r.name)})
+        raise ModelNotFound(f"model {r.name!r} has no variant {variant!r} "
+                            f"(variants: {', '.join(variants)})")
 
+    # -- publishing ----------------------------------------------------------------------
     def next_version(self, name: str) -> int:
         known = self.versions(name)
         return (known[-1] + 1) if known else 1
+
+    @contextlib.contextmanager
+    def staging(self, name: str) -> Iterator[Path]:
+        """A hidden folder inside the repository to build a version in; removed on error."""
+        folder = self.root / check_model_name(name)
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=folder))
+        try:
+            yield tmp
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    def publish(self, staged: Path, manifest: Manifest) -> ModelVersion:
+        """Give the staged folder the next version number, its manifest, and move it in."""
+        artifact = staged / manifest.artifact
+        manifest = manifest.model_copy(update={
+            "artifact_sha256": sha256_file(artifact),
+            "size_bytes": artifact.stat().st_size,
+            "created_at": manifest.created_at or _now(),
+        })
+        for _ in range(20):  # another build may take the number first
+            version = self.next_version(manifest.name)
+            final = manifest.model_copy(update={"version": version})
+            (staged / MANIFEST).write_text(final.model_dump_json(indent=2))
+            try:
+                os.rename(staged, self.root / manifest.name / str(version))
+            except OSError:
+                continue
+            staged.mkdir()  # so the staging context has something to remove
+            return self.load(manifest.name, version)
+        raise InferqError(f"could not publish a new version of {manifest.name}")
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)

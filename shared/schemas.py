@@ -12,6 +12,16 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 MODEL_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
 
 
+VARIANT = re.compile(r"[a-z0-9][a-z0-9_-]{0,31}")
+
+
+def check_variant(variant: str) -> str:
+    if not isinstance(variant, str) or not VARIANT.fullmatch(variant):
+        raise ValueError(f"variant {variant!r} is invalid: use 1-32 lowercase letters, "
+                         "digits, '_' or '-'")
+    return variant
+
+
 def check_model_name(name: str) -> str:
     if not isinstance(name, str) or not MODEL_NAME.fullmatch(name):
         raise ValueError(
@@ -49,24 +59,53 @@ class TensorSpec(BaseModel):
         return np.dtype(self.dtype)
 
 
+class Preprocessing(BaseModel):
+    """What the worker does to inputs before the graph (text: tokenize, pad per batch)."""
+
+    kind: Literal["none", "text"] = "none"
+    tokenizer: str | None = None  # a file in the version folder, e.g. tokenizer.json
+    max_length: int | None = Field(None, ge=1)  # longer inputs are truncated, and say so
+    pooling: Literal["none", "mean", "cls"] = "none"  # done inside the graph
+    normalize: bool = False  # L2, inside the graph
+    description: str = ""
+
+
+class Compression(BaseModel):
+    """How this version was derived from its fp32 parent."""
+
+    method: str = "none"  # none | int8-static | int8-dynamic | fp16 | prune:0.5 | distill | ...
+    parent_version: int | None = None
+    details: dict[str, Any] = Field(default_factory=dict)
+
+
 class Manifest(BaseModel):
     """``models/<name>/<version>/manifest.json``: what a model takes, returns and is worth."""
 
+    schema_version: Literal[2] = 2
     name: str
     version: int = Field(ge=1)
+    variant: str = "fp32"  # fp32 | int8 | fp16 | pruned | distilled | torchscript | ...
     task: str = "classification"
     runtime: Literal["onnx", "torchscript"] = "onnx"
     artifact: str = "model.onnx"
+    artifact_sha256: str = ""  # checked on load: a corrupted artifact is refused
     inputs: list[TensorSpec]
     outputs: list[TensorSpec]
-    preprocessing: str = ""
-    compression: str = "none"
+    preprocessing: Preprocessing = Field(default_factory=Preprocessing)
+    compression: Compression = Field(default_factory=Compression)
+    # Measured on the build machine: quality (accuracy, or cosine/nn agreement vs the fp32
+    # parent), speed (rows_per_s with threads and batch), size.
     quality: dict[str, float] = Field(default_factory=dict)
+    speed: dict[str, float] = Field(default_factory=dict)
     size_bytes: int = 0
+    # Reference input statistics for drift monitoring: per-feature mean/std, or a token
+    # length histogram for text.
+    reference_stats: dict[str, Any] = Field(default_factory=dict)
     created_at: str = ""
     notes: str = ""
 
     _check_name = field_validator("name")(classmethod(lambda cls, v: check_model_name(v)))
+    _check_variant = field_validator("variant")(classmethod(lambda cls, v: check_variant(v)))
 
     def input(self, name: str | None = None) -> TensorSpec:
         if name is None:

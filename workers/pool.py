@@ -7,7 +7,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from shared.repository import ModelRepository, ModelVersion
+from shared.repository import ModelRef, ModelRepository, ModelVersion
 from shared.settings import Settings
 from workers import faults
 from workers.batcher import Batcher
@@ -56,8 +56,8 @@ class ModelPool:
         self._latest: dict[str, tuple[float, ModelVersion]] = {}
         self._lock = threading.Lock()
 
-    def get(self, name: str, version: int | None = None) -> Served:
-        resolved = self._resolve(name, version)
+    def get(self, name: str, version: int | None = None, variant: str | None = None) -> Served:
+        resolved = self._resolve(ModelRef(name, variant, version))
         served = self._served.get(resolved.key)
         if served is not None:
             return served
@@ -66,19 +66,23 @@ class ModelPool:
                 self._served[resolved.key] = self._load(resolved)
             return self._served[resolved.key]
 
-    def _resolve(self, name: str, version: int | None) -> ModelVersion:
-        if version is not None:
-            return self.repo.resolve(name, version)
+    def _resolve(self, ref: ModelRef) -> ModelVersion:
+        """A pinned version is fixed; otherwise re-read the repository every few seconds,
+        so a new version or a new default is served without a restart (hot reload)."""
+        if ref.version is not None:
+            return self.repo.resolve(ref)
+        key = str(ref)
         now = time.monotonic()
-        cached = self._latest.get(name)
+        cached = self._latest.get(key)
         if cached and now - cached[0] < _LATEST_TTL:
             return cached[1]
-        latest = self.repo.resolve(name)
-        self._latest[name] = (now, latest)
+        latest = self.repo.resolve(ref)
+        self._latest[key] = (now, latest)
         return latest
 
     def _load(self, version: ModelVersion) -> Served:
         s = self.settings
+        version.verify()
         runtime = load_runtime(version, threads=s.effective_ort_threads())
         if hasattr(runtime, "warm_up"):
             runtime.warm_up(s.max_batch_rows)

@@ -97,10 +97,10 @@ def register_tasks(app: Celery, pool: ModelPool) -> None:
 
     @app.task(name=INFER_TASK, bind=True, resultrepr_maxsize=160)
     def infer(self: Any, model: str, inputs: Any, version: int | None = None,
-              first_row: int = 0, row_ids: Any = None,
+              variant: str | None = None, first_row: int = 0, row_ids: Any = None,
               submitted_at: float | None = None) -> dict[str, Any]:
         started = time.time()
-        served = pool.get(model, version)
+        served = pool.get(model, version, variant)
         manifest = served.version.manifest
         with served.batcher.announced() as ticket:
             data, keep, labels, errors = _validate(manifest, inputs, first_row, row_ids)
@@ -111,7 +111,8 @@ def register_tasks(app: Celery, pool: ModelPool) -> None:
             logger.info("job %s model %s: %d of %d rows failed", self.request.id,
                         served.version.key, len(errors), len(labels))
         return {
-            "model": manifest.name, "version": manifest.version, "rows": len(labels),
+            "model": manifest.name, "version": manifest.version,
+            "variant": manifest.variant, "rows": len(labels),
             "outputs": outputs, "ok": ok,
             "errors": sorted(errors, key=lambda e: e["index"]),
             "batch_rows": outcome.batch_rows, "submitted_at": submitted_at,

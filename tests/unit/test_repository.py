@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from shared.errors import ModelNotFound
-from shared.repository import ModelRepository, parse_model_ref
+from shared.errors import InvalidModelName, ModelNotFound
+from shared.repository import ModelRef, ModelRepository, parse_model_ref
 from shared.schemas import Manifest, TensorSpec, check_model_name
 
 
@@ -91,7 +91,7 @@ def test_missing_version(repo: ModelRepository, ref: str) -> None:
 
 @pytest.mark.parametrize("ref", ["m@0", "m@x", "m@-1", "m@1.5"])
 def test_invalid_version(repo: ModelRepository, ref: str) -> None:
-    with pytest.raises(ModelNotFound, match="positive integer"):
+    with pytest.raises(InvalidModelName, match="positive integer"):
         repo.resolve(ref)
 
 
@@ -122,9 +122,14 @@ def test_good_names(name: str) -> None:
 
 
 def test_parse_model_ref() -> None:
-    assert parse_model_ref("digits") == ("digits", None)
-    assert parse_model_ref("digits@3") == ("digits", 3)
-    assert parse_model_ref("digits@") == ("digits", None)
+    assert parse_model_ref("digits") == ModelRef("digits")
+    assert parse_model_ref("digits@3") == ModelRef("digits", None, 3)
+    assert parse_model_ref("digits@") == ModelRef("digits")
+    assert parse_model_ref("minilm:int8") == ModelRef("minilm", "int8")
+    assert parse_model_ref("minilm:int8@4") == ModelRef("minilm", "int8", 4)
+    assert str(ModelRef("minilm", "int8", 4)) == "minilm:int8@4"
+    with pytest.raises(InvalidModelName, match="variant"):
+        parse_model_ref("minilm:../x")
 
 
 def test_manifest_refuses_a_bad_name() -> None:

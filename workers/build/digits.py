@@ -9,21 +9,19 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
-import tempfile
 import time
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
-from datetime import UTC, datetime
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
 from torch import nn
 
 from shared.repository import ModelRepository, ModelVersion
-from shared.schemas import Manifest, TensorSpec
+from shared.schemas import Manifest, Preprocessing, TensorSpec
 
 logger = logging.getLogger(__name__)
 
@@ -128,61 +126,62 @@ def _onnx_accuracy(path: Path, x: np.ndarray, y: np.ndarray) -> float:
     return float(np.mean(labels == y))
 
 
-def _manifest(version: int, *, seed: int, quality: dict[str, float], size: int) -> Manifest:
+def digits_manifest(*, variant: str = "fp32", runtime: Literal["onnx", "torchscript"] = "onnx",
+                    artifact: str = "model.onnx", **fields: object) -> Manifest:
+    """The digits manifest; variants change the artifact, compression and measurements."""
     return Manifest(
-        name=NAME, version=version, task="classification", runtime="onnx",
-        artifact="model.onnx",
+        name=NAME, version=1, variant=variant, task="classification", runtime=runtime,
+        artifact=artifact,
         inputs=[TensorSpec(name="image", dtype="float32", shape=[-1, 1, 8, 8],
                            description="raw pixel values 0..16 (scikit-learn digits)")],
         outputs=[TensorSpec(name="probabilities", dtype="float32", shape=[-1, 10]),
                  TensorSpec(name="label", dtype="int64", shape=[-1])],
-        preprocessing="none: the graph scales pixels by 1/16",
-        compression="none (fp32)",
-        quality=quality,
-        size_bytes=size,
-        created_at=datetime.now(UTC).isoformat(timespec="seconds"),
-        notes=f"CNN trained on sklearn digits, seed {seed}",
+        preprocessing=Preprocessing(description="none: the graph scales pixels by 1/16"),
+        **fields,  # type: ignore[arg-type]
     )
 
 
-def _publish(tmp: Path, repo: ModelRepository, *, seed: int, quality: dict[str, float]) -> int:
-    """Write the manifest into ``tmp`` and rename it to the next free version folder."""
-    version = repo.next_version(NAME)
-    size = (tmp / "model.onnx").stat().st_size
-    manifest = _manifest(version, seed=seed, quality=quality, size=size)
-    (tmp / "manifest.json").write_text(manifest.model_dump_json(indent=2))
-    os.rename(tmp, repo.root / NAME / str(version))
-    return version
-
-
-def build_digits(repo_root: Path, *, seed: int = 0, epochs: int | None = None) -> ModelVersion:
-    """Train, export and publish a new ``digits`` version under ``repo_root``; return it."""
+def split(seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The seeded, stratified 80/20 split every digits variant is trained and judged on."""
     from sklearn.model_selection import train_test_split
 
-    started = time.monotonic()
-    repo = ModelRepository(repo_root)
     images, labels = load_digits_data()
     x_train, x_test, y_train, y_test = train_test_split(
         images, labels, test_size=0.2, random_state=seed, stratify=labels)
+    return x_train, x_test, y_train, y_test
+
+
+def reference_stats(x: np.ndarray) -> dict[str, object]:
+    """Per-pixel mean and std of the training inputs, for drift monitoring."""
+    flat = x.reshape(len(x), -1)
+    return {"kind": "features", "rows": len(x),
+            "mean": [round(float(v), 4) for v in flat.mean(axis=0)],
+            "std": [round(float(v), 4) for v in flat.std(axis=0)]}
+
+
+def build_digits(repo_root: Path, *, seed: int = 0, epochs: int | None = None) -> ModelVersion:
+    """Train, export and publish a new fp32 ``digits`` version under ``repo_root``."""
+    started = time.monotonic()
+    repo = ModelRepository(repo_root)
+    images, labels = load_digits_data()
+    x_train, x_test, y_train, y_test = split(seed)
     with _torch_settings(seed):
         model = _train(x_train, y_train, seed=seed, epochs=epochs or DEFAULT_EPOCHS)
-    (repo.root / NAME).mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=repo.root / NAME))
-    try:
+    with repo.staging(NAME) as tmp:
         _export(model, tmp / "model.onnx")
+        torch.save(model.state_dict(), tmp / "weights.pt")  # variants start from these
         quality = {
             "heldout_accuracy": _onnx_accuracy(tmp / "model.onnx", x_test, y_test),
             "heldout_rows": float(len(y_test)),
             "train_rows": float(len(y_train)),
             "full_accuracy": _onnx_accuracy(tmp / "model.onnx", images, labels),
         }
-        version = _publish(tmp, repo, seed=seed, quality=quality)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    logger.info("built %s@%d in %.1fs: held-out accuracy %.4f on %d rows", NAME, version,
+        manifest = digits_manifest(quality=quality, reference_stats=reference_stats(x_train),
+                                   notes=f"CNN trained on sklearn digits, seed {seed}")
+        version = repo.publish(tmp, manifest)
+    logger.info("built %s in %.1fs: held-out accuracy %.4f on %d rows", version.key,
                 time.monotonic() - started, quality["heldout_accuracy"], len(y_test))
-    return repo.resolve(NAME, version)
+    return version
 
 
 def ensure_digits(repo_root: Path) -> ModelVersion:
