@@ -141,6 +141,7 @@ class BatchResult:
     outputs: dict[str, np.ndarray]
     ok: np.ndarray
     errors: dict[int, str]
+    truncated: list[int]
 
     def __len__(self) -> int:
         return len(self.ok)
@@ -182,4 +183,5 @@ class BatchHandle:
             raise JobFailed("the batch has no rows")
         outputs = {k: np.concatenate([p.outputs[k] for p in parts]) for k in parts[0].outputs}
         errors = {row: msg for p in parts for row, msg in p.errors.items()}
-        return BatchResult(outputs, np.concatenate([p.ok for p in parts]), errors)
+        truncated = [row for p in parts for row in p.truncated]
+        return BatchResult(outputs, np.concatenate([p.ok for p in parts]), errors, truncated)

@@ -39,6 +39,7 @@ class ChunkResult:
     outputs: dict[str, np.ndarray]
     ok: np.ndarray
     errors: dict[int, str]  # absolute input row -> message
+    truncated: list[int] = field(default_factory=list)  # rows cut to the model's limit
 
 
 def empty_outputs(specs: list[TensorSpec], rows: int) -> dict[str, np.ndarray]:
@@ -67,4 +68,6 @@ def merge(chunk: Chunk, specs: list[TensorSpec], value: object) -> ChunkResult:
         ok[keep] = value["ok"]
         for e in value["errors"]:
             errors[chunk.start + int(keep[e["index"]])] = e["message"]
+        truncated = [int(r) for r in value.get("truncated", [])]
+        return ChunkResult(chunk.index, chunk.start, chunk.rows, outputs, ok, errors, truncated)
     return ChunkResult(chunk.index, chunk.start, chunk.rows, outputs, ok, errors)

@@ -16,7 +16,7 @@ from shared.errors import InputError, JobFailed
 from shared.repository import ModelRef, ModelRepository, ModelVersion, parse_model_ref
 from shared.schemas import JobResult, JobStatus, Manifest, RowError
 from shared.settings import Settings, load_settings
-from shared.validation import as_row, check_rows
+from shared.validation import as_row, check_rows, check_text_rows
 
 if TYPE_CHECKING:
     from producer.bulk import BatchHandle
@@ -53,6 +53,9 @@ class Client:
     # -- publishing ----------------------------------------------------------------------
     def publish(self, ref: ModelRef, job_id: str, inputs: dict[str, Any],
                 producer: Any = None, **extra: Any) -> None:
+        # Text travels as a list of str; the codec carries numeric arrays only.
+        inputs = {k: v.tolist() if isinstance(v, np.ndarray) and v.dtype == object else v
+                  for k, v in inputs.items()}
         kwargs = {"model": ref.name, "variant": ref.variant, "version": ref.version,
                   "inputs": inputs, "submitted_at": time.time(), **extra}
         self.app.send_task(INFER_TASK, kwargs=kwargs, task_id=job_id,
@@ -117,8 +120,15 @@ def _coerce(manifest: Manifest, row: Any) -> dict[str, np.ndarray]:
         if spec.name not in values:
             raise InputError(f"missing input {spec.name!r} for model {manifest.name}",
                              field=spec.name)
-        arr = np.asarray(values[spec.name]) if not isinstance(values[spec.name], list) \
-            else values[spec.name]
+        value = values[spec.name]
+        if spec.dtype == "string":  # one text, or a few
+            texts = [value] if isinstance(value, str) else list(value)
+            data, _, errors = check_text_rows(spec, texts)
+            if errors:
+                raise InputError(errors[0].message, row=errors[0].row, field=spec.name)
+            out[spec.name] = data
+            continue
+        arr = np.asarray(value) if not isinstance(value, list) else value
         try:
             many = as_row(spec, arr)[None]
         except InputError:
@@ -149,5 +159,6 @@ def to_result(job_id: str, meta: dict[str, Any]) -> JobResult:
             res.errors = [RowError(**{k: e.get(k) for k in ("row", "field", "message")})
                           for e in value.get("errors", [])]
             res.batch_rows = list(value.get("batch_rows", []))
+            res.truncated = list(value.get("truncated", []))
             res.finished_at = value.get("finished_at")
     return res

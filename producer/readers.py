@@ -33,6 +33,7 @@ from producer.rowparse import (
     row_width,
     show,
 )
+from producer.text_inputs import read_text_chunks
 from shared.errors import InputError
 from shared.schemas import RowError, TensorSpec
 from shared.validation import as_row
@@ -58,7 +59,7 @@ def count_rows(path: Path) -> int | None:
             return int(arr.shape[0]) if arr.ndim else None
         if suffix == ".parquet":
             return int(pq.ParquetFile(path).metadata.num_rows)
-        if suffix in (".csv", ".jsonl"):
+        if suffix in (".csv", ".jsonl", ".txt"):
             lines = count_nonblank_lines(path)
             if suffix == ".csv" and _first_line_cells(path) is not None:
                 lines -= 1  # the header
@@ -77,6 +78,10 @@ def read_chunks(path: Path, spec: TensorSpec, chunk_rows: int, *,
     raise InputError here, before the first chunk.
     """
     path = Path(path)
+    if spec.dtype == "string":
+        if not path.exists():
+            raise InputError(f"input file {path} does not exist")
+        return read_text_chunks(path, spec, chunk_rows)
     if chunk_rows < 1:
         raise ValueError(f"chunk_rows must be at least 1, got {chunk_rows}")
     if not path.exists():

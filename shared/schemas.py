@@ -143,6 +143,7 @@ class JobResult(BaseModel):
     errors: list[RowError] = Field(default_factory=list)
     error: str | None = None  # the whole job failed
     batch_rows: list[int] = Field(default_factory=list)  # size of each model call it ran in
+    truncated: list[int] = Field(default_factory=list)  # rows cut to the model's max length
     submitted_at: float | None = None
     finished_at: float | None = None
 

@@ -41,6 +41,8 @@ class Settings(BaseSettings):
     max_delay_ms: float = Field(5.0, ge=0, description="longest a row waits for batch-mates")
     concurrency: int = Field(32, ge=1, description="task threads per worker process")
     ort_threads: int = Field(0, ge=0, description="ONNX Runtime intra-op threads; 0 = cores")
+    device: str = Field("cpu", pattern=r"^(cpu|cuda(:\d+)?)$",
+                        description="where models run: cpu, or cuda in a GPU-pinned worker")
     max_message_bytes: int = Field(64 * 2**20, ge=1024, description="cap on one decoded payload")
     task_max_retries: int = Field(3, ge=0, description="retries of a transient failure")
     fault_injection: str = Field(

@@ -20,6 +20,13 @@ def _squeeze(shape: tuple[int, ...]) -> tuple[int, ...]:
 
 def as_row(spec: TensorSpec, value: Any, row: int = 0) -> np.ndarray:
     """One row (list, nested list or array) -> an array of the spec's row shape and dtype."""
+    if spec.dtype == "string":
+        if not isinstance(value, str):
+            raise InputError(f"row {row}, field {spec.name!r}: expected text, got "
+                             f"{type(value).__name__}", row=row, field=spec.name)
+        out = np.empty((), dtype=object)
+        out[()] = value
+        return out
     try:
         arr = np.asarray(value)
     except (ValueError, TypeError) as exc:
@@ -59,6 +66,37 @@ def _cast(spec: TensorSpec, arr: np.ndarray, row: int | None) -> np.ndarray:
     return arr.astype(target)
 
 
+MAX_TEXT_CHARS = 100_000
+
+
+def check_text_rows(spec: TensorSpec, values: Any, first_row: int = 0, *,
+                    labels: np.ndarray | None = None
+                    ) -> tuple[np.ndarray, np.ndarray, list[RowError]]:
+    """Text rows -> (the valid strings as an object array, their indices, errors of the rest)."""
+    if isinstance(values, str) or not hasattr(values, "__len__"):
+        raise InputError(f"field {spec.name!r}: expected a list of strings, one per row",
+                         field=spec.name)
+    keep: list[int] = []
+    errors: list[RowError] = []
+    for i, value in enumerate(values):
+        row = int(labels[i]) if labels is not None else first_row + i
+        problem = None
+        if not isinstance(value, str):
+            problem = f"expected text, got {type(value).__name__}"
+        elif not value.strip():
+            problem = "empty text"
+        elif len(value) > MAX_TEXT_CHARS:
+            problem = f"text of {len(value):,} characters exceeds {MAX_TEXT_CHARS:,}"
+        if problem:
+            errors.append(RowError(row=row, field=spec.name,
+                                   message=f"row {row}, field {spec.name!r}: {problem}"))
+        else:
+            keep.append(i)
+    data = np.empty(len(keep), dtype=object)
+    data[:] = [values[i] for i in keep]
+    return data, np.array(keep, dtype=np.int64), errors
+
+
 def check_rows(spec: TensorSpec, arr: np.ndarray, first_row: int = 0, *,
                labels: np.ndarray | None = None
                ) -> tuple[np.ndarray, np.ndarray, list[RowError]]:
@@ -68,6 +106,8 @@ def check_rows(spec: TensorSpec, arr: np.ndarray, first_row: int = 0, *,
     rows holding NaN or infinity are refused one by one. Errors name row
     ``first_row + i``, or ``labels[i]`` when the block's rows are not consecutive.
     """
+    if spec.dtype == "string":
+        return check_text_rows(spec, arr, first_row, labels=labels)
     want = spec.row_shape
     if arr.ndim == 0:
         raise InputError(f"field {spec.name!r}: expected rows of shape {_describe(want)}, "

@@ -11,7 +11,7 @@ from shared.repository import ModelRef, ModelRepository, ModelVersion
 from shared.settings import Settings
 from workers import faults
 from workers.batcher import Batcher
-from workers.runtime import load_runtime
+from workers.runtime import Runtime, load_runtime
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +46,11 @@ class Served:
     version: ModelVersion
     batcher: Batcher
     stats: BatchStats
+    runtime: Runtime
+
+    def snapshot(self) -> dict[str, float]:
+        extra = getattr(self.runtime, "stats", None)
+        return {**self.stats.snapshot(), **(extra.snapshot() if extra else {})}
 
 
 class ModelPool:
@@ -83,18 +88,17 @@ class ModelPool:
     def _load(self, version: ModelVersion) -> Served:
         s = self.settings
         version.verify()
-        runtime = load_runtime(version, threads=s.effective_ort_threads())
-        if hasattr(runtime, "warm_up"):
-            runtime.warm_up(s.max_batch_rows)
+        runtime = load_runtime(version, threads=s.effective_ort_threads(), device=s.device)
+        runtime.warm_up(s.max_batch_rows)
         stats = BatchStats()
         batcher = Batcher(faults.wrap(runtime.run, s.fault_injection), name=version.key,
                           max_batch_rows=s.max_batch_rows, max_delay_ms=s.max_delay_ms,
                           on_batch=stats.record)
         batcher.start()
-        return Served(version, batcher, stats)
+        return Served(version, batcher, stats, runtime)
 
     def stats(self) -> dict[str, dict[str, float]]:
-        return {key: served.stats.snapshot() for key, served in self._served.items()}
+        return {key: served.snapshot() for key, served in self._served.items()}
 
     def close(self) -> None:
         for served in self._served.values():

@@ -1,10 +1,17 @@
-"""Model runtimes: load once per process, warm up, then only ``run(batch)``."""
+"""Model runtimes: load once per process, warm up, then only ``run(batch)``.
+
+``OnnxRuntime`` runs numeric inputs through ONNX Runtime; ``TorchScriptRuntime`` runs a
+TorchScript file with torch; ``TextRuntime`` tokenizes strings in the worker, groups rows
+of similar token length so short sentences are not padded to the longest, and reports
+which rows were truncated.
+"""
 
 from __future__ import annotations
 
 import logging
+import threading
 import time
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -18,27 +25,45 @@ class Runtime(Protocol):
 
     def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]: ...
 
+    def warm_up(self, rows: int) -> None: ...
+
+
+def providers_for(device: str) -> list[str]:
+    """CUDA when this process was given a GPU and ORT has it, CPU otherwise (logged)."""
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    if device.startswith("cuda"):
+        if "CUDAExecutionProvider" in available:
+            return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+        logger.warning("device %s asked for, but this onnxruntime has no CUDA provider "
+                       "(providers: %s); running on the CPU", device, available)
+    return ["CPUExecutionProvider"]
+
+
+def ort_session(version: ModelVersion, threads: int, device: str = "cpu") -> Any:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    started = time.perf_counter()
+    session = ort.InferenceSession(str(version.artifact), sess_options=options,
+                                   providers=providers_for(device))
+    logger.info("loaded %s (%s) from %s with %s, %d threads in %.2fs", version.key,
+                version.manifest.variant, version.artifact, session.get_providers(), threads,
+                time.perf_counter() - started)
+    return session
+
 
 class OnnxRuntime:
     """One ONNX Runtime session. ``run`` releases the GIL, so task threads keep decoding."""
 
-    def __init__(self, version: ModelVersion, *, threads: int, providers: list[str] | None = None):
-        import onnxruntime as ort
-
+    def __init__(self, version: ModelVersion, *, threads: int, device: str = "cpu"):
         self.version = version
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        self.providers = providers or ["CPUExecutionProvider"]
-        started = time.perf_counter()
-        self.session = ort.InferenceSession(
-            str(version.artifact), sess_options=options, providers=self.providers
-        )
+        self.session = ort_session(version, threads, device)
         self.output_names = [spec.name for spec in version.manifest.outputs]
-        logger.info("loaded %s from %s with %s, %d threads in %.2fs", version.key,
-                    version.artifact, self.session.get_providers(), threads,
-                    time.perf_counter() - started)
 
     def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         values = self.session.run(self.output_names, inputs)
@@ -50,15 +75,78 @@ class OnnxRuntime:
             self.run(example_inputs(self.version, n))
 
 
-def example_inputs(version: ModelVersion, rows: int) -> dict[str, np.ndarray]:
-    return {
-        spec.name: np.zeros((rows, *[max(d, 1) for d in spec.row_shape]), dtype=spec.np_dtype)
-        for spec in version.manifest.inputs
-    }
+class TorchScriptRuntime:
+    """A TorchScript module run with torch; outputs in the manifest's order."""
+
+    def __init__(self, version: ModelVersion, *, threads: int, device: str = "cpu"):
+        import torch
+
+        self.version = version
+        self.torch = torch
+        self.device = torch.device(device if device.startswith("cuda")
+                                   and torch.cuda.is_available() else "cpu")
+        torch.set_num_threads(threads)
+        self.module = torch.jit.load(str(version.artifact), map_location=self.device).eval()
+        self.input_names = [s.name for s in version.manifest.inputs]
+        self.output_names = [s.name for s in version.manifest.outputs]
+        logger.info("loaded %s (%s) TorchScript on %s, %d threads", version.key,
+                    version.manifest.variant, self.device, threads)
+
+    def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        torch = self.torch
+        with torch.inference_mode():
+            args = [torch.from_numpy(np.ascontiguousarray(inputs[n])).to(self.device)
+                    for n in self.input_names]
+            out = self.module(*args)
+        values = out if isinstance(out, (tuple, list)) else (out,)
+        return {n: v.cpu().numpy() for n, v in zip(self.output_names, values, strict=True)}
+
+    def warm_up(self, rows: int) -> None:
+        for n in (1, rows):
+            self.run(example_inputs(self.version, n))
 
 
-def load_runtime(version: ModelVersion, *, threads: int) -> Runtime:
-    kind = version.manifest.runtime
-    if kind == "onnx":
-        return OnnxRuntime(version, threads=threads)
-    raise NotImplementedError(f"runtime {kind!r} of {version.key} is not supported yet")
+def example_inputs(version: ModelVersion, rows: int) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for spec in version.manifest.inputs:
+        if spec.dtype == "string":
+            out[spec.name] = np.array(["warm up " * 8] * rows, dtype=object)
+        else:
+            shape = (rows, *[max(d, 1) for d in spec.row_shape])
+            out[spec.name] = np.zeros(shape, dtype=spec.np_dtype)
+    return out
+
+
+def load_runtime(version: ModelVersion, *, threads: int, device: str = "cpu") -> Runtime:
+    manifest = version.manifest
+    if manifest.preprocessing.kind == "text":
+        from workers.text import TextRuntime
+
+        return TextRuntime(version, threads=threads, device=device)
+    if manifest.runtime == "onnx":
+        return OnnxRuntime(version, threads=threads, device=device)
+    if manifest.runtime == "torchscript":
+        return TorchScriptRuntime(version, threads=threads, device=device)
+    raise NotImplementedError(f"runtime {manifest.runtime!r} of {version.key} is not supported")
+
+
+class PaddingStats:
+    """Tokens really used vs tokens computed, with and without length grouping."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.tokens = self.padded = self.padded_ungrouped = self.truncated = 0
+
+    def record(self, tokens: int, padded: int, ungrouped: int, truncated: int) -> None:
+        with self.lock:
+            self.tokens += tokens
+            self.padded += padded
+            self.padded_ungrouped += ungrouped
+            self.truncated += truncated
+
+    def snapshot(self) -> dict[str, float]:
+        with self.lock:
+            saved = 1 - self.padded / self.padded_ungrouped if self.padded_ungrouped else 0.0
+            return {"tokens": self.tokens, "padded_tokens": self.padded,
+                    "padded_tokens_without_grouping": self.padded_ungrouped,
+                    "padding_saved": round(saved, 4), "truncated_rows": self.truncated}

@@ -38,11 +38,13 @@ def _validate(manifest: Manifest, inputs: Any, first_row: int, row_ids: Any
         if spec.name not in inputs:
             raise InputError(f"missing input {spec.name!r} (model {manifest.name} takes "
                              f"{[s.name for s in manifest.inputs]})", field=spec.name)
-        arr = np.asarray(inputs[spec.name])
-        if rows is not None and arr.shape[:1] != (rows,):
-            raise InputError(f"input {spec.name!r} has {arr.shape[:1]} rows, others {rows}",
+        value = inputs[spec.name]
+        arr: Any = value if spec.dtype == "string" and isinstance(value, list) \
+            else np.asarray(value)
+        if rows is not None and len(arr) != rows:
+            raise InputError(f"input {spec.name!r} has {len(arr)} rows, others {rows}",
                              field=spec.name)
-        rows = arr.shape[0] if arr.ndim else 0
+        rows = len(arr) if isinstance(arr, list) or arr.ndim else 0
         if labels is None:
             labels = _labels(row_ids, first_row, rows)
         data, kept, errs = check_rows(spec, arr, first_row, labels=labels)
@@ -92,6 +94,14 @@ def _assemble(manifest: Manifest, outcome: Outcome, keep: np.ndarray, labels: np
     return outputs, ok
 
 
+def _truncated(outcome: Outcome, keep: np.ndarray, labels: np.ndarray) -> list[int]:
+    """Rows the runtime cut to the model's length limit (text), by row label."""
+    flags = None if outcome.outputs is None else outcome.outputs.get("_truncated")
+    if flags is None:
+        return []
+    return [int(labels[keep[i]]) for i in np.flatnonzero(flags)]
+
+
 def register_tasks(app: Celery, pool: ModelPool) -> None:
     hostname = socket.gethostname()
 
@@ -116,6 +126,7 @@ def register_tasks(app: Celery, pool: ModelPool) -> None:
             "outputs": outputs, "ok": ok,
             "errors": sorted(errors, key=lambda e: e["index"]),
             "batch_rows": outcome.batch_rows, "submitted_at": submitted_at,
+            "truncated": _truncated(outcome, keep, labels),
             "started_at": started, "finished_at": time.time(),
             "worker": self.request.hostname or hostname,
         }
