@@ -15,6 +15,7 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 
+from producer import cli_models
 from shared.errors import InferqError
 from shared.settings import Settings, load_settings
 
@@ -165,37 +166,6 @@ def status(job_id: str) -> None:
     out.print_json(json.dumps(data))
 
 
-@models_app.command("build")
-def models_build(
-    names: Annotated[list[str] | None, typer.Argument()] = None,
-    if_missing: Annotated[bool, typer.Option(help="keep an existing version")] = False,
-) -> None:
-    """Build bundled models (default: all) into INFERQ_MODEL_REPO as a new version."""
-    settings = load_settings()
-    build = _workers("build.digits")
-    for name in names or ["digits"]:
-        if name != "digits":
-            raise InferqError(f"unknown bundled model {name!r}; bundled: digits")
-        make = build.ensure_digits if if_missing else build.build_digits
-        version = make(settings.model_repo)
-        q = version.manifest.quality
-        out.print(f"built {version.key} at {version.path} "
-                  f"(held-out accuracy {q.get('heldout_accuracy', 0):.4f})")
-
-
-@models_app.command("list")
-def models_list() -> None:
-    """List models and versions in INFERQ_MODEL_REPO."""
-    from shared.repository import ModelRepository
-
-    repo = ModelRepository(load_settings().model_repo)
-    for name in repo.names():
-        for v in repo.versions(name):
-            m = repo.resolve(name, v).manifest
-            out.print(f"{name}@{v}  {m.runtime}  {m.compression}  {m.size_bytes:,} bytes  "
-                      f"{json.dumps(m.quality)}")
-
-
 def main() -> None:
     try:
         app()
@@ -203,6 +173,8 @@ def main() -> None:
         _say(f"error: {exc}")
         sys.exit(2)
 
+
+cli_models.register(app, models_app)
 
 if __name__ == "__main__":
     os.environ.setdefault("PYTHONUNBUFFERED", "1")

@@ -1,0 +1,128 @@
+"""``inferq models …`` and ``inferq compress``: build, list, show, set defaults, compress."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from shared.errors import InferqError
+from shared.repository import ModelRepository, ModelVersion, parse_model_ref
+from shared.settings import load_settings
+
+out = Console()
+
+_QUALITY_KEYS = ("heldout_accuracy", "accuracy_delta_vs_parent", "mean_cosine_vs_parent",
+                 "nn_agreement_vs_parent", "top1_agreement")
+
+
+def _workers(module: str):  # noqa: ANN202 - a module
+    from producer.cli import _workers as load
+
+    return load(module)
+
+
+def _repo() -> ModelRepository:
+    return ModelRepository(load_settings().model_repo)
+
+
+def _row(v: ModelVersion, default: ModelVersion | None) -> list[str]:
+    m = v.manifest
+    quality = ", ".join(f"{k.replace('_vs_parent', '')}={m.quality[k]:.4f}"
+                        for k in _QUALITY_KEYS if k in m.quality)
+    speed = m.speed.get("rows_per_s")
+    ratio = m.speed.get("speedup_vs_parent")
+    mark = "*" if default is not None and default.key == v.key else ""
+    return [f"{v.key}{mark}", m.variant, m.runtime, m.compression.method,
+            f"{m.size_bytes / 1e6:.2f} MB", quality,
+            f"{speed:,.0f}" if speed else "-", f"{ratio:.2f}x" if ratio else "-"]
+
+
+def _table(repo: ModelRepository, names: list[str]) -> Table:
+    table = Table("version", "variant", "runtime", "compression", "size", "quality vs fp32",
+                  "rows/s", "speed vs fp32", title="* = what the bare name serves")
+    for name in names:
+        try:
+            default = repo.resolve(name)
+        except InferqError:
+            default = None
+        for v in repo.all(name):
+            table.add_row(*_row(v, default))
+    return table
+
+
+def models_build(
+    names: Annotated[list[str] | None, typer.Argument(help="digits, minilm (default: all)")]
+    = None,
+    if_missing: Annotated[bool, typer.Option(help="skip a model that has a version")] = False,
+) -> None:
+    """Build the bundled models and every variant into INFERQ_MODEL_REPO, measured."""
+    settings = load_settings()
+    bundled = _workers("build.bundled")
+    try:
+        built = bundled.build_bundled(settings.model_repo, names, if_missing=if_missing)
+    except ValueError as exc:
+        raise InferqError(str(exc)) from None
+    repo = ModelRepository(settings.model_repo)
+    if built:
+        out.print(_table(repo, sorted({v.manifest.name for v in built})))
+    else:
+        out.print("nothing to build: every model already has a version")
+
+
+def models_list() -> None:
+    """Every model, version and variant: size, quality and speed against the fp32 parent."""
+    repo = _repo()
+    out.print(_table(repo, repo.names()))
+
+
+def models_show(name: str) -> None:
+    """One model's manifests as JSON, and which version the bare name serves."""
+    repo = _repo()
+    ref = parse_model_ref(name)
+    versions = [repo.resolve(ref)] if ref.variant or ref.version else repo.all(ref.name)
+    data = {"default": repo.default(ref.name), "serves": repo.resolve(ref.name).key,
+            "versions": [json.loads(v.manifest.model_dump_json(exclude={"reference_stats"}))
+                         for v in versions]}
+    out.print_json(json.dumps(data))
+
+
+def models_default(
+    name: str,
+    target: Annotated[str, typer.Argument(help="a variant (int8) or a version (@3)")],
+) -> None:
+    """Point the bare model name at a variant or a version; pointing back is a rollback.
+    Running workers pick it up within seconds, without a restart."""
+    repo = _repo()
+    if target.startswith("@"):
+        chosen = repo.set_default(name, version=parse_model_ref(f"{name}{target}").version)
+    else:
+        chosen = repo.set_default(name, variant=target)
+    out.print(f"{name} now serves {chosen.key} ({chosen.manifest.variant})")
+
+
+def compress(
+    model_file: Path,
+    calibration: Annotated[Path, typer.Option(help="rows like the model's input (.npy, …)")],
+    method: Annotated[str, typer.Option(help="int8-dynamic | int8-static | fp16 | prune:0.5")],
+    name: Annotated[str | None, typer.Option(help="model name in the repository")] = None,
+    threads: Annotated[int, typer.Option(help="threads for the speed measurement")] = 1,
+) -> None:
+    """Compress your own ONNX or TorchScript model into a new version, with a report."""
+    settings = load_settings()
+    tool = _workers("build.compress")
+    parent, version = tool.compress(model_file, calibration=calibration, method=method,
+                                    repo_root=settings.model_repo, name=name, threads=threads)
+    out.print(_table(ModelRepository(settings.model_repo), [version.manifest.name]))
+
+
+def register(app: typer.Typer, models_app: typer.Typer) -> None:
+    models_app.command("build")(models_build)
+    models_app.command("list")(models_list)
+    models_app.command("show")(models_show)
+    models_app.command("default")(models_default)
+    app.command("compress")(compress)
