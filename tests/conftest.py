@@ -52,6 +52,18 @@ def model_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def bundled_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Every bundled model and variant, built once per session (as `inferq models build`)."""
+    from workers.build.bundled import build_bundled
+
+    root = tmp_path_factory.mktemp("bundled")
+    started = time.monotonic()
+    build_bundled(root)
+    print(f"\nbuilt the bundled models and variants in {time.monotonic() - started:.1f} s")
+    return root
+
+
+@pytest.fixture(scope="session")
 def digits(model_repo: Path) -> dict[str, np.ndarray]:
     """10,000 real digit images (the 1,797 tiled) and in-process ORT outputs for them."""
     import onnxruntime as ort
