@@ -93,6 +93,9 @@ class Manifest(BaseModel):
     outputs: list[TensorSpec]
     preprocessing: Preprocessing = Field(default_factory=Preprocessing)
     compression: Compression = Field(default_factory=Compression)
+    # ONNX Runtime session options this artifact is measured with, e.g.
+    # {"disabled_optimizers": [...], "allow_spinning": false}; workers load it with them.
+    runtime_options: dict[str, Any] = Field(default_factory=dict)
     # Measured on the build machine: quality (accuracy, or cosine/nn agreement vs the fp32
     # parent), speed (rows_per_s with threads and batch), size.
     quality: dict[str, float] = Field(default_factory=dict)

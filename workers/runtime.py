@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Mapping
 from typing import Any, Protocol
 
 import numpy as np
@@ -41,18 +42,57 @@ def providers_for(device: str) -> list[str]:
     return ["CPUExecutionProvider"]
 
 
-def ort_session(version: ModelVersion, threads: int, device: str = "cpu") -> Any:
+# Manifest ``runtime_options`` understood here; other keys are logged and ignored (they only
+# ever change speed, never results).
+RUNTIME_OPTIONS = {
+    "disabled_optimizers": "graph optimizers to skip, e.g. ['SkipLayerNormFusion']",
+    "allow_spinning": "false: intra-op threads sleep instead of spin-waiting for work",
+    "force_spinning_stop": "true: threads stop spinning as soon as a run() returns",
+}
+
+_CONFIG_KEYS = {"allow_spinning": "session.intra_op.allow_spinning",
+                "force_spinning_stop": "session.force_spinning_stop"}
+
+
+def session_options(threads: int, runtime_options: Mapping[str, Any] | None = None
+                    ) -> tuple[Any, dict[str, Any]]:
+    """``SessionOptions`` for ``threads`` and a manifest's ``runtime_options``, and the extra
+    ``InferenceSession`` keyword arguments they need."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    kwargs: dict[str, Any] = {}
+    for key, value in (runtime_options or {}).items():
+        if key == "disabled_optimizers":
+            if isinstance(value, str) or not all(isinstance(v, str) for v in value):
+                raise ValueError(f"runtime option disabled_optimizers must be a list of "
+                                 f"names, not {value!r}")
+            kwargs["disabled_optimizers"] = list(value)
+        elif key in ("allow_spinning", "force_spinning_stop"):
+            if not isinstance(value, bool):
+                raise ValueError(f"runtime option {key} must be true or false, not {value!r}")
+            options.add_session_config_entry(_CONFIG_KEYS[key], "1" if value else "0")
+        else:
+            logger.warning("unknown runtime option %s=%r ignored (known: %s)", key, value,
+                           ", ".join(RUNTIME_OPTIONS))
+    return options, kwargs
+
+
+def ort_session(version: ModelVersion, threads: int, device: str = "cpu") -> Any:
+    """A session for ``version`` with the runtime options its manifest was measured with."""
+    import onnxruntime as ort
+
+    runtime_options = version.manifest.runtime_options
+    options, kwargs = session_options(threads, runtime_options)
     started = time.perf_counter()
     session = ort.InferenceSession(str(version.artifact), sess_options=options,
-                                   providers=providers_for(device))
-    logger.info("loaded %s (%s) from %s with %s, %d threads in %.2fs", version.key,
+                                   providers=providers_for(device), **kwargs)
+    logger.info("loaded %s (%s) from %s with %s, %d threads%s in %.2fs", version.key,
                 version.manifest.variant, version.artifact, session.get_providers(), threads,
+                f", options {runtime_options}" if runtime_options else "",
                 time.perf_counter() - started)
     return session
 

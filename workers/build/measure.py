@@ -3,22 +3,23 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 
-def ort_session(path: Path, threads: int) -> Any:
+def ort_session(path: Path, threads: int,
+                runtime_options: Mapping[str, Any] | None = None) -> Any:
+    """A CPU session for ``path`` with a manifest's ``runtime_options`` (see workers.runtime)."""
     import onnxruntime as ort
 
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    from workers.runtime import session_options
+
+    options, kwargs = session_options(threads, runtime_options)
     return ort.InferenceSession(str(path), sess_options=options,
-                                providers=["CPUExecutionProvider"])
+                                providers=["CPUExecutionProvider"], **kwargs)
 
 
 def rows_per_s(call: Callable[[], object], rows_per_call: int, *, min_seconds: float = 1.0,
