@@ -16,14 +16,20 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from producer.bulk import Pipeline, finished_chunks
 from producer.chunks import ChunkResult
 from producer.client import Client
 from producer.readers import count_rows, read_chunks
 from producer.writers import open_writer
 from shared.errors import InputError
+from shared.schemas import TensorSpec
 
 logger = logging.getLogger(__name__)
+
+TRUNCATED = TensorSpec(name="truncated", dtype="bool", shape=[-1],
+                       description="the text was longer than the model's max_length and cut")
 
 
 @dataclass
@@ -87,9 +93,16 @@ def score_file(client: Client, model: str, source: Path, output: Path, *,
         on_start(total)
     started = time.perf_counter()
     rows = failed = 0
-    writer = open_writer(output, manifest.outputs)
+    text = manifest.preprocessing.kind == "text"
+    specs = [*manifest.outputs, TRUNCATED] if text else manifest.outputs
+    writer = open_writer(output, specs)
     for part in pipeline.run(read_chunks(source, manifest.input(), chunk_rows), done):
-        writer.write(part.start, part.outputs, part.ok, part.errors)
+        outputs = part.outputs
+        if text:  # say which rows were cut to the model's length limit
+            cut = np.zeros(part.rows, dtype=bool)
+            cut[np.asarray(part.truncated, dtype=np.int64) - part.start] = True
+            outputs = {**outputs, TRUNCATED.name: cut}
+        writer.write(part.start, outputs, part.ok, part.errors)
         rows += part.rows
         failed += len(part.errors)
         if on_chunk:

@@ -82,3 +82,22 @@ def test_long_text_is_truncated_and_says_so(variant_env, variant_worker):
     assert res.outputs["embedding"].shape == (1, 384)
     short = client.wait(client.submit("minilm", "a short sentence").id, timeout=60)
     assert short.truncated == []
+
+
+def test_score_a_text_file_in_order(variant_env, variant_worker, tmp_path):
+    import pyarrow.parquet as pq
+
+    from tests.conftest import run_cli
+
+    lines = ["the first line", "word " * 400, "", "a third, shorter one", "last"]
+    src = tmp_path / "in.txt"
+    src.write_text("\n".join(lines) + "\n")
+    out = tmp_path / "emb.parquet"
+    proc = run_cli(["score", "--model", "minilm:int8", "-i", str(src), "-o", str(out),
+                    "--no-progress", "--stall-timeout", "120"], variant_env)
+    assert proc.returncode == 0, proc.stderr
+    table = pq.read_table(out).to_pydict()
+    assert table["row"] == [0, 1, 2, 3]  # the blank line is not a row
+    assert table["truncated"] == [False, True, False, False]
+    assert all(e is None for e in table["error"])
+    assert all(abs(np.linalg.norm(v) - 1) < 1e-3 for v in table["embedding"])
