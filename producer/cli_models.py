@@ -30,11 +30,12 @@ def _repo() -> ModelRepository:
     return ModelRepository(load_settings().model_repo)
 
 
-def _row(v: ModelVersion, default: ModelVersion | None) -> list[str]:
+def _row(v: ModelVersion, default: ModelVersion | None, parent_speed: dict[int, float]
+         ) -> list[str]:
     m = v.manifest
     quality = ", ".join(f"{k.replace('_vs_parent', '')}={m.quality[k]:.4f}"
                         for k in _QUALITY_KEYS if k in m.quality)
-    speed = m.speed.get("rows_per_s")
+    speed = m.speed.get("rows_per_s") or parent_speed.get(m.version)
     ratio = m.speed.get("speedup_vs_parent")
     mark = "*" if default is not None and default.key == v.key else ""
     return [f"{v.key}{mark}", m.variant, m.runtime, m.compression.method,
@@ -50,8 +51,13 @@ def _table(repo: ModelRepository, names: list[str]) -> Table:
             default = repo.resolve(name)
         except InferqError:
             default = None
-        for v in repo.all(name):
-            table.add_row(*_row(v, default))
+        versions = repo.all(name)
+        # A parent's speed is measured beside each variant's (same run, same machine).
+        parent_speed = {int(v.manifest.compression.parent_version or 0):
+                        v.manifest.speed["parent_rows_per_s"] for v in versions
+                        if "parent_rows_per_s" in v.manifest.speed}
+        for v in versions:
+            table.add_row(*_row(v, default, parent_speed))
     return table
 
 

@@ -56,10 +56,11 @@ def test_minilm_int8_through_the_queue(variant_env, variant_worker):
     sentences = load_sentences("heldout")
     client = client_for(variant_env)
     emb = {}
-    for variant in ("fp32", "int8"):
+    for variant in ("fp32", "int8", "fp16"):
         result = client.submit_many(f"minilm:{variant}", sentences, chunk_rows=64).results(300)
         assert result.ok.all(), result.errors
         emb[variant] = result.outputs["embedding"]
+    assert np.sum(emb["fp32"] * emb["fp16"], axis=1).min() >= 0.999
     cosines = np.sum(emb["fp32"] * emb["int8"], axis=1)
     nn = _nn_agreement(emb["fp32"], emb["int8"])
     print(f"\nminilm int8 vs fp32 through the queue: mean cos {cosines.mean():.4f} "
