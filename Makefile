@@ -23,5 +23,8 @@ test-all: install
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 lint: install
-	$(BIN)/ruff check shared producer workers tests
-	$(BIN)/mypy shared producer workers
+	$(BIN)/ruff check shared producer workers tests bench
+	$(BIN)/mypy shared producer workers bench
+
+bench: install  ## measure limit, naive baseline, bulk, online and memory (BENCH_ARGS=--quick)
+	$(BIN)/python -m bench run $(BENCH_ARGS)

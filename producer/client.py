@@ -21,6 +21,8 @@ from shared.validation import as_row, check_rows, check_text_rows
 if TYPE_CHECKING:
     from producer.bulk import BatchHandle
 
+MODEL_TTL = 5.0  # seconds a resolved manifest is reused (the worker re-reads as often)
+
 # Publishing retries while the broker is away (~25 s), then fails naming the job.
 PUBLISH_RETRY = {"max_retries": 12, "interval_start": 0.1, "interval_step": 0.5,
                  "interval_max": 3.0}
@@ -39,6 +41,7 @@ class Client:
         self.app = app or make_app(self.settings)
         self.repo = ModelRepository(self.settings.model_repo)
         self.store = ResultStore(self.app)
+        self._models: dict[str, tuple[float, ModelVersion]] = {}
 
     # -- models --------------------------------------------------------------------------
     def model(self, ref: str) -> tuple[ModelVersion, ModelRef]:
@@ -48,7 +51,12 @@ class Client:
         resolves it again, so a new default reaches running workers without a restart.
         """
         parsed = parse_model_ref(ref)
-        return self.repo.resolve(parsed), parsed
+        now = time.monotonic()
+        cached = self._models.get(ref)
+        if cached is None or now - cached[0] > MODEL_TTL:
+            cached = (now, self.repo.resolve(parsed))
+            self._models[ref] = cached
+        return cached[1], parsed
 
     # -- publishing ----------------------------------------------------------------------
     def publish(self, ref: ModelRef, job_id: str, inputs: dict[str, Any],

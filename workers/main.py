@@ -33,6 +33,9 @@ def prepare(settings: Settings, models: list[str] | None, app: Celery | None = N
             f"INFERQ_MODEL_REPO: no models in {settings.model_repo.resolve()}; "
             "build them with `inferq models build` or pass --models")
     app = app or make_app(settings)
+    # Celery logs every success at INFO with the result's repr: with numpy outputs that
+    # formatting cost more worker CPU than a small model call. Failures still log.
+    logging.getLogger("celery.app.trace").setLevel(logging.WARNING)
     # The threads pool traces tasks through the current (thread-local, else default) app.
     app.set_current()
     app.set_default()

@@ -291,3 +291,13 @@ def test_writer_unknown_extension_and_out_of_order(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="in order"):
         writer.write(2, *_results(2, 4, set()))
     writer.close()
+
+
+@pytest.mark.parametrize("order", ["C", "F"])
+def test_npy_rows_read_in_order_whatever_the_memory_order(tmp_path, order):
+    values = np.random.default_rng(0).random((1000, 64)).astype(np.float32)
+    path = tmp_path / "x.npy"
+    np.save(path, np.asarray(values, order=order))
+    spec = TensorSpec(name="image", dtype="float32", shape=[-1, 1, 8, 8])
+    got = np.concatenate([c.data.reshape(len(c.data), -1) for c in read_chunks(path, spec, 300)])
+    np.testing.assert_array_equal(got, values)

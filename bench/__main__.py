@@ -1,0 +1,43 @@
+"""``python -m bench run [--quick] [--models digits,minilm] [--json PATH]``."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from bench.config import MODELS
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="measure every mode and print the table")
+    run.add_argument("--quick", action="store_true",
+                     help="small sizes (under 2 minutes); producer memory on 200k rows")
+    run.add_argument("--models", default=",".join(MODELS),
+                     help=f"comma list of {', '.join(MODELS)} (default: all)")
+    run.add_argument("--json", type=Path, default=None,
+                     help="where to write the results (default bench/results/<UTC time>.json)")
+    run.add_argument("--log-level", default="WARNING")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    names = [m.strip() for m in args.models.split(",") if m.strip()]
+    unknown = sorted(set(names) - set(MODELS))
+    if unknown or not names:
+        print(f"error: --models: unknown {unknown}; choose from {', '.join(MODELS)}",
+              file=sys.stderr)
+        return 2
+    from bench.run import run_all
+
+    return run_all(names, quick=args.quick, json_path=args.json)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
