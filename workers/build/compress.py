@@ -23,8 +23,9 @@ from shared.repository import ModelRepository, ModelVersion, sha256_file
 from shared.schemas import Compression, Manifest, TensorSpec, check_model_name
 from workers.build.compress_calibration import npy_spec, read_calibration
 from workers.build.compress_common import CompressError, Runtime, dtype_name, jit_load
-from workers.build.compress_measure import measure, torch_threads
+from workers.build.compress_measure import measure
 from workers.build.compress_ops import fp16, int8, prune_onnx, prune_torchscript
+from workers.build.measure import torch_threads
 
 __all__ = ["MEASURE_SECONDS", "METHODS", "CompressError", "Method", "Source", "compress",
            "load_source", "parse_method", "read_calibration", "sanitize_name"]

@@ -3,8 +3,7 @@ metrics against the parent, and rows/s of both."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -157,19 +156,3 @@ def _row_cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
                           np.all(a == b, axis=1).astype(np.float64))
     same = np.all((a == b) | (np.isnan(a) & np.isnan(b)), axis=1)
     return np.where(np.isfinite(cosine), np.clip(cosine, -1.0, 1.0), same.astype(np.float64))
-
-
-@contextmanager
-def torch_threads(threads: int | None) -> Iterator[None]:
-    """TorchScript runs with ``threads`` torch threads; the process's setting is restored."""
-    if threads is None:
-        yield
-        return
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)

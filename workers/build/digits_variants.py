@@ -49,7 +49,7 @@ from workers.build.digits import (
     reference_stats,
     split,
 )
-from workers.build.measure import ort_session, rows_per_s
+from workers.build.measure import ort_session, rows_per_s, torch_threads
 
 logger = logging.getLogger(__name__)
 
@@ -226,22 +226,12 @@ def _best_speed(run: Runner, x: np.ndarray) -> tuple[float, int]:
 
 def _compare_speed(ctx: _Context, run: Runner) -> dict[str, float]:
     """The variant's speed and the parent's, measured back to back so both see the same load."""
-    with _torch_threads(1):
+    with torch_threads(1):
         parent_rps, parent_batch = _best_speed(ctx.parent_runner, ctx.x_test)
         rps, batch = _best_speed(run, ctx.x_test)
     return {"rows_per_s": round(rps, 1), "threads": 1.0, "batch": float(batch),
             "parent_rows_per_s": round(parent_rps, 1), "parent_batch": float(parent_batch),
             "speedup_vs_parent": round(rps / parent_rps, 3)}
-
-
-@contextmanager
-def _torch_threads(threads: int) -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def _jit_load(path: Path) -> Any:
@@ -368,7 +358,7 @@ def _onnx_sparsity(path: Path) -> dict[str, Any]:
 def _training(seed: int) -> Iterator[None]:
     """Seeded and deterministic, on 1 thread: these tiny models train as fast on one, and
     2 threads ran 10-30x slower whenever another process held a core."""
-    with _torch_settings(seed), _torch_threads(1):
+    with _torch_settings(seed), torch_threads(1):
         yield
 
 

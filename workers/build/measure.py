@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -46,3 +47,19 @@ def onnx_rows_per_s(path: Path, inputs: dict[str, np.ndarray], *, threads: int,
 
 def speed_record(rps: float, *, threads: int, batch: int) -> dict[str, float]:
     return {"rows_per_s": round(rps, 1), "threads": float(threads), "batch": float(batch)}
+
+
+@contextmanager
+def torch_threads(threads: int | None) -> Iterator[None]:
+    """Torch uses ``threads`` threads inside (None: unchanged); the old setting is restored."""
+    if threads is None:
+        yield
+        return
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
