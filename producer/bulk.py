@@ -22,7 +22,6 @@ from producer.chunks import Chunk, ChunkResult, array_chunks, merge
 from producer.client import Client
 from producer.store import is_final
 from shared.errors import JobFailed
-from shared.repository import ModelVersion
 
 logger = logging.getLogger(__name__)
 
@@ -37,7 +36,6 @@ def chunk_id(batch_id: str, index: int) -> str:
 class _Pending:
     chunk: Chunk
     job_id: str
-    sent: bool
     meta: dict | None = None
 
 
@@ -54,14 +52,10 @@ class Pipeline:
         self.sent = 0
         self.reused = 0
 
-    @property
-    def manifest_version(self) -> ModelVersion:
-        return self.version
-
     def _publish(self, chunk: Chunk, producer: object) -> _Pending:
         job_id = chunk_id(self.batch_id, chunk.index)
         if not len(chunk.keep):
-            return _Pending(chunk, job_id, sent=False, meta={"status": "SUCCESS", "result": {}})
+            return _Pending(chunk, job_id, meta={"status": "SUCCESS", "result": {}})
         name = self.version.manifest.input().name
         extra: dict[str, object] = {}
         if len(chunk.keep) == chunk.rows:
@@ -71,7 +65,7 @@ class Pipeline:
         self.client.publish(self.ref, job_id, {name: chunk.data}, producer=producer, **extra)
         self.sent += 1
         chunk.data = chunk.data[:0]  # sent: keep only what merging needs
-        return _Pending(chunk, job_id, sent=True)
+        return _Pending(chunk, job_id)
 
     def run(self, chunks: Iterable[Chunk], done: set[int] | None = None
             ) -> Iterator[ChunkResult]:
@@ -90,8 +84,7 @@ class Pipeline:
                     if chunk is None:
                         exhausted = True
                     elif chunk.index in done:
-                        window.append(_Pending(chunk, chunk_id(self.batch_id, chunk.index),
-                                               sent=False))
+                        window.append(_Pending(chunk, chunk_id(self.batch_id, chunk.index)))
                         self.reused += 1
                     else:
                         window.append(self._publish(chunk, producer))
