@@ -20,7 +20,7 @@ import numpy as np
 
 from producer.chunks import Chunk, ChunkResult, array_chunks, merge
 from producer.client import Client
-from producer.store import is_final
+from producer.store import is_final, result_value
 from shared.errors import JobFailed
 
 logger = logging.getLogger(__name__)
@@ -94,7 +94,7 @@ class Pipeline:
                     last_progress, pause = time.monotonic(), 0.0005
                 while window and window[0].meta is not None:
                     entry = window.popleft()
-                    yield merge(entry.chunk, specs, (entry.meta or {}).get("result"))
+                    yield merge(entry.chunk, specs, result_value(entry.meta))
                 if window and window[0].meta is None:
                     self._check_stall(last_progress, window[0])
                     time.sleep(pause)

@@ -95,6 +95,11 @@ class Client:
     def wait(self, job_id: str, timeout: float | None = 30.0) -> JobResult:
         return to_result(job_id, self.store.wait(job_id, timeout))
 
+    def cancel(self, job_id: str) -> bool:
+        """Cancel a job no worker has started; False when it already ran (or is running)."""
+        self.store.fetch(job_id)  # raises JobNotFound for an unknown id
+        return self.store.cancel([job_id])[0]
+
 
 @dataclass
 class Job:
@@ -161,8 +166,14 @@ def to_result(job_id: str, meta: dict[str, Any]) -> JobResult:
     if isinstance(value, dict):
         res.model = value.get("model")
         res.version = value.get("version")
+        res.variant = value.get("variant")
         res.submitted_at = value.get("submitted_at")
-        if is_final(meta):
+        res.started_at = value.get("started_at")
+        res.worker = value.get("worker")
+        if status is JobStatus.cancelled:
+            res.error = "cancelled before it ran"
+            res.finished_at = value.get("cancelled_at")
+        elif is_final(meta):
             res.outputs = value.get("outputs")
             res.errors = [RowError(**{k: e.get(k) for k in ("row", "field", "message")})
                           for e in value.get("errors", [])]

@@ -7,7 +7,9 @@ from typing import Any
 
 from celery import Celery, states
 
-from shared.errors import JobNotFound
+from shared import claims
+from shared.claims import Claims
+from shared.errors import InferqError, JobCancelled, JobNotFound
 from shared.schemas import JobStatus
 
 _STATUS = {
@@ -18,6 +20,7 @@ _STATUS = {
     states.SUCCESS: JobStatus.succeeded,
     states.FAILURE: JobStatus.failed,
     states.REVOKED: JobStatus.failed,
+    claims.CANCELLED_STATE: JobStatus.cancelled,
 }
 
 
@@ -25,8 +28,19 @@ def status_of(meta: dict[str, Any]) -> JobStatus:
     return _STATUS.get(meta.get("status", states.PENDING), JobStatus.queued)
 
 
+FINAL_STATES = states.READY_STATES | {claims.CANCELLED_STATE}
+
+
 def is_final(meta: dict[str, Any] | None) -> bool:
-    return meta is not None and meta.get("status") in states.READY_STATES
+    return meta is not None and meta.get("status") in FINAL_STATES
+
+
+def result_value(meta: dict[str, Any] | None) -> Any:
+    """A final job's result: the task's return value, its exception, or JobCancelled."""
+    meta = meta or {}
+    if meta.get("status") == claims.CANCELLED_STATE:
+        return JobCancelled("cancelled before it ran")
+    return meta.get("result")
 
 
 class ResultStore:
@@ -34,6 +48,7 @@ class ResultStore:
 
     def __init__(self, app: Celery):
         self.backend = app.backend
+        self.claims = Claims(app.backend, int(app.conf.result_expires or 0) or 7 * 86400)
 
     def mark_queued(self, job_id: str, info: dict[str, Any]) -> None:
         """Record a job before publishing it, so ``get`` tells queued from unknown."""
@@ -51,7 +66,26 @@ class ResultStore:
         if meta is None:
             raise JobNotFound(f"no job {job_id!r} in the result store "
                               "(never submitted, or its result expired)")
+        if not is_final(meta) and self.claims.states([job_id])[0] == claims.RUN:
+            meta = {**meta, "status": states.STARTED}
         return meta
+
+    def cancel(self, job_ids: list[str]) -> list[bool]:
+        """Cancel jobs no worker has started; True for each one cancelled now or before.
+
+        A cancelled job is stored as final (``cancelled``), so waiting readers return.
+        """
+        if not self.claims.supported:
+            raise InferqError("cancelling needs a Redis result store (INFERQ_RESULT_BACKEND)")
+        won = self.claims.cancel(job_ids)
+        now = time.time()
+        for job_id, ok, meta in zip(job_ids, won, self.fetch_many(job_ids), strict=True):
+            if ok and not is_final(meta):
+                info = (meta or {}).get("result")
+                info = {**info} if isinstance(info, dict) else {}
+                self.backend.store_result(job_id, {**info, "cancelled_at": now},
+                                          claims.CANCELLED_STATE)
+        return won
 
     def wait(self, job_id: str, timeout: float | None = None) -> dict[str, Any]:
         """Poll until the job is final (short intervals first, then up to 50 ms).

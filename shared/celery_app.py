@@ -52,7 +52,9 @@ def make_app(settings: Settings) -> Celery:
         task_acks_late=True,
         task_reject_on_worker_lost=True,
         worker_prefetch_multiplier=1,
-        task_track_started=True,
+        # "running" comes from the job's claim (shared/claims.py), written anyway before
+        # a job runs; Celery's STARTED record would be a second write per job.
+        task_track_started=settings.embedded,
         result_expires=settings.result_expires,
         result_backend_always_retry=True,
         result_backend_max_retries=10,

@@ -40,6 +40,10 @@ class JobFailed(InferqError):
     """The job ran and failed; the message is the worker's error."""
 
 
+class JobCancelled(InferqError):
+    """The job was cancelled before a worker ran it."""
+
+
 class BatchContractError(InferqError):
     """A model call returned a different number of rows than it was given."""
 

@@ -125,6 +125,7 @@ class JobStatus(StrEnum):
     succeeded = "succeeded"
     failed = "failed"
     retrying = "retrying"
+    cancelled = "cancelled"
 
 
 class RowError(BaseModel):
@@ -148,8 +149,11 @@ class JobResult(BaseModel):
     batch_rows: list[int] = Field(default_factory=list)  # size of each model call it ran in
     truncated: list[int] = Field(default_factory=list)  # rows cut to the model's max length
     submitted_at: float | None = None
+    started_at: float | None = None
     finished_at: float | None = None
+    variant: str | None = None
+    worker: str | None = None
 
     @property
     def done(self) -> bool:
-        return self.status in (JobStatus.succeeded, JobStatus.failed)
+        return self.status in (JobStatus.succeeded, JobStatus.failed, JobStatus.cancelled)

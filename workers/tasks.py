@@ -9,9 +9,11 @@ from typing import Any
 
 import numpy as np
 from celery import Celery
+from celery.exceptions import Ignore
 from celery.worker.control import inspect_command
 
 from shared.celery_app import INFER_TASK
+from shared.claims import Claims
 from shared.errors import InputError
 from shared.schemas import Manifest
 from shared.validation import check_rows
@@ -104,12 +106,17 @@ def _truncated(outcome: Outcome, keep: np.ndarray, labels: np.ndarray) -> list[i
 
 def register_tasks(app: Celery, pool: ModelPool) -> None:
     hostname = socket.gethostname()
+    claims = Claims(app.backend, pool.settings.result_expires)
 
     @app.task(name=INFER_TASK, bind=True, resultrepr_maxsize=160)
     def infer(self: Any, model: str, inputs: Any, version: int | None = None,
               variant: str | None = None, first_row: int = 0, row_ids: Any = None,
               submitted_at: float | None = None) -> dict[str, Any]:
         started = time.time()
+        if not claims.take(self.request.id):
+            logger.info("job %s model %s: cancelled before it ran; skipped", self.request.id,
+                        model)
+            raise Ignore()  # acked; the cancel already stored the job's final state
         served = pool.get(model, version, variant)
         manifest = served.version.manifest
         with served.batcher.announced() as ticket:
