@@ -15,6 +15,7 @@ import uuid
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -22,6 +23,7 @@ from producer.chunks import Chunk, ChunkResult, array_chunks, merge
 from producer.client import Client
 from producer.store import is_final, result_value
 from shared.errors import JobFailed
+from shared.repository import ModelRef
 
 logger = logging.getLogger(__name__)
 
@@ -37,6 +39,20 @@ class _Pending:
     chunk: Chunk
     job_id: str
     meta: dict | None = None
+
+
+def publish_chunk(client: Client, ref: ModelRef, input_name: str, job_id: str, chunk: Chunk,
+                  producer: object, **kwargs: Any) -> None:
+    """Send a chunk's valid rows, labelled with their input row numbers; then drop the
+    data (only what merging needs is kept)."""
+    extra: dict[str, Any] = {}
+    if len(chunk.keep) == chunk.rows:
+        extra["first_row"] = chunk.start
+    else:
+        extra["row_ids"] = chunk.start + chunk.keep.astype(np.int64)
+    client.publish(ref, job_id, {input_name: chunk.data}, producer=producer, **extra,
+                   **kwargs)
+    chunk.data = chunk.data[:0]
 
 
 class Pipeline:
@@ -56,15 +72,9 @@ class Pipeline:
         job_id = chunk_id(self.batch_id, chunk.index)
         if not len(chunk.keep):
             return _Pending(chunk, job_id, meta={"status": "SUCCESS", "result": {}})
-        name = self.version.manifest.input().name
-        extra: dict[str, object] = {}
-        if len(chunk.keep) == chunk.rows:
-            extra["first_row"] = chunk.start
-        else:
-            extra["row_ids"] = chunk.start + chunk.keep.astype(np.int64)
-        self.client.publish(self.ref, job_id, {name: chunk.data}, producer=producer, **extra)
+        publish_chunk(self.client, self.ref, self.version.manifest.input().name, job_id,
+                      chunk, producer)
         self.sent += 1
-        chunk.data = chunk.data[:0]  # sent: keep only what merging needs
         return _Pending(chunk, job_id)
 
     def run(self, chunks: Iterable[Chunk], done: set[int] | None = None

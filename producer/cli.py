@@ -155,6 +155,40 @@ def demo(log_level: str = "WARNING") -> None:
 
 
 @app.command()
+def api(
+    host: Annotated[str, typer.Option(help="address to listen on")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="port")] = 8000,
+    log_level: str = "INFO",
+) -> None:
+    """Serve the HTTP results API (needs INFERQ_BROKER_URL and a Redis result store)."""
+    try:
+        import uvicorn
+
+        from producer.api.app import create_app
+    except ImportError as exc:
+        raise InferqError(f"this command needs the api extra ({exc}); install it with: "
+                          "pip install 'inferq[api]'") from None
+    _setup_logging(log_level)
+    application = create_app(load_settings())
+    uvicorn.run(application, host=host, port=port, log_level=log_level.lower(),
+                proxy_headers=True, access_log=False)
+
+
+@app.command("api-key")
+def api_key(
+    tenant: Annotated[str, typer.Option(help="the tenant this key acts for")],
+    keys_file: Annotated[Path, typer.Option(help="JSON keys file (INFERQ_API_KEYS_FILE)")],
+    rate_per_s: Annotated[int | None, typer.Option(help="requests/s for this key")] = None,
+) -> None:
+    """Create an API key for a tenant; only its hash is stored. Shown once."""
+    from producer.api.auth import add_key
+
+    key, key_id, secret = add_key(keys_file, tenant, rate_per_s)
+    out.print_json(json.dumps({"tenant": tenant, "key_id": key_id, "api_key": key,
+                               "callback_secret": secret, "keys_file": str(keys_file)}))
+
+
+@app.command()
 def status(job_id: str) -> None:
     """Print a job's status and result as JSON."""
     from producer.client import Client

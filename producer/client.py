@@ -60,7 +60,8 @@ class Client:
 
     # -- publishing ----------------------------------------------------------------------
     def publish(self, ref: ModelRef, job_id: str, inputs: dict[str, Any],
-                producer: Any = None, **extra: Any) -> None:
+                producer: Any = None, retry_policy: dict[str, Any] | None = None,
+                **extra: Any) -> None:
         # Text travels as a list of str; the codec carries numeric arrays only.
         inputs = {k: v.tolist() if isinstance(v, np.ndarray) and v.dtype == object else v
                   for k, v in inputs.items()}
@@ -68,12 +69,12 @@ class Client:
                   "inputs": inputs, "submitted_at": time.time(), **extra}
         self.app.send_task(INFER_TASK, kwargs=kwargs, task_id=job_id,
                            queue=model_queue(self.settings, ref.name), producer=producer,
-                           retry=True, retry_policy=PUBLISH_RETRY)
+                           retry=True, retry_policy=retry_policy or PUBLISH_RETRY)
 
     def submit(self, model: str, row: Any, *, job_id: str | None = None) -> Job:
         """Enqueue one row (or a few, as a 2-D array); validated here, before sending."""
         version, ref = self.model(model)
-        inputs = _coerce(version.manifest, row)
+        inputs = coerce_inputs(version.manifest, row)
         job_id = job_id or uuid.uuid4().hex
         self.store.mark_queued(job_id, {"model": ref.name, "submitted_at": time.time()})
         self.publish(ref, job_id, inputs)
@@ -121,7 +122,7 @@ class Job:
         return res.outputs
 
 
-def _coerce(manifest: Manifest, row: Any) -> dict[str, np.ndarray]:
+def coerce_inputs(manifest: Manifest, row: Any) -> dict[str, np.ndarray]:
     """A row, a few rows, or {input name: value} -> {input name: array of rows}."""
     values = row if isinstance(row, dict) else {manifest.inputs[0].name: row}
     unknown = set(values) - {s.name for s in manifest.inputs}

@@ -45,6 +45,24 @@ class Settings(BaseSettings):
                         description="where models run: cpu, or cuda in a GPU-pinned worker")
     max_message_bytes: int = Field(64 * 2**20, ge=1024, description="cap on one decoded payload")
     task_max_retries: int = Field(3, ge=0, description="retries of a transient failure")
+    # -- the results API (`inferq api`) ----------------------------------------------------
+    api_keys: str = Field("", description="comma list of tenant:key pairs (hashed on load); "
+                          "or use INFERQ_API_KEYS_FILE")
+    api_keys_file: Path | None = Field(None, description="JSON keys file written by "
+                                       "`inferq api-key add` (hashes only)")
+    api_max_body_bytes: int = Field(64 * 2**20, ge=1024, description="request body cap (413)")
+    api_max_job_rows: int = Field(64, ge=1, description="rows in one job request")
+    api_max_batch_rows: int = Field(1_000_000, ge=1, description="rows in one batch request")
+    api_rate_per_s: int = Field(200, ge=0, description="requests per second per tenant "
+                                "unless its key says otherwise; 0 = unlimited")
+    api_queue_limit: int = Field(10_000, ge=0, description="messages waiting in a model's "
+                                 "queue above which new work gets 429; 0 = no limit")
+    api_queue_limits: dict[str, int] = Field(default_factory=dict, description="per-model "
+                                             "queue limits, JSON, e.g. {\"minilm\": 500}")
+    api_wait_max_s: float = Field(30.0, gt=0, le=300, description="longest ?wait= long poll")
+    callback_secret: str = Field("", description="HMAC-SHA256 key signing callbacks unless "
+                                 "the tenant's key has its own")
+    callback_max_attempts: int = Field(8, ge=1, le=30, description="callback deliveries tried")
     fault_injection: str = Field(
         "", description="testing only: comma list such as 'delay_ms=20'; empty in production"
     )

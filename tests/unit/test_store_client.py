@@ -280,10 +280,10 @@ def test_submit_refuses_a_single_non_finite_row(offline_client: Client) -> None:
 
 
 def test_submit_takes_an_8x8_image_for_a_1x8x8_input(offline_client: Client) -> None:
-    from producer.client import _coerce
+    from producer.client import coerce_inputs
 
     manifest = offline_client.model("digits")[0].manifest
-    assert _coerce(manifest, np.ones((8, 8)))["image"].shape == (1, 1, 8, 8)
+    assert coerce_inputs(manifest, np.ones((8, 8)))["image"].shape == (1, 1, 8, 8)
 
 
 def test_submit_refuses_an_unknown_model(offline_client: Client) -> None:

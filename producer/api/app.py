@@ -1,0 +1,214 @@
+"""The results API: ``create_app`` builds the FastAPI app; ``inferq api`` serves it.
+
+Routes live in ``jobs.py`` and ``batches.py``; this module wires them, maps errors to
+answers (422 naming row and field, 404, 503 for an outage, never a traceback), and serves
+health, readiness, metrics and the model list.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import re
+import time
+from collections.abc import AsyncIterator, Mapping
+from typing import Any
+
+import redis
+from fastapi import FastAPI, HTTPException, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from kombu.exceptions import OperationalError
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from producer.api import batches, jobs
+from producer.api.auth import Keyring
+from producer.api.callbacks import Dispatcher
+from producer.api.context import Api, Who, api_of
+from producer.api.limits import BodyLimit, QueueDepth
+from producer.api.schemas import ModelView, Problem
+from producer.api.store import ApiStore
+from producer.client import Client
+from shared.errors import InputError, InvalidModelName, JobNotFound, ModelNotFound
+from shared.repository import ModelVersion
+from shared.settings import Settings, load_settings
+
+logger = logging.getLogger(__name__)
+ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": Problem, "description": text} for code, text in (
+        (401, "no or unknown API key"), (404, "not found, or not this tenant's"),
+        (413, "body or rows over the limit"), (422, "invalid input, naming row and field"),
+        (429, "rate limit or queue backpressure; see Retry-After"),
+        (503, "broker or result store unavailable"))}
+_SECRET = re.compile(r"(://[^:/@\s]*:)[^@\s]+@")
+
+
+def scrub(text: str) -> str:
+    """Drop passwords from URLs in a message (``redis://:pw@host`` -> ``redis://:***@``)."""
+    return _SECRET.sub(r"\1***@", text)
+
+
+def create_app(settings: Settings | None = None, *, keyring: Keyring | None = None,
+               callbacks: bool = True, callback_backoff_s: float = 1.0) -> FastAPI:
+    settings = settings or load_settings()
+    if settings.embedded:
+        from shared.errors import ConfigError
+
+        raise ConfigError("INFERQ_BROKER_URL: the API publishes to a broker that workers "
+                          "consume; set it (redis://… or amqp://…)")
+    client = Client(settings)
+    api = Api(settings, client, ApiStore(settings, client.app),
+              keyring or Keyring.from_settings(settings), QueueDepth(settings, client.app))
+    if not len(api.keyring):
+        logger.warning("no API keys configured (INFERQ_API_KEYS or INFERQ_API_KEYS_FILE): "
+                       "every request will get 401")
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        dispatcher = Dispatcher(api, callback_backoff_s) if callbacks else None
+        task = asyncio.create_task(dispatcher.run()) if dispatcher else None
+        try:
+            yield
+        finally:
+            if dispatcher and task:
+                await dispatcher.stop()
+                await task
+            api.depth.close()
+
+    app = FastAPI(title="inferq", version="1", lifespan=lifespan, responses=ERRORS,
+                  description="Enqueue inference jobs and batches, poll or stream results. "
+                  "Authenticate with `Authorization: Bearer <key>`.")
+    app.state.api = api
+    app.include_router(jobs.router)
+    app.include_router(batches.router)
+    _errors(app)
+    _routes(app)
+    _measure(app, api)
+    app.add_middleware(BodyLimit, limit=settings.api_max_body_bytes)  # type: ignore[arg-type]
+    return app
+
+
+def _problem(status: int, detail: str, headers: Mapping[str, str] | None = None,
+             **extra: Any) -> JSONResponse:
+    body = Problem(detail=detail, **extra).model_dump(exclude_none=True)
+    return JSONResponse(body, status_code=status, headers=dict(headers or {}))
+
+
+def _errors(app: FastAPI) -> None:
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
+        return _problem(exc.status_code, str(exc.detail), exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first.get("loc", ()) if p != "body") or "body"
+        return _problem(422, f"{where}: {first.get('msg', 'invalid')}", field=where)
+
+    @app.exception_handler(InputError)
+    async def bad_input(request: Request, exc: InputError) -> JSONResponse:
+        return _problem(422, str(exc), row=exc.row, field=exc.field)
+
+    @app.exception_handler(ModelNotFound)
+    async def no_model(request: Request, exc: ModelNotFound) -> JSONResponse:
+        return _problem(404, str(exc), field="model")
+
+    @app.exception_handler(InvalidModelName)
+    async def bad_model(request: Request, exc: InvalidModelName) -> JSONResponse:
+        return _problem(422, str(exc), field="model")
+
+    @app.exception_handler(JobNotFound)
+    async def no_job(request: Request, exc: JobNotFound) -> JSONResponse:
+        return _problem(404, str(exc))
+
+    @app.exception_handler(redis.RedisError)
+    async def store_down(request: Request, exc: redis.RedisError) -> JSONResponse:
+        logger.warning("result store error on %s: %s", request.url.path, scrub(str(exc)))
+        return _problem(503, "the result store is unavailable "
+                        f"({type(exc).__name__}); retry later", {"Retry-After": "5"})
+
+    @app.exception_handler(OperationalError)
+    async def broker_down(request: Request, exc: OperationalError) -> JSONResponse:
+        logger.warning("broker error on %s: %s", request.url.path, scrub(str(exc)))
+        return _problem(503, "the broker is unavailable; nothing was enqueued, retry later",
+                        {"Retry-After": "5"})
+
+
+def _model_view(version: ModelVersion, variants: list[str]) -> ModelView:
+    m = version.manifest
+    return ModelView(name=m.name, version=m.version, variant=m.variant, task=m.task,
+                     runtime=m.runtime, inputs=[s.model_dump() for s in m.inputs],
+                     outputs=[s.model_dump() for s in m.outputs], quality=m.quality,
+                     variants=variants)
+
+
+def _models(api: Api, name: str | None = None) -> list[ModelView]:
+    repo = api.client.repo
+    views = []
+    for model in [name] if name else repo.names():
+        version, _ = api.model(model)
+        variants = sorted({v.manifest.variant for v in repo.all(model)})
+        views.append(_model_view(version, variants))
+    return views
+
+
+def _routes(app: FastAPI) -> None:
+    @app.get("/healthz", tags=["ops"], summary="The process is up")
+    def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/readyz", tags=["ops"], summary="Broker and result store reachable (else 503)")
+    def readyz(request: Request) -> JSONResponse:
+        api = api_of(request)
+        checks = {"result_store": _check(api.store.ping),
+                  "broker": _check(lambda: _broker_ok(api))}
+        ok = all(v == "ok" for v in checks.values())
+        return JSONResponse({"status": "ok" if ok else "unavailable", **checks},
+                            status_code=200 if ok else 503)
+
+    @app.get("/metrics", tags=["ops"], summary="Prometheus metrics",
+             response_class=Response)
+    def metrics(request: Request) -> Response:
+        return Response(generate_latest(api_of(request).metrics.registry),
+                        media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/models", tags=["models"], response_model=list[ModelView],
+             summary="Models in the repository, each at the version it serves now")
+    def list_models(request: Request, who: Who) -> list[ModelView]:
+        return _models(api_of(request))
+
+    @app.get("/v1/models/{name}", tags=["models"], response_model=ModelView,
+             summary="One model's manifest: inputs, outputs, variants, quality")
+    def get_model(name: str, request: Request, who: Who) -> ModelView:
+        return _models(api_of(request), name)[0]
+
+
+def _check(probe: Any) -> str:
+    try:
+        probe()
+        return "ok"
+    except Exception as exc:  # noqa: BLE001 - any failure means not ready
+        return f"unavailable ({type(exc).__name__})"
+
+
+def _broker_ok(api: Api) -> None:
+    with api.client.app.connection_for_write() as conn:
+        conn.ensure_connection(max_retries=1, timeout=2)
+
+
+def _measure(app: FastAPI, api: Api) -> None:
+    @app.middleware("http")
+    async def count(request: Request, call_next: Any) -> Any:
+        started = time.perf_counter()
+        status = 500
+        try:
+            response = await call_next(request)
+            status = response.status_code
+            return response
+        finally:
+            route = request.scope.get("route")
+            path = getattr(route, "path", "unmatched")
+            api.metrics.requests.labels(request.method, path, str(status)).inc()
+            api.metrics.request_seconds.labels(request.method, path).observe(
+                time.perf_counter() - started)

@@ -1,0 +1,341 @@
+"""``/v1/batches``: many rows in (JSON, NDJSON or an uploaded file), progress, results
+streamed as NDJSON in input order, cancel.
+
+A batch is the bulk pipeline's chunks (``<batch id>-<chunk>``) plus a record of who owns
+it, its size, and the rows refused before sending. Progress is counted once per finished
+chunk and kept, so polling a million-row batch stays cheap.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import math
+import shutil
+import time
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Annotated, Any
+
+import numpy as np
+from fastapi import APIRouter, HTTPException, Query, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import ValidationError
+
+from producer.api.auth import Principal
+from producer.api.context import FAST_PUBLISH, Api, Who, api_of, not_found
+from producer.api.schemas import BatchRequest, BatchView, CallbackInfo
+from producer.bulk import chunk_id, publish_chunk
+from producer.chunks import Chunk, merge
+from producer.readers import SUPPORTED, count_rows, read_chunks
+from producer.store import is_final, result_value
+from shared import claims
+from shared.schemas import RowError
+
+logger = logging.getLogger("inferq.audit")
+router = APIRouter(prefix="/v1", tags=["batches"])
+NDJSON = "application/x-ndjson"
+_MGET = 256
+
+BATCH_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "application/json": {"schema": BatchRequest.model_json_schema()},
+            NDJSON: {"schema": {"type": "string", "description":
+                                "one row per line (JSON); ?model= names the model"}},
+            "multipart/form-data": {"schema": {
+                "type": "object", "required": ["model", "file"],
+                "properties": {"model": {"type": "string"},
+                               "callback_url": {"type": "string"},
+                               "file": {"type": "string", "format": "binary",
+                                        "description": "a .npy, .parquet, .csv, .jsonl "
+                                        "or .txt file"}}}},
+        },
+    }
+}
+
+
+# -- submitting ------------------------------------------------------------------------------
+async def _read_body(request: Request, upload_dir: Path, batch_id: str
+                     ) -> tuple[str, str | None, Path]:
+    """-> (model, callback_url, a file of the rows the reader understands)."""
+    kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    upload_dir.mkdir(parents=True, exist_ok=True)
+    if kind == "application/json":
+        try:
+            body = BatchRequest.model_validate_json(await request.body())
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            where = ".".join(str(p) for p in first["loc"]) or "body"
+            raise HTTPException(422, f"{where}: {first['msg']}") from None
+        path = upload_dir / f"{batch_id}.jsonl"
+        with path.open("w") as out:
+            for row in body.rows:
+                out.write(json.dumps(row) + "\n")
+        return body.model, _url(body.callback_url), path
+    if kind in (NDJSON, "application/jsonl", "application/ndjson"):
+        model = request.query_params.get("model")
+        if not model:
+            raise HTTPException(422, "model: required as ?model= with an NDJSON body")
+        path = upload_dir / f"{batch_id}.jsonl"
+        with path.open("wb") as out:
+            async for part in request.stream():
+                out.write(part)
+        return model, request.query_params.get("callback_url"), path
+    if kind == "multipart/form-data":
+        return await _read_form(request, upload_dir, batch_id)
+    raise HTTPException(415, f"content-type {kind or '(none)'!r}: send application/json, "
+                        f"{NDJSON} or multipart/form-data with a file")
+
+
+async def _read_form(request: Request, upload_dir: Path, batch_id: str
+                     ) -> tuple[str, str | None, Path]:
+    form = await request.form()
+    model, upload, url = form.get("model"), form.get("file"), form.get("callback_url")
+    if not isinstance(model, str) or not model:
+        raise HTTPException(422, "model: required form field")
+    if upload is None or isinstance(upload, str):
+        raise HTTPException(422, "file: required, an uploaded file")
+    suffix = Path(upload.filename or "").suffix.lower()
+    if suffix not in SUPPORTED:
+        raise HTTPException(422, f"file: unsupported extension {suffix or '(none)'!r}; use "
+                            f"one of {', '.join(SUPPORTED)}")
+    path = upload_dir / f"{batch_id}{suffix}"
+    with path.open("wb") as out:
+        await run_in_threadpool(shutil.copyfileobj, upload.file, out, 1 << 20)
+    return model, url if isinstance(url, str) and url else None, path
+
+
+def _url(value: Any) -> str | None:
+    return None if value is None else str(value)
+
+
+def _publish(api: Api, who: Principal, batch_id: str, model: str, callback_url: str | None,
+             path: Path) -> None:
+    """Validate and send every chunk; on a broker failure cancel what was sent and say so."""
+    version, ref = api.model(model)
+    api.check_backpressure(ref.name)
+    if callback_url is not None:
+        api.check_callback(who, callback_url)
+    spec = version.manifest.input()
+    chunk_rows = api.settings.chunk_rows
+    total = count_rows(path)
+    cap = api.settings.api_max_batch_rows
+    if total is not None and total > cap:
+        raise HTTPException(413, f"rows: {total} in one batch; the limit is {cap} "
+                            "(INFERQ_API_MAX_BATCH_ROWS)")
+    chunks = read_chunks(path, spec, chunk_rows)  # file-level problems raise here (422)
+    record: dict[str, Any] = {"tenant": who.tenant, "key_id": who.key_id, "model": ref.name,
+                              "ref": model, "chunk_rows": chunk_rows, "created_at": time.time(),
+                              "callback_url": callback_url, "state": "publishing"}
+    api.store.create_batch(batch_id, record)
+    rows, sent, bad_counts = 0, [], dict[str, int]()
+    try:
+        with api.client.app.producer_or_acquire() as producer:
+            for chunk in chunks:
+                rows += chunk.rows
+                if rows > cap:
+                    raise HTTPException(413, f"rows: more than {cap} in one batch "
+                                        "(INFERQ_API_MAX_BATCH_ROWS)")
+                _send(api, ref, spec.name, batch_id, chunk, producer, bad_counts)
+                sent.append(chunk_id(batch_id, chunk.index))
+    except BaseException:
+        api.store.claims.cancel(sent)  # whatever was sent will not run
+        api.store.update_batch(batch_id, state="failed")
+        raise
+    if not rows:
+        api.store.update_batch(batch_id, state="failed")
+        raise HTTPException(422, "rows: the batch has no rows")
+    api.store.update_batch(batch_id, state="published", total=rows,
+                           chunks=math.ceil(rows / chunk_rows), bad=bad_counts)
+    if callback_url is not None:
+        api.store.add_callback(f"batch:{batch_id}", time.time())
+    logger.info("submit batch=%s tenant=%s key=%s model=%s rows=%d refused=%d", batch_id,
+                who.tenant, who.key_id, model, rows, sum(bad_counts.values()))
+
+
+def _send(api: Api, ref: Any, input_name: str, batch_id: str, chunk: Chunk, producer: Any,
+          bad_counts: dict[str, int]) -> None:
+    job_id = chunk_id(batch_id, chunk.index)
+    if chunk.errors:
+        api.store.add_bad_rows(batch_id, {e.row: e.message for e in chunk.errors})
+        bad_counts[str(chunk.index)] = len(chunk.errors)
+    if not len(chunk.keep):  # nothing valid to run: the chunk is done as it is
+        api.store.store_final(job_id, {}, "SUCCESS")
+        return
+    publish_chunk(api.client, ref, input_name, job_id, chunk, producer,
+                  retry_policy=FAST_PUBLISH)
+
+
+@router.post("/batches", status_code=202, response_model=BatchView, openapi_extra=BATCH_BODY,
+             summary="Enqueue many rows: JSON, NDJSON, or an uploaded file")
+async def submit_batch(request: Request, who: Who) -> Any:
+    api = api_of(request)
+    batch_id = uuid.uuid4().hex
+    upload_dir = api.settings.home / "api-uploads"
+    model, callback_url, path = await _read_body(request, upload_dir, batch_id)
+    try:
+        await run_in_threadpool(_publish, api, who, batch_id, model, callback_url, path)
+    finally:
+        path.unlink(missing_ok=True)
+    view = await run_in_threadpool(batch_view, api, batch_id, who)
+    return JSONResponse(view.model_dump(mode="json"), status_code=202,
+                        headers={"Location": f"/v1/batches/{batch_id}"})
+
+
+# -- progress --------------------------------------------------------------------------------
+class _Batch:
+    """A batch record, read and checked against the caller's tenant."""
+
+    def __init__(self, api: Api, batch_id: str, who: Principal):
+        record = api.store.batch_record(batch_id)
+        if record.get("tenant") != who.tenant or record.get("state") != "published":
+            raise not_found("batch", batch_id)
+        self.id = batch_id
+        self.record = record
+        self.total = int(record["total"])
+        self.chunk_rows = int(record["chunk_rows"])
+        self.chunks = int(record["chunks"])
+        self.bad: dict[str, int] = json.loads(record.get("bad", "{}"))
+
+    def rows_of(self, index: int) -> tuple[int, int]:
+        start = index * self.chunk_rows
+        return start, min(self.total, start + self.chunk_rows) - start
+
+    def chunk(self, api: Api, index: int) -> Chunk:
+        """The chunk as sent: which rows were kept, the errors of the refused ones."""
+        start, rows = self.rows_of(index)
+        bad = api.store.bad_rows(self.id, start, start + rows) if self.bad.get(str(index)) \
+            else {}
+        keep = np.array([i for i in range(rows) if start + i not in bad], dtype=np.int64)
+        errors = [RowError(row=r, message=m) for r, m in bad.items()]
+        return Chunk(index, start, rows, np.empty(0), keep, errors)
+
+
+def _count(batch: _Batch, index: int, meta: dict[str, Any]) -> tuple[int, int, int]:
+    """(rows, failed rows, cancelled rows) of a finished chunk."""
+    _, rows = batch.rows_of(index)
+    refused = batch.bad.get(str(index), 0)
+    if meta.get("status") == claims.CANCELLED_STATE:
+        return rows, refused, rows - refused
+    value = meta.get("result")
+    if not isinstance(value, dict):
+        return rows, rows, 0  # the whole chunk failed
+    return rows, refused + len(value.get("errors", [])), 0
+
+
+def batch_view(api: Api, batch_id: str, who: Principal) -> BatchView:
+    batch = _Batch(api, batch_id, who)
+    known = api.store.chunk_progress(batch_id)
+    missing = [i for i in range(batch.chunks) if i not in known]
+    new: dict[int, tuple[int, int, int]] = {}
+    for first in range(0, len(missing), _MGET):
+        part = missing[first:first + _MGET]
+        metas = api.store.metas([chunk_id(batch_id, i) for i in part])
+        for index, meta in zip(part, metas, strict=True):
+            if meta is not None and is_final(meta):
+                new[index] = _count(batch, index, meta)
+    api.store.add_chunk_progress(batch_id, new)
+    counts = list(known.values()) + list(new.values())
+    done = sum(c[0] for c in counts)
+    failed = sum(c[1] for c in counts)
+    cancelled = sum(c[2] for c in counts)
+    created = float(batch.record["created_at"])
+    finished = len(counts) == batch.chunks
+    if finished and "finished_at" not in batch.record:
+        api.store.update_batch(batch_id, finished_at=time.time())
+    end = float(batch.record.get("finished_at", time.time()))
+    elapsed = max(end - created, 1e-6)
+    rate = done / elapsed if done else None
+    status = ("cancelled" if "cancelled_at" in batch.record and finished else
+              "completed" if finished else "running" if done else "queued")
+    return BatchView(id=batch_id, model=batch.record["model"], status=status,
+                     total=batch.total, done=done, failed=failed, cancelled=cancelled,
+                     rows_per_s=None if rate is None else round(rate, 1),
+                     eta_s=0.0 if finished else (None if not rate else
+                                                 round((batch.total - done) / rate, 1)),
+                     created_at=created, results=f"/v1/batches/{batch_id}/results",
+                     callback=CallbackInfo.from_record(batch.record))
+
+
+@router.get("/batches/{batch_id}", response_model=BatchView,
+            summary="Counts (total, done, failed), rows/s and ETA")
+def get_batch(batch_id: str, request: Request, who: Who) -> BatchView:
+    return batch_view(api_of(request), batch_id, who)
+
+
+@router.delete("/batches/{batch_id}", response_model=BatchView,
+               summary="Cancel the rows of a batch that have not run")
+def cancel_batch(batch_id: str, request: Request, who: Who) -> BatchView:
+    api = api_of(request)
+    batch_view(api, batch_id, who)  # counts what has finished so far
+    batch = _Batch(api, batch_id, who)
+    known = api.store.chunk_progress(batch_id)
+    open_ids = [chunk_id(batch_id, i) for i in range(batch.chunks) if i not in known]
+    api.store.update_batch(batch_id, cancelled_at=time.time())
+    for first in range(0, len(open_ids), _MGET):
+        part = open_ids[first:first + _MGET]
+        for job_id, ok in zip(part, api.store.claims.cancel(part), strict=True):
+            if ok:
+                api.store.store_final(job_id, {"cancelled_at": time.time()},
+                                      claims.CANCELLED_STATE)
+    logger.info("cancel batch=%s tenant=%s key=%s", batch_id, who.tenant, who.key_id)
+    return batch_view(api, batch_id, who)
+
+
+# -- results ---------------------------------------------------------------------------------
+def _lines(batch: _Batch, api: Api, index: int, meta: dict[str, Any], offset: int,
+           specs: list[Any]) -> bytes:
+    part = merge(batch.chunk(api, index), specs, result_value(meta))
+    cut = set(part.truncated)
+    out = []
+    for i in range(part.rows):
+        row = part.start + i
+        if row < offset:
+            continue
+        line: dict[str, Any]
+        if part.ok[i]:
+            line = {"row": row, "ok": True,
+                    "outputs": {k: v[i].tolist() for k, v in part.outputs.items()}}
+            if row in cut:
+                line["truncated"] = True
+        else:
+            line = {"row": row, "ok": False, "error": part.errors.get(row, "failed")}
+        out.append(json.dumps(line))
+    return ("\n".join(out) + "\n").encode() if out else b""
+
+
+async def _stream(api: Api, batch: _Batch, offset: int, follow: bool) -> AsyncIterator[bytes]:
+    version, _ = await run_in_threadpool(api.model, batch.record["ref"])
+    specs = version.manifest.outputs
+    for index in range(offset // batch.chunk_rows, batch.chunks):
+        job_id = chunk_id(batch.id, index)
+        pause = 0.005
+        while True:
+            meta = (await run_in_threadpool(api.store.metas, [job_id]))[0]
+            if meta is not None and is_final(meta):
+                break
+            if not follow:
+                return
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, 0.2)
+        yield await run_in_threadpool(_lines, batch, api, index, meta, offset, specs)
+
+
+@router.get("/batches/{batch_id}/results", summary="Results as NDJSON, in input order",
+            response_class=StreamingResponse,
+            responses={200: {"content": {NDJSON: {"schema": {"type": "string"}}},
+                             "description": "one JSON object per row: row, ok, outputs "
+                             "or error"}})
+async def batch_results(batch_id: str, request: Request, who: Who,
+                        follow: Annotated[bool, Query(description="stay open until the "
+                                                      "batch ends")] = False,
+                        offset: Annotated[int, Query(ge=0, description="first row to "
+                                                     "send")] = 0) -> StreamingResponse:
+    api = api_of(request)
+    batch = await run_in_threadpool(_Batch, api, batch_id, who)
+    return StreamingResponse(_stream(api, batch, offset, follow), media_type=NDJSON)

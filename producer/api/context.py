@@ -1,0 +1,93 @@
+"""What every route needs: settings, the SDK client, the API store, keys, limits, metrics;
+plus the dependencies that authenticate a request and apply its tenant's rate limit."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Annotated, Any
+
+from fastapi import Depends, HTTPException, Request
+
+from producer.api.auth import Keyring, Principal
+from producer.api.limits import QueueDepth
+from producer.api.metrics import ApiMetrics
+from producer.api.store import ApiStore
+from producer.client import Client
+from shared.repository import ModelRef, ModelVersion
+from shared.settings import Settings
+
+# Publishing from a request fails fast: a broker outage answers 503, not a hung request.
+FAST_PUBLISH = {"max_retries": 2, "interval_start": 0.1, "interval_step": 0.2,
+                "interval_max": 0.5}
+
+
+@dataclass
+class Api:
+    settings: Settings
+    client: Client
+    store: ApiStore
+    keyring: Keyring
+    depth: QueueDepth
+    metrics: ApiMetrics = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.metrics = ApiMetrics(self.depths)
+
+    def depths(self) -> dict[str, int]:
+        return {name: self.depth.depth(name) for name in self.client.repo.names()}
+
+    def model(self, ref: str) -> tuple[ModelVersion, ModelRef]:
+        return self.client.model(ref)
+
+    def check_backpressure(self, model: str) -> None:
+        """429 with Retry-After when the model's queue is deeper than its limit."""
+        limit = self.depth.limit(model)
+        if not limit:
+            return
+        depth = self.depth.depth(model)
+        if depth > limit:
+            raise HTTPException(429, f"model {model!r} has {depth} messages waiting (limit "
+                                f"{limit}); retry later",
+                                headers={"Retry-After": str(self.depth.retry_after(model,
+                                                                                    depth))})
+
+    def callback_secret(self, who: Principal) -> str:
+        return who.callback_secret or self.settings.callback_secret
+
+    def check_callback(self, who: Principal, url: Any) -> str | None:
+        if url is None:
+            return None
+        if not self.callback_secret(who):
+            raise HTTPException(422, "callback_url: the server has no signing secret for "
+                                "this tenant (INFERQ_CALLBACK_SECRET or the key's "
+                                "callback_secret); callbacks are always signed")
+        return str(url)
+
+
+def api_of(request: Request) -> Api:
+    return request.app.state.api  # type: ignore[no-any-return]
+
+
+def authenticate(request: Request) -> Principal:
+    """Bearer key -> tenant (401 without one), then the tenant's rate limit (429)."""
+    api = api_of(request)
+    scheme, _, key = request.headers.get("authorization", "").partition(" ")
+    who = api.keyring.authenticate(key.strip()) if scheme.lower() == "bearer" else None
+    if who is None:
+        raise HTTPException(401, "missing or unknown API key: send 'Authorization: Bearer "
+                            "<key>'", headers={"WWW-Authenticate": "Bearer"})
+    rate = api.settings.api_rate_per_s if who.rate_per_s is None else who.rate_per_s
+    if rate and api.store.hit(who.tenant, time.time()) > rate:
+        raise HTTPException(429, f"tenant {who.tenant!r} is over its rate limit of {rate} "
+                            "requests/s", headers={"Retry-After": "1"})
+    request.state.principal = who
+    return who
+
+
+Who = Annotated[Principal, Depends(authenticate)]
+
+
+def not_found(kind: str, ident: str) -> HTTPException:
+    """The same answer for another tenant's id as for a missing one."""
+    return HTTPException(404, f"no {kind} {ident!r} (never submitted, expired, or not yours)")

@@ -1,0 +1,186 @@
+"""``/v1/models/{model}/jobs`` and ``/v1/jobs/{id}``: enqueue, poll (or long-poll), cancel."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import time
+import uuid
+from typing import Annotated, Any
+
+import numpy as np
+from fastapi import APIRouter, HTTPException, Query, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import JSONResponse
+
+from producer.api.auth import Principal
+from producer.api.context import FAST_PUBLISH, Api, Who, api_of, not_found
+from producer.api.schemas import Accepted, CallbackInfo, JobRequest, JobView, Timings
+from producer.client import coerce_inputs
+from producer.store import is_final, status_of
+from shared import claims
+from shared.schemas import JobStatus, RowError
+
+logger = logging.getLogger("inferq.audit")
+router = APIRouter(prefix="/v1", tags=["jobs"])
+
+_WAIT = re.compile(r"^(\d+(?:\.\d+)?)(ms|s)?$")
+WaitParam = Annotated[str | None, Query(description="long-poll up to this long for the "
+                                        "result, e.g. 2s or 500ms", examples=["2s"])]
+
+
+def parse_wait(value: str | None, cap: float) -> float:
+    if value is None:
+        return 0.0
+    found = _WAIT.match(value.strip())
+    if not found:
+        raise HTTPException(422, f"wait: {value!r} is not a duration such as 2s or 500ms")
+    seconds = float(found.group(1)) / (1000 if found.group(2) == "ms" else 1)
+    return min(seconds, cap)
+
+
+def _json(arr: Any) -> list[Any]:
+    return arr.tolist() if isinstance(arr, np.ndarray) else list(arr)
+
+
+def job_view(api: Api, job_id: str, who: Principal) -> JobView:
+    record = api.store.job_record(job_id)
+    if record.get("tenant") != who.tenant:
+        raise not_found("job", job_id)
+    meta, claim = api.store.meta_with_claim(job_id)
+    if meta is None:
+        raise not_found("job", job_id)
+    view = build_view(job_id, record, meta, claim)
+    if is_final(meta) and api.store.first_final(job_id):
+        t = view.timings
+        api.metrics.finished(view.model, view.status.value,
+                             None if t.finished_at is None or t.submitted_at is None
+                             else t.finished_at - t.submitted_at)
+    return view
+
+
+def build_view(job_id: str, record: dict[str, str], meta: dict[str, Any],
+               claim: bytes | None) -> JobView:
+    status = status_of(meta)
+    if status is JobStatus.queued and claim == claims.RUN:
+        status = JobStatus.running
+    value = meta.get("result")
+    info = value if isinstance(value, dict) else {}
+    timings = Timings(submitted_at=info.get("submitted_at") or _float(record, "submitted_at"),
+                      started_at=info.get("started_at"),
+                      finished_at=info.get("finished_at") or info.get("cancelled_at"),
+                      batch_rows=list(info.get("batch_rows", [])))
+    if timings.started_at and timings.submitted_at:
+        timings.queue_wait_s = round(timings.started_at - timings.submitted_at, 6)
+    if timings.started_at and timings.finished_at:
+        timings.run_s = round(timings.finished_at - timings.started_at, 6)
+    view = JobView(id=job_id, status=status, model=record.get("model", ""),
+                   version=info.get("version"), variant=info.get("variant"),
+                   timings=timings, worker=info.get("worker"),
+                   callback=CallbackInfo.from_record(record))
+    if status is JobStatus.cancelled:
+        view.error = "cancelled before it ran"
+    elif status is JobStatus.failed:
+        view.error = (f"{type(value).__name__}: {value}" if isinstance(value, BaseException)
+                      else str(value))
+    elif status is JobStatus.succeeded and info:
+        view.outputs = {k: _json(v) for k, v in info.get("outputs", {}).items()}
+        view.errors = [RowError(row=e["row"], field=e.get("field"), message=e["message"])
+                       for e in info.get("errors", [])]
+        view.truncated = list(info.get("truncated", []))
+        if view.errors and len(view.errors) >= int(info.get("rows", 0) or 0):
+            view.status = JobStatus.failed  # no row succeeded
+            view.error = "; ".join(e.message for e in view.errors)
+    return view
+
+
+def _float(record: dict[str, str], key: str) -> float | None:
+    return float(record[key]) if key in record else None
+
+
+def _enqueue(api: Api, who: Principal, model: str, body: JobRequest) -> str:
+    version, ref = api.model(model)
+    api.check_backpressure(ref.name)
+    inputs = coerce_inputs(version.manifest, body.inputs)
+    rows = len(next(iter(inputs.values())))
+    if rows > api.settings.api_max_job_rows:
+        raise HTTPException(413, f"inputs: {rows} rows in one job; the limit is "
+                            f"{api.settings.api_max_job_rows} (INFERQ_API_MAX_JOB_ROWS); "
+                            "use POST /v1/batches for many rows")
+    callback_url = api.check_callback(who, body.callback_url)
+    job_id = uuid.uuid4().hex
+    submitted = time.time()
+    api.store.create_job(job_id, {"tenant": who.tenant, "key_id": who.key_id,
+                                  "model": ref.name, "ref": model, "rows": rows,
+                                  "submitted_at": submitted, "callback_url": callback_url},
+                         callback=callback_url is not None)
+    try:
+        api.client.publish(ref, job_id, inputs, retry_policy=FAST_PUBLISH)
+    except Exception:
+        api.store.drop_job(job_id)
+        raise
+    logger.info("submit job=%s tenant=%s key=%s model=%s rows=%d", job_id, who.tenant,
+                who.key_id, model, rows)
+    return job_id
+
+
+async def _wait_final(api: Api, job_id: str, who: Principal, seconds: float) -> JobView:
+    """Long poll: re-read the job with growing pauses (1 ms .. 50 ms) until final or timeout."""
+    deadline = time.monotonic() + seconds
+    pause = 0.001
+    while True:
+        view = await run_in_threadpool(job_view, api, job_id, who)
+        if view.status in _FINAL or time.monotonic() >= deadline:
+            return view
+        await asyncio.sleep(min(pause, max(0.0, deadline - time.monotonic())))
+        pause = min(pause * 2, 0.05)
+
+
+_FINAL = {JobStatus.succeeded, JobStatus.failed, JobStatus.cancelled}
+
+
+@router.post("/models/{model}/jobs", status_code=202, response_model=Accepted,
+             responses={200: {"model": JobView, "description": "finished within ?wait"}},
+             summary="Enqueue one input (or a few rows)")
+async def submit_job(model: str, body: JobRequest, request: Request, who: Who,
+                     wait: WaitParam = None) -> Any:
+    api = api_of(request)
+    seconds = parse_wait(wait, api.settings.api_wait_max_s)
+    job_id = await run_in_threadpool(_enqueue, api, who, model, body)
+    location = f"/v1/jobs/{job_id}"
+    answer: JobView | Accepted = Accepted(id=job_id, status=JobStatus.queued,
+                                          location=location)
+    if seconds > 0:
+        view = await _wait_final(api, job_id, who, seconds)
+        if view.status in _FINAL:
+            answer = view
+    return JSONResponse(answer.model_dump(mode="json"), headers={"Location": location},
+                        status_code=200 if isinstance(answer, JobView) else 202)
+
+
+@router.get("/jobs/{job_id}", response_model=JobView, summary="A job's status and result")
+async def get_job(job_id: str, request: Request, who: Who, wait: WaitParam = None) -> JobView:
+    api = api_of(request)
+    seconds = parse_wait(wait, api.settings.api_wait_max_s)
+    return await _wait_final(api, job_id, who, seconds)
+
+
+def _cancel(api: Api, job_id: str, who: Principal) -> JobView:
+    view = job_view(api, job_id, who)
+    if view.status in _FINAL:
+        raise HTTPException(409, f"job {job_id} already {view.status.value}")
+    if not api.store.claims.cancel([job_id])[0]:
+        raise HTTPException(409, f"job {job_id} is running; it can no longer be cancelled")
+    meta = api.store.metas([job_id])[0] or {}
+    info = meta.get("result") if isinstance(meta.get("result"), dict) else {}
+    api.store.store_final(job_id, {**(info or {}), "cancelled_at": time.time()},
+                          claims.CANCELLED_STATE)
+    logger.info("cancel job=%s tenant=%s key=%s", job_id, who.tenant, who.key_id)
+    return job_view(api, job_id, who)
+
+
+@router.delete("/jobs/{job_id}", response_model=JobView, summary="Cancel a job not yet run",
+               responses={409: {"description": "already running or finished"}})
+def cancel_job(job_id: str, request: Request, who: Who) -> JobView:
+    return _cancel(api_of(request), job_id, who)

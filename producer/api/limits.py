@@ -1,0 +1,130 @@
+"""What keeps one tenant or one flood from hurting the rest: body caps, per-tenant rate
+limits, and backpressure on a model's queue depth."""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from typing import Any
+
+from celery import Celery
+
+from shared.celery_app import queue_name
+from shared.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+DEPTH_TTL = 1.0  # seconds a queue depth is reused; a flood is caught within a second
+
+
+class TooLarge(Exception):
+    pass
+
+
+class BodyLimit:
+    """ASGI middleware: a body over ``limit`` bytes answers 413, declared or streamed."""
+
+    def __init__(self, app: Any, limit: int):
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = dict(scope.get("headers") or [])
+        declared = headers.get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.limit:
+            await _too_large(send, self.limit)
+            return
+        seen = 0
+        started = False
+
+        async def limited_receive() -> dict:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.limit:
+                    raise TooLarge()
+            return message
+
+        async def tracking_send(message: dict) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, limited_receive, tracking_send)
+        except TooLarge:
+            if not started:
+                await _too_large(send, self.limit)
+
+
+async def _too_large(send: Any, limit: int) -> None:
+    body = (b'{"detail":"request body over the limit of %d bytes '
+            b'(INFERQ_API_MAX_BODY_BYTES); send fewer rows per request"}' % limit)
+    await send({"type": "http.response.start", "status": 413,
+                "headers": [(b"content-type", b"application/json"),
+                            (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})
+
+
+class QueueDepth:
+    """Messages waiting in each model's queue, read from the broker at most once a second."""
+
+    def __init__(self, settings: Settings, app: Celery):
+        self.settings = settings
+        self.app = app
+        self._lock = threading.Lock()
+        self._conn: Any = None
+        self._cache: dict[str, tuple[float, int]] = {}
+
+    def limit(self, model: str) -> int:
+        return self.settings.api_queue_limits.get(model, self.settings.api_queue_limit)
+
+    def depth(self, model: str) -> int:
+        now = time.monotonic()
+        cached = self._cache.get(model)
+        if cached and now - cached[0] < DEPTH_TTL:
+            return cached[1]
+        with self._lock:
+            depth = self._read(queue_name(self.settings, model))
+        self._cache[model] = (now, depth)
+        return depth
+
+    def _read(self, name: str) -> int:
+        from amqp.exceptions import ChannelError as AmqpChannelError
+        from kombu.exceptions import ChannelError
+
+        if self._conn is None:
+            self._conn = self.app.connection_for_write()
+            self._conn.ensure_connection(max_retries=1)
+        try:
+            ok = self._conn.default_channel.queue_declare(queue=name, passive=True)
+            return int(ok.message_count)
+        except (ChannelError, AmqpChannelError):
+            self._drop()
+            return 0  # no such queue yet: nothing waiting
+        except Exception:
+            self._drop()
+            raise
+
+    def _drop(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            try:
+                conn.release()
+            except Exception:  # noqa: BLE001 - a broken connection may fail to close
+                logger.debug("closing the depth connection failed", exc_info=True)
+
+    def retry_after(self, model: str, depth: int) -> int:
+        """Seconds to suggest: the excess over the limit at a guessed 1,000 msgs/s, 1-60."""
+        excess = depth - self.limit(model)
+        return max(1, min(60, math.ceil(excess / 1000)))
+
+    def close(self) -> None:
+        with self._lock:
+            self._drop()

@@ -1,0 +1,184 @@
+"""The API's records in Redis: who owns which job or batch, callbacks due, rate windows.
+
+Job results stay where workers write them (Celery's result keys); the API adds a small
+hash per job and per batch holding the tenant, so another tenant's id reads as missing.
+The client here fails fast (1 s connect), so an outage answers 503 rather than hanging.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+import redis
+from celery import Celery, states
+
+from shared import claims
+from shared.claims import Claims
+from shared.errors import ConfigError
+from shared.settings import Settings
+
+# Lua: take a callback that is due by pushing its score out by a lease, so that among
+# several API replicas exactly one delivers it; a crash mid-delivery retries after the lease.
+_LEASE = """
+local s = redis.call('ZSCORE', KEYS[1], ARGV[1])
+if s and tonumber(s) <= tonumber(ARGV[2]) then
+  redis.call('ZADD', KEYS[1], ARGV[3], ARGV[1])
+  return 1
+end
+return 0
+"""
+
+
+class ApiStore:
+    def __init__(self, settings: Settings, app: Celery):
+        url = settings.effective_result_backend()
+        if not url.startswith(("redis://", "rediss://", "unix://")):
+            raise ConfigError("INFERQ_RESULT_BACKEND: the API needs a redis:// result store "
+                              "(it keeps job ownership and batch progress there)")
+        # Any: redis-py's stubs type every reply as a union of bytes and str.
+        self.redis: Any = redis.Redis.from_url(url, socket_connect_timeout=1.0, socket_timeout=5.0,
+                                          health_check_interval=30)
+        self.backend = app.backend
+        self.expires = settings.result_expires
+        self.claims = Claims(self.backend, self.expires)
+        self.claims.redis = self.redis  # same keys, the fail-fast connection
+        self.prefix = f"{settings.queue_prefix}inferq-api-"
+        self.callbacks_key = self.prefix + "callbacks"
+        self._lease = self.redis.register_script(_LEASE)
+
+    # -- keys ----------------------------------------------------------------------------
+    def job_key(self, job_id: str) -> str:
+        return f"{self.prefix}job-{job_id}"
+
+    def batch_key(self, batch_id: str) -> str:
+        return f"{self.prefix}batch-{batch_id}"
+
+    def meta_key(self, job_id: str) -> bytes:
+        return bytes(self.backend.get_key_for_task(job_id))
+
+    # -- jobs ----------------------------------------------------------------------------
+    def create_job(self, job_id: str, record: dict[str, Any], *, callback: bool) -> None:
+        """The owner's record and a queued result, in one round trip, before publishing."""
+        meta = {"status": states.PENDING, "result": {"model": record["model"],
+                "submitted_at": record["submitted_at"]}, "traceback": None,
+                "children": [], "date_done": None, "task_id": job_id}
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.hset(self.job_key(job_id), mapping=_flat(record))
+        pipe.expire(self.job_key(job_id), self.expires)
+        pipe.set(self.meta_key(job_id), self.backend.encode(meta), ex=self.expires)
+        if callback:
+            pipe.zadd(self.callbacks_key, {f"job:{job_id}": time.time()})
+        pipe.execute()
+
+    def drop_job(self, job_id: str) -> None:
+        """Undo ``create_job`` when publishing failed: no record of a job never sent."""
+        self.redis.delete(self.job_key(job_id), self.meta_key(job_id))
+        self.redis.zrem(self.callbacks_key, f"job:{job_id}")
+
+    def job_record(self, job_id: str) -> dict[str, str]:
+        return _decode(self.redis.hgetall(self.job_key(job_id)))
+
+    def update_job(self, job_id: str, **fields: Any) -> None:
+        self.redis.hset(self.job_key(job_id), mapping=_flat(fields))
+
+    def first_final(self, job_id: str) -> bool:
+        """True the first time anyone records this job as finished (for metrics)."""
+        return bool(self.redis.hsetnx(self.job_key(job_id), "observed", "1"))
+
+    def metas(self, job_ids: list[str]) -> list[dict[str, Any] | None]:
+        if not job_ids:
+            return []
+        values = self.redis.mget([self.meta_key(j) for j in job_ids])
+        return [None if v is None else self.backend.decode_result(v) for v in values]
+
+    def meta_with_claim(self, job_id: str) -> tuple[dict[str, Any] | None, bytes | None]:
+        meta, claim = self.redis.mget([self.meta_key(job_id), claims.claim_key(job_id)])
+        return (None if meta is None else self.backend.decode_result(meta)), claim
+
+    def store_final(self, job_id: str, value: dict[str, Any], state: str) -> None:
+        meta: dict[str, Any] = {"status": state, "result": value, "traceback": None, "children": [],
+                "date_done": None, "task_id": job_id}
+        self.redis.set(self.meta_key(job_id), self.backend.encode(meta), ex=self.expires)
+
+    # -- batches -------------------------------------------------------------------------
+    def create_batch(self, batch_id: str, record: dict[str, Any]) -> None:
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.hset(self.batch_key(batch_id), mapping=_flat(record))
+        pipe.expire(self.batch_key(batch_id), self.expires)
+        pipe.execute()
+
+    def batch_record(self, batch_id: str) -> dict[str, str]:
+        return _decode(self.redis.hgetall(self.batch_key(batch_id)))
+
+    def update_batch(self, batch_id: str, **fields: Any) -> None:
+        self.redis.hset(self.batch_key(batch_id), mapping=_flat(fields))
+
+    def add_bad_rows(self, batch_id: str, errors: dict[int, str]) -> None:
+        """Rows refused before sending (wrong shape, not a number): row -> message."""
+        if errors:
+            key = self.batch_key(batch_id) + "-bad"
+            pipe = self.redis.pipeline(transaction=False)
+            pipe.hset(key, mapping={str(k): v for k, v in errors.items()})
+            pipe.expire(key, self.expires)
+            pipe.execute()
+
+    def bad_rows(self, batch_id: str, first: int, last: int) -> dict[int, str]:
+        """Refused rows in [first, last); read once per chunk."""
+        key = self.batch_key(batch_id) + "-bad"
+        values = self.redis.hmget(key, [str(r) for r in range(first, last)])
+        return {first + i: v.decode() for i, v in enumerate(values) if v is not None}
+
+    def chunk_progress(self, batch_id: str) -> dict[int, tuple[int, int, int]]:
+        """Chunks already counted: chunk number -> (rows, failed rows, cancelled rows)."""
+        raw = self.redis.hgetall(self.batch_key(batch_id) + "-done")
+        return {int(k): tuple(json.loads(v)) for k, v in raw.items()}  # type: ignore[misc]
+
+    def add_chunk_progress(self, batch_id: str, done: dict[int, tuple[int, int, int]]
+                           ) -> None:
+        if done:
+            key = self.batch_key(batch_id) + "-done"
+            pipe = self.redis.pipeline(transaction=False)
+            pipe.hset(key, mapping={str(k): json.dumps(v) for k, v in done.items()})
+            pipe.expire(key, self.expires)
+            pipe.execute()
+
+    # -- callbacks -----------------------------------------------------------------------
+    def add_callback(self, member: str, when: float) -> None:
+        self.redis.zadd(self.callbacks_key, {member: when})
+
+    def due_callbacks(self, now: float, lease: float, limit: int = 64) -> list[str]:
+        due = self.redis.zrangebyscore(self.callbacks_key, 0, now, start=0, num=limit)
+        taken = []
+        for member in due:
+            if self._lease(keys=[self.callbacks_key], args=[member, now, now + lease]):
+                taken.append(member.decode())
+        return taken
+
+    def reschedule_callback(self, member: str, when: float) -> None:
+        self.redis.zadd(self.callbacks_key, {member: when})
+
+    def drop_callback(self, member: str) -> None:
+        self.redis.zrem(self.callbacks_key, member)
+
+    # -- rate limits ---------------------------------------------------------------------
+    def hit(self, tenant: str, now: float) -> int:
+        """Requests of ``tenant`` in the current one-second window, this one included."""
+        key = f"{self.prefix}rate-{tenant}-{int(now)}"
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.incr(key)
+        pipe.expire(key, 2)
+        return int(pipe.execute()[0])
+
+    def ping(self) -> bool:
+        return bool(self.redis.ping())
+
+
+def _flat(record: dict[str, Any]) -> dict[str, str]:
+    return {k: v if isinstance(v, str) else json.dumps(v) for k, v in record.items()
+            if v is not None}
+
+
+def _decode(raw: dict[bytes, bytes]) -> dict[str, str]:
+    return {k.decode(): v.decode() for k, v in raw.items()}
