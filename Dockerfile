@@ -1,5 +1,5 @@
 # inferq images. Two targets:
-#   docker build --target client -t inferq-client .   # enqueue, poll, score: no torch/onnxruntime
+#   docker build --target client -t inferq-client .   # API, enqueue, poll, score: no torch/onnxruntime
 #   docker build -t inferq-worker .                     # default (last stage): workers + model builds
 #
 # The worker image takes CPU torch from PyTorch's CPU index (hundreds of MB rather than
@@ -37,7 +37,8 @@ COPY workers/ workers/
 
 
 FROM base AS client
-RUN pip install .
+# The HTTP API and direct broker access; `pip install inferq` alone is the HTTP client.
+RUN pip install ".[api]"
 WORKDIR /app
 USER inferq
 ENTRYPOINT ["inferq"]

@@ -67,6 +67,11 @@ class Settings(BaseSettings):
         "", description="testing only: comma list such as 'delay_ms=20'; empty in production"
     )
 
+    @field_validator("api_keys_file", mode="before")
+    @classmethod
+    def _empty_is_none(cls, value: object) -> object:
+        return None if value == "" else value
+
     @field_validator("queue_prefix")
     @classmethod
     def _plain_prefix(cls, value: str) -> str:

@@ -208,3 +208,63 @@ def start_worker(tmp_path: Path) -> Iterator:
     yield start
     for w in started:
         w.stop()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class ApiProcess:
+    """An ``inferq api`` subprocess on a free port; ready once /healthz answers."""
+
+    def __init__(self, env: dict[str, str], log: Path):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = log
+        self.handle = log.open("ab")
+        cmd = [sys.executable, "-m", "producer.cli", "api", "--port", str(self.port),
+               "--log-level", "INFO"]
+        self.proc = subprocess.Popen(cmd, env={**os.environ, **env, "PYTHONPATH": str(ROOT)},
+                                     stdout=self.handle, stderr=subprocess.STDOUT, cwd=ROOT)
+
+    def wait_ready(self, timeout: float = 30) -> None:
+        import httpx
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"api exited with {self.proc.returncode}:\n"
+                                   + self.log.read_text(errors="replace")[-3000:])
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(self.url + "/healthz", timeout=1).status_code == 200:
+                    return
+            time.sleep(0.1)  # a port opening in another process: nothing to wait on
+        raise TimeoutError("api not ready in time:\n" + self.log.read_text()[-3000:])
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=10)
+        self.handle.close()
+
+
+@pytest.fixture
+def start_api(tmp_path: Path) -> Iterator:
+    """``start_api(env)`` -> a running ApiProcess (its url); stopped after the test."""
+    started: list[ApiProcess] = []
+
+    def start(env: dict[str, str]) -> ApiProcess:
+        api = ApiProcess(env, tmp_path / f"api-{len(started)}.log")
+        started.append(api)
+        api.wait_ready()
+        return api
+
+    yield start
+    for api in started:
+        api.stop()

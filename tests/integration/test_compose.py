@@ -148,6 +148,7 @@ def test_depends_on_waits_for_health_or_completion(services):
             "service_completed_successfully"
         )
     assert services["flower"]["depends_on"]["redis"]["condition"] == "service_healthy"
+    assert services["api"]["depends_on"]["redis"]["condition"] == "service_healthy"
 
 
 def test_models_volume_is_shared(compose, services):
@@ -225,7 +226,7 @@ def test_docker_compose_config_requires_the_redis_password():
 # --- (c) commands are real inferq sub-commands ------------------------------------------
 
 
-@pytest.mark.parametrize("name", ["models", *WORKER_SERVICES])
+@pytest.mark.parametrize("name", ["models", "api", *WORKER_SERVICES])
 def test_service_command_is_an_inferq_subcommand(services, name):
     cmd = _command(services[name])
     if name in WORKER_SERVICES:
