@@ -10,13 +10,14 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 PRODUCER_MODULES = ["producer", "producer.client", "producer.bulk", "producer.score",
-                    "producer.cli", "producer.readers", "producer.writers"]
+                    "producer.cli", "producer.readers", "producer.writers",
+                    "producer.api.app"]
 FORBIDDEN = ("torch", "onnxruntime", "workers")
 
 
-def run_python(*args: str) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "COLUMNS": "200", "NO_COLOR": "1",
-           "TERM": "dumb"}
+def run_python(*args: str, drop: tuple[str, ...] = ()) -> subprocess.CompletedProcess[str]:
+    env = {**{k: v for k, v in os.environ.items() if k not in drop},
+           "PYTHONPATH": str(ROOT), "COLUMNS": "200", "NO_COLOR": "1", "TERM": "dumb"}
     return subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=60)
 
@@ -39,4 +40,24 @@ def test_cli_help_lists_every_command() -> None:
     assert proc.returncode == 0, proc.stderr
     # A command is the first word of a line in the commands table (boxed or plain).
     listed = set(re.findall(r"^[\W_]*([a-z]+) {2,}\S", proc.stdout, flags=re.MULTILINE))
-    assert {"score", "worker", "demo", "status", "models"} <= listed, proc.stdout
+    assert {"score", "worker", "demo", "status", "models", "api"} <= listed, proc.stdout
+
+
+def test_api_key_command_stores_only_the_hash(tmp_path: Path) -> None:
+    import json
+
+    keys = tmp_path / "keys.json"
+    proc = run_python("-m", "producer.cli", "api-key", "--tenant", "acme", "--keys-file",
+                      str(keys), "--rate-per-s", "7")
+    assert proc.returncode == 0, proc.stderr
+    shown = json.loads(proc.stdout)
+    stored = json.loads(keys.read_text())["keys"]
+    assert shown["api_key"].startswith("iq_") and shown["api_key"] not in keys.read_text()
+    assert [(k["tenant"], k["rate_per_s"]) for k in stored] == [("acme", 7)]
+    assert oct(keys.stat().st_mode & 0o777) == "0o600"
+
+
+def test_api_refuses_the_embedded_default() -> None:
+    proc = run_python("-m", "producer.cli", "api", drop=("INFERQ_BROKER_URL",))
+    assert proc.returncode == 2
+    assert "INFERQ_BROKER_URL" in proc.stderr
