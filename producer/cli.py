@@ -170,8 +170,9 @@ def api(
                           "pip install 'inferq[api]'") from None
     _setup_logging(log_level)
     application = create_app(load_settings())
+    # Keep-alive past clients' usual 5 s idle expiry, so a request never races the close.
     uvicorn.run(application, host=host, port=port, log_level=log_level.lower(),
-                proxy_headers=True, access_log=False)
+                proxy_headers=True, access_log=False, timeout_keep_alive=75)
 
 
 @app.command("api-key")

@@ -123,7 +123,41 @@ class Job:
 
 
 def coerce_inputs(manifest: Manifest, row: Any) -> dict[str, np.ndarray]:
-    """A row, a few rows, or {input name: value} -> {input name: array of rows}."""
+    """A row, a few rows, or {input name: value} -> {input name: array of rows}.
+
+    Rows numpy cannot stack (ragged) are an InputError naming the first odd row.
+    """
+    try:
+        return _coerce(manifest, row)
+    except ValueError:  # numpy: "setting an array element with a sequence"
+        values = row if isinstance(row, dict) else {manifest.inputs[0].name: row}
+        for name, value in values.items():
+            odd = _odd_row(value)
+            if odd is not None:
+                raise InputError(f"row {odd}, field {name!r}: its shape differs from row "
+                                 "0's; every row needs the model's row shape", row=odd,
+                                 field=name) from None
+        raise InputError("inputs: rows of different shapes cannot be one job") from None
+
+
+def _odd_row(rows: Any) -> int | None:
+    """The first row whose shape differs from row 0's, or None."""
+    if not isinstance(rows, list):
+        return None
+    first = None
+    for i, row in enumerate(rows):
+        try:
+            shape = np.shape(row)
+        except ValueError:  # ragged within the row
+            return i
+        if first is None:
+            first = shape
+        elif shape != first:
+            return i
+    return None
+
+
+def _coerce(manifest: Manifest, row: Any) -> dict[str, np.ndarray]:
     values = row if isinstance(row, dict) else {manifest.inputs[0].name: row}
     unknown = set(values) - {s.name for s in manifest.inputs}
     if unknown:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from typing import Any
 
@@ -49,6 +50,7 @@ class ResultStore:
     def __init__(self, app: Celery):
         self.backend = app.backend
         self.claims = Claims(app.backend, int(app.conf.result_expires or 0) or 7 * 86400)
+        self._local = threading.local()
 
     def mark_queued(self, job_id: str, info: dict[str, Any]) -> None:
         """Record a job before publishing it, so ``get`` tells queued from unknown."""
@@ -88,22 +90,60 @@ class ResultStore:
         return won
 
     def wait(self, job_id: str, timeout: float | None = None) -> dict[str, Any]:
-        """Poll until the job is final (short intervals first, then up to 50 ms).
+        """Block until the job is final; its meta. On Redis, woken by the result's publish.
 
         A job with no record yet counts as queued until the timeout; then it is unknown.
         """
         deadline = None if timeout is None else time.monotonic() + timeout
+        if self.claims.redis is not None:
+            meta = self._wait_published(job_id, deadline)
+        else:
+            meta = self._wait_polling(job_id, deadline)
+        if meta is not None and is_final(meta):
+            return meta
+        if meta is None:
+            meta = self.fetch(job_id)  # raises JobNotFound
+            if is_final(meta):
+                return meta
+        raise TimeoutError(f"job {job_id} not finished after {timeout} s "
+                           f"(status {status_of(meta).value})")
+
+    def _wait_published(self, job_id: str, deadline: float | None) -> dict[str, Any] | None:
+        """Subscribe to the result key's channel (Celery's Redis backend publishes every
+        stored result there), then read once: a result stored in between is not missed.
+
+        Each thread keeps its subscriber connection: a new one per wait would cost a
+        connect (redis-py disconnects a closed PubSub).
+        """
+        key = self.backend.get_key_for_task(job_id)
+        pubsub = getattr(self._local, "pubsub", None)
+        if pubsub is None:
+            assert self.claims.redis is not None
+            pubsub = self._local.pubsub = self.claims.redis.pubsub(
+                ignore_subscribe_messages=True)
+        try:
+            pubsub.subscribe(key)
+            meta = self.fetch_many([job_id])[0]
+            while not is_final(meta):
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    break
+                message = pubsub.get_message(timeout=1.0 if left is None else min(left, 1.0))
+                if message is not None and message.get("channel") == key:
+                    meta = self.backend.decode_result(message["data"])
+            pubsub.unsubscribe(key)
+            return meta
+        except BaseException:
+            self._local.pubsub = None  # in an unknown state: drop it
+            pubsub.close()
+            raise
+
+    def _wait_polling(self, job_id: str, deadline: float | None) -> dict[str, Any] | None:
+        """For stores without publish (the embedded file store): 1 ms pauses growing to 50."""
         pause = 0.001
         while True:
             meta = self.fetch_many([job_id])[0]
-            if meta is not None and is_final(meta):
+            if is_final(meta) or (deadline is not None and time.monotonic() >= deadline):
                 return meta
-            if deadline is not None and time.monotonic() >= deadline:
-                if meta is None:
-                    meta = self.fetch(job_id)  # raises JobNotFound
-                    if is_final(meta):
-                        return meta
-                raise TimeoutError(f"job {job_id} not finished after {timeout} s "
-                                   f"(status {status_of(meta).value})")
             time.sleep(pause)
             pause = min(pause * 2, 0.05)

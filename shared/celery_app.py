@@ -13,6 +13,7 @@ from shared import codec, filestore
 from shared.settings import Settings
 
 INFER_TASK = "inferq.infer"
+INFER_MANY_TASK = "inferq.infer_many"  # several jobs in one message (producer/coalesce.py)
 
 
 def queue_name(settings: Settings, model: str) -> str:

@@ -45,6 +45,15 @@ class Claims:
         old = self.redis.set(claim_key(job_id), RUN, nx=True, get=True, ex=self.expires)
         return old != CANCELLED
 
+    def take_many(self, job_ids: list[str]) -> list[bool]:
+        """``take`` for several jobs in one round trip."""
+        if self.redis is None:
+            return [True] * len(job_ids)
+        pipe = self.redis.pipeline(transaction=False)
+        for job_id in job_ids:
+            pipe.set(claim_key(job_id), RUN, nx=True, get=True, ex=self.expires)
+        return [old != CANCELLED for old in pipe.execute()]
+
     def cancel(self, job_ids: list[str]) -> list[bool]:
         """Claim jobs as cancelled; True for each one no worker had claimed before."""
         if self.redis is None:

@@ -40,8 +40,8 @@ class JobFailed(InferqError):
     """The job ran and failed; the message is the worker's error."""
 
 
-class JobCancelled(InferqError):
-    """The job was cancelled before a worker ran it."""
+class JobCancelled(JobFailed):
+    """The job was cancelled before a worker ran it (a JobFailed: it has no result)."""
 
 
 class BatchContractError(InferqError):
@@ -50,3 +50,28 @@ class BatchContractError(InferqError):
 
 class TransientError(InferqError):
     """A failure worth retrying (device hiccup, store outage)."""
+
+
+class AuthError(InferqError):
+    """The HTTP API refused the API key (401): missing, unknown or revoked."""
+
+
+class Busy(TransientError):
+    """The HTTP API asked to slow down (429): the tenant's rate limit, or the model's queue
+    is over its depth limit. ``retry_after``: seconds the server suggested, if it did."""
+
+    def __init__(self, message: str, *, retry_after: float | None = None):
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+RateLimited = Busy  # the same error, by the name HTTP clients often look for
+
+
+class Unavailable(TransientError):
+    """The service or what it depends on (broker, result store) is down (503); nothing was
+    enqueued. ``retry_after``: seconds the server suggested, if it did."""
+
+    def __init__(self, message: str, *, retry_after: float | None = None):
+        super().__init__(message)
+        self.retry_after = retry_after

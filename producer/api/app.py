@@ -37,6 +37,7 @@ from shared.settings import Settings, load_settings
 logger = logging.getLogger(__name__)
 ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": Problem, "description": text} for code, text in (
+        (400, "a body that cannot be parsed (e.g. not UTF-8)"),
         (401, "no or unknown API key"), (404, "not found, or not this tenant's"),
         (413, "body or rows over the limit"), (422, "invalid input, naming row and field"),
         (429, "rate limit or queue backpressure; see Retry-After"),
@@ -104,6 +105,8 @@ def _errors(app: FastAPI) -> None:
     async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first.get("loc", ()) if p != "body") or "body"
+        if first.get("type") == "json_invalid":  # its loc is a character offset, not a field
+            where = "body"
         return _problem(422, f"{where}: {first.get('msg', 'invalid')}", field=where)
 
     @app.exception_handler(InputError)
@@ -148,7 +151,7 @@ def _models(api: Api, name: str | None = None) -> list[ModelView]:
     views = []
     for model in [name] if name else repo.names():
         version, _ = api.model(model)
-        variants = sorted({v.manifest.variant for v in repo.all(model)})
+        variants = sorted({v.manifest.variant for v in repo.all(version.manifest.name)})
         views.append(_model_view(version, variants))
     return views
 
@@ -194,7 +197,8 @@ def _check(probe: Any) -> str:
 
 def _broker_ok(api: Api) -> None:
     with api.client.app.connection_for_write() as conn:
-        conn.ensure_connection(max_retries=1, timeout=2)
+        conn.ensure_connection(max_retries=1, interval_start=0.1, interval_step=0.2,
+                               interval_max=0.5, timeout=2)  # not kombu's 2 s pause
 
 
 def _measure(app: FastAPI, api: Api) -> None:

@@ -27,7 +27,7 @@ from pydantic import ValidationError
 
 from producer.api.auth import Principal
 from producer.api.context import FAST_PUBLISH, Api, Who, api_of, not_found
-from producer.api.schemas import BatchRequest, BatchView, CallbackInfo
+from producer.api.schemas import BatchRequest, BatchView, CallbackInfo, Problem
 from producer.bulk import chunk_id, publish_chunk
 from producer.chunks import Chunk, merge
 from producer.readers import SUPPORTED, count_rows, read_chunks
@@ -172,7 +172,9 @@ def _send(api: Api, ref: Any, input_name: str, batch_id: str, chunk: Chunk, prod
 
 
 @router.post("/batches", status_code=202, response_model=BatchView, openapi_extra=BATCH_BODY,
-             summary="Enqueue many rows: JSON, NDJSON, or an uploaded file")
+             summary="Enqueue many rows: JSON, NDJSON, or an uploaded file",
+             responses={415: {"model": Problem, "description": "not JSON, NDJSON or "
+                              "multipart/form-data"}})
 async def submit_batch(request: Request, who: Who) -> Any:
     api = api_of(request)
     batch_id = uuid.uuid4().hex
@@ -247,7 +249,9 @@ def batch_view(api: Api, batch_id: str, who: Principal) -> BatchView:
     created = float(batch.record["created_at"])
     finished = len(counts) == batch.chunks
     if finished and "finished_at" not in batch.record:
-        api.store.update_batch(batch_id, finished_at=time.time())
+        now = time.time()
+        api.store.update_batch(batch_id, finished_at=now)
+        batch.record["finished_at"] = str(now)  # so this answer's rate is the stored one's
     end = float(batch.record.get("finished_at", time.time()))
     elapsed = max(end - created, 1e-6)
     rate = done / elapsed if done else None

@@ -49,15 +49,22 @@ class Dispatcher:
         self._stop = asyncio.Event()
 
     async def run(self) -> None:
+        idle = POLL_S / 2
+        failures = 0
         while not self._stop.is_set():
             try:
                 busy = await self.tick()
+                failures = 0
             except Exception as exc:  # noqa: BLE001 - the store may be down; keep trying
-                logger.warning("callback dispatcher: %s: %s", type(exc).__name__, exc)
+                failures += 1
+                if failures == 1 or failures % 20 == 0:  # not a line every 0.1 s
+                    logger.warning("callback dispatcher: %s: %s (failure %d)",
+                                   type(exc).__name__, exc, failures)
                 busy = 0
             if not busy:
+                pause = idle if not failures else min(5.0, idle * 2 ** min(failures, 6))
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._stop.wait(), POLL_S / 2)
+                    await asyncio.wait_for(self._stop.wait(), pause)
 
     async def stop(self) -> None:
         self._stop.set()

@@ -7,7 +7,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Annotated, Any
 
-from fastapi import Depends, HTTPException, Request
+from fastapi import Depends, HTTPException, Request, Security
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from producer.api.auth import Keyring, Principal
 from producer.api.limits import QueueDepth
@@ -69,11 +70,16 @@ def api_of(request: Request) -> Api:
     return request.app.state.api  # type: ignore[no-any-return]
 
 
-def authenticate(request: Request) -> Principal:
+# Declares the scheme in /openapi.json; the check (and the 401) stays in `authenticate`.
+BEARER = HTTPBearer(auto_error=False, scheme_name="apiKey",
+                    description="an API key: `Authorization: Bearer <key>`")
+
+
+def authenticate(request: Request, credentials: Annotated[
+        HTTPAuthorizationCredentials | None, Security(BEARER)] = None) -> Principal:
     """Bearer key -> tenant (401 without one), then the tenant's rate limit (429)."""
     api = api_of(request)
-    scheme, _, key = request.headers.get("authorization", "").partition(" ")
-    who = api.keyring.authenticate(key.strip()) if scheme.lower() == "bearer" else None
+    who = api.keyring.authenticate(credentials.credentials.strip()) if credentials else None
     if who is None:
         raise HTTPException(401, "missing or unknown API key: send 'Authorization: Bearer "
                             "<key>'", headers={"WWW-Authenticate": "Bearer"})

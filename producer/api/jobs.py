@@ -16,10 +16,18 @@ from fastapi.responses import JSONResponse
 
 from producer.api.auth import Principal
 from producer.api.context import FAST_PUBLISH, Api, Who, api_of, not_found
-from producer.api.schemas import Accepted, CallbackInfo, JobRequest, JobView, Timings
+from producer.api.schemas import (
+    Accepted,
+    CallbackInfo,
+    JobRequest,
+    JobView,
+    Problem,
+    Timings,
+)
 from producer.client import coerce_inputs
 from producer.store import is_final, status_of
 from shared import claims
+from shared.errors import InputError
 from shared.schemas import JobStatus, RowError
 
 logger = logging.getLogger("inferq.audit")
@@ -35,7 +43,8 @@ def parse_wait(value: str | None, cap: float) -> float:
         return 0.0
     found = _WAIT.match(value.strip())
     if not found:
-        raise HTTPException(422, f"wait: {value!r} is not a duration such as 2s or 500ms")
+        raise InputError(f"wait: {value!r} is not a duration such as 2s or 500ms",
+                         field="wait")
     seconds = float(found.group(1)) / (1000 if found.group(2) == "ms" else 1)
     return min(seconds, cap)
 
@@ -181,6 +190,7 @@ def _cancel(api: Api, job_id: str, who: Principal) -> JobView:
 
 
 @router.delete("/jobs/{job_id}", response_model=JobView, summary="Cancel a job not yet run",
-               responses={409: {"description": "already running or finished"}})
+               responses={409: {"model": Problem,
+                                "description": "already running or finished"}})
 def cancel_job(job_id: str, request: Request, who: Who) -> JobView:
     return _cancel(api_of(request), job_id, who)

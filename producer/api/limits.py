@@ -58,7 +58,7 @@ class BodyLimit:
 
         try:
             await self.app(scope, limited_receive, tracking_send)
-        except TooLarge:
+        except* TooLarge:  # except*: middleware task groups wrap it in an ExceptionGroup
             if not started:
                 await _too_large(send, self.limit)
 
@@ -97,19 +97,30 @@ class QueueDepth:
 
     def _read(self, name: str) -> int:
         from amqp.exceptions import ChannelError as AmqpChannelError
-        from kombu.exceptions import ChannelError
+        from kombu.exceptions import ChannelError, OperationalError
 
         if self._conn is None:
             self._conn = self.app.connection_for_write()
-            self._conn.ensure_connection(max_retries=1)
+            # kombu's default retry interval is 2 s: a broker outage would hold every POST
+            # (serialised on the lock) that long before its 503. Fail fast instead, and keep
+            # no connection that never connected (its next use retries for seconds).
+            try:
+                self._conn.ensure_connection(max_retries=1, interval_start=0.1,
+                                             interval_step=0.2, interval_max=0.5, timeout=2)
+            except Exception:
+                self._drop()
+                raise
         try:
             ok = self._conn.default_channel.queue_declare(queue=name, passive=True)
             return int(ok.message_count)
         except (ChannelError, AmqpChannelError):
             self._drop()
             return 0  # no such queue yet: nothing waiting
-        except Exception:
+        except Exception as exc:
+            lost = isinstance(exc, self._conn.connection_errors)
             self._drop()
+            if lost:  # e.g. redis.ConnectionError from a Redis broker: the broker's fault,
+                raise OperationalError(f"broker: {exc}") from exc  # not the result store's
             raise
 
     def _drop(self) -> None:

@@ -1,0 +1,139 @@
+"""Group commit for single-job submits: concurrent ``submit`` calls to the same model
+share one broker message.
+
+A worker pays ~1 ms of Celery and transport work per message whatever it carries, so
+with one message per job, many small concurrent jobs are bound by messages, not by the
+model. Here the first submitter of a model becomes the *leader* and publishes what is
+pending, its own job included, at once: a lone request waits for nobody. Submitters that
+arrive while a leader is publishing queue up; the leader's next message carries them all,
+and the leader then hands the role to one of the waiting submitters (it does not serve
+others forever). Each job keeps its own id and result; only the message is shared.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from celery import states
+
+from shared.celery_app import INFER_MANY_TASK, model_queue
+from shared.claims import redis_of
+from shared.repository import ModelRef
+
+if TYPE_CHECKING:
+    from producer.client import Client
+
+MAX_JOBS = 256  # jobs per message at most
+
+
+@dataclass
+class _Item:
+    job_id: str
+    inputs: dict[str, Any]
+    submitted_at: float
+    done: threading.Event = field(default_factory=threading.Event)
+    error: BaseException | None = None
+    lead: bool = False  # woken to lead, not because its job was sent
+
+
+@dataclass
+class _Group:
+    pending: list[_Item] = field(default_factory=list)
+    leading: bool = False
+
+
+class Coalescer:
+    def __init__(self, client: Client, retry_policy: dict[str, Any], *, mark: bool = True):
+        self.client = client
+        self.retry_policy = retry_policy
+        self.mark = mark  # record each job as queued before sending (the SDK does)
+        self._lock = threading.Lock()
+        self._groups: dict[tuple[str, str | None, int | None], _Group] = {}
+        self.messages = 0
+        self.jobs = 0
+
+    def publish(self, ref: ModelRef, job_id: str, inputs: dict[str, Any]) -> None:
+        """Return once the job is on the broker (or raise why it could not be sent)."""
+        item = _Item(job_id, inputs, time.time())
+        key = (ref.name, ref.variant, ref.version)
+        with self._lock:
+            group = self._groups.setdefault(key, _Group())
+            group.pending.append(item)
+            lead = not group.leading
+            group.leading = True
+        if not lead:
+            item.done.wait()
+            if not item.lead:
+                if item.error is not None:
+                    raise item.error
+                return
+        self._lead(ref, group, item)
+        if item.error is not None:
+            raise item.error
+
+    def _lead(self, ref: ModelRef, group: _Group, mine: _Item) -> None:
+        """Send rounds until ``mine`` is sent; then pass the role to a waiting submitter."""
+        mine.lead = False
+        while not mine.done.is_set():
+            with self._lock:
+                batch = group.pending[:MAX_JOBS]
+                del group.pending[:MAX_JOBS]
+            try:
+                self._send(ref, batch)
+                error = None
+            except BaseException as exc:  # every submitter of the batch hears it
+                error = exc
+            for it in batch:
+                it.error = error
+                it.done.set()
+        with self._lock:
+            if group.pending:
+                heir = group.pending[0]
+                heir.lead = True
+                heir.done.set()
+            else:
+                group.leading = False
+
+    def _send(self, ref: ModelRef, batch: list[_Item]) -> None:
+        if self.mark:
+            self._mark(ref, batch)
+        self.messages += 1
+        self.jobs += len(batch)
+        if len(batch) == 1:
+            it = batch[0]
+            self.client.publish(ref, it.job_id, it.inputs, retry_policy=self.retry_policy,
+                                submitted_at=it.submitted_at)
+            return
+        jobs = [{"id": it.job_id, "inputs": it.inputs, "submitted_at": it.submitted_at}
+                for it in batch]
+        settings = self.client.settings
+        self.client.app.send_task(
+            INFER_MANY_TASK, task_id=f"many-{uuid.uuid4().hex}",
+            kwargs={"model": ref.name, "variant": ref.variant, "version": ref.version,
+                    "jobs": jobs},
+            queue=model_queue(settings, ref.name), retry=True,
+            retry_policy=self.retry_policy)
+
+    def _mark(self, ref: ModelRef, batch: list[_Item]) -> None:
+        """Each job recorded as queued, so a reader tells queued from unknown: one round
+        trip for the whole batch on Redis."""
+        backend = self.client.app.backend
+        redis = redis_of(backend)
+        if redis is None:
+            for it in batch:
+                backend.store_result(it.job_id, {"model": ref.name,
+                                                 "submitted_at": it.submitted_at},
+                                     states.PENDING)
+            return
+        pipe = redis.pipeline(transaction=False)
+        for it in batch:
+            meta = {"status": states.PENDING, "result": {"model": ref.name,
+                    "submitted_at": it.submitted_at}, "traceback": None, "children": [],
+                    "date_done": None, "task_id": it.job_id}
+            pipe.set(backend.get_key_for_task(it.job_id), backend.encode(meta),
+                     ex=self.client.settings.result_expires)
+        pipe.execute()

@@ -1,0 +1,115 @@
+"""``inferq.infer_many``: several jobs in one message (see ``producer/coalesce.py``).
+
+Each job is claimed, validated and answered on its own, exactly as ``inferq.infer`` would
+(a cancelled job is skipped, a bad row fails alone); their valid rows go to the batcher
+as one submit, so they share model calls; the results are stored in one round trip.
+The message is acked once every job has its result, so a worker dying midway makes the
+broker redeliver it and every job runs again (at-least-once, one result per job id).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+from celery import Celery, states
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from shared.celery_app import INFER_MANY_TASK
+from shared.claims import Claims, redis_of
+from shared.errors import InferqError
+from workers.batcher import Outcome
+from workers.pool import ModelPool
+
+logger = logging.getLogger(__name__)
+
+Validate = Callable[..., tuple[dict[str, np.ndarray], np.ndarray, np.ndarray, list]]
+Finish = Callable[..., dict[str, Any]]
+
+
+def _split(outcome: Outcome, sizes: list[int]) -> list[Outcome]:
+    """One merged outcome -> one per job (rows ``sizes[i]`` each, in order)."""
+    parts, start = [], 0
+    for n in sizes:
+        outputs = None if outcome.outputs is None else \
+            {k: v[start:start + n] for k, v in outcome.outputs.items()}
+        errors = {i - start: m for i, m in outcome.errors.items() if start <= i < start + n}
+        parts.append(Outcome(outputs, errors, outcome.batch_rows))
+        start += n
+    return parts
+
+
+def store_many(app: Celery, items: list[tuple[str, str, Any]], attempts: int = 5) -> None:
+    """(job id, state, result) each stored and published, one pipeline on Redis.
+
+    Retried with backoff on a store outage: the inference is not redone for it.
+    """
+    backend = app.backend
+    redis = redis_of(backend)
+    if redis is None:
+        for job_id, state, result in items:
+            backend.store_result(job_id, result, state)
+        return
+    done = app.now().isoformat()
+    pipe = redis.pipeline(transaction=False)
+    for job_id, state, result in items:
+        meta = {"status": state, "result": backend.encode_result(result, state),
+                "traceback": None, "children": [], "date_done": done, "task_id": job_id}
+        key, value = backend.get_key_for_task(job_id), backend.encode(meta)
+        pipe.setex(key, backend.expires, value)
+        pipe.publish(key, value)
+    for attempt in range(attempts):
+        try:
+            pipe.execute()
+            return
+        except (RedisConnectionError, RedisTimeoutError) as exc:
+            if attempt == attempts - 1:
+                raise
+            logger.warning("storing %d results failed (%s); retrying", len(items), exc)
+            time.sleep(min(2.0, 0.1 * 2 ** attempt))
+
+
+def register_many(app: Celery, pool: ModelPool, claims: Claims, validate: Validate,
+                  finish: Finish) -> None:
+    """``validate`` and ``finish`` are ``inferq.infer``'s own steps (workers/tasks.py)."""
+
+    @app.task(name=INFER_MANY_TASK, bind=True, ignore_result=True)
+    def infer_many(self: Any, model: str, jobs: list[dict[str, Any]],
+                   version: int | None = None, variant: str | None = None) -> None:
+        started = time.time()
+        taken = claims.take_many([j["id"] for j in jobs])
+        runnable = [j for j, ok in zip(jobs, taken, strict=True) if ok]
+        if len(runnable) < len(jobs):
+            logger.info("message %s: %d of %d jobs cancelled before they ran; skipped",
+                        self.request.id, len(jobs) - len(runnable), len(jobs))
+        items: list[tuple[str, str, Any]] = []
+        try:
+            served = pool.get(model, version, variant)
+        except InferqError as exc:  # every job of the message fails the same way
+            store_many(app, [(j["id"], states.FAILURE, exc) for j in runnable])
+            return
+        manifest = served.version.manifest
+        checked = []
+        with served.batcher.announced() as ticket:
+            for job in runnable:
+                try:
+                    checked.append((job, *validate(manifest, job["inputs"], 0, None)))
+                except InferqError as exc:
+                    items.append((job["id"], states.FAILURE, exc))
+            if checked:
+                names = checked[0][1].keys()
+                merged = {k: np.concatenate([c[1][k] for c in checked]) for k in names}
+                future = served.batcher.submit(merged, ticket)
+        if checked:
+            outcome = future.result(timeout=pool.settings.visibility_timeout)
+            sizes = [len(c[2]) for c in checked]
+            for (job, _, keep, labels, errors), part in zip(checked, _split(outcome, sizes),
+                                                            strict=True):
+                items.append((job["id"], states.SUCCESS,
+                              finish(served, part, keep, labels, errors, job.get(
+                                  "submitted_at"), started, self.request.hostname)))
+        store_many(app, items)
