@@ -34,17 +34,25 @@ def chunk_id(batch_id: str, index: int) -> str:
     return f"{batch_id}-{index:07d}"
 
 
+# A chunk nobody has claimed this long after it was sent, while chunks sent after it have
+# finished, was most likely lost between a worker's BRPOP and its unacked record (kombu's
+# Redis transport has that window: a worker SIGKILLed there drops the message). It is
+# sent again; should the first copy run after all, the result is the same.
+LOST_AFTER_S = 10.0
+
+
 @dataclass
 class _Pending:
     chunk: Chunk
     job_id: str
     meta: dict | None = None
+    sent_at: float = 0.0
 
 
 def publish_chunk(client: Client, ref: ModelRef, input_name: str, job_id: str, chunk: Chunk,
-                  producer: object, **kwargs: Any) -> None:
+                  producer: object, *, keep_data: bool = False, **kwargs: Any) -> None:
     """Send a chunk's valid rows, labelled with their input row numbers; then drop the
-    data (only what merging needs is kept)."""
+    data unless ``keep_data`` (only what merging needs is kept)."""
     extra: dict[str, Any] = {}
     if len(chunk.keep) == chunk.rows:
         extra["first_row"] = chunk.start
@@ -52,7 +60,8 @@ def publish_chunk(client: Client, ref: ModelRef, input_name: str, job_id: str, c
         extra["row_ids"] = chunk.start + chunk.keep.astype(np.int64)
     client.publish(ref, job_id, {input_name: chunk.data}, producer=producer, **extra,
                    **kwargs)
-    chunk.data = chunk.data[:0]
+    if not keep_data:
+        chunk.data = chunk.data[:0]
 
 
 class Pipeline:
@@ -67,15 +76,16 @@ class Pipeline:
         self.stall_timeout = stall_timeout
         self.sent = 0
         self.reused = 0
+        self.resent = 0
 
     def _publish(self, chunk: Chunk, producer: object) -> _Pending:
         job_id = chunk_id(self.batch_id, chunk.index)
         if not len(chunk.keep):
             return _Pending(chunk, job_id, meta={"status": "SUCCESS", "result": {}})
         publish_chunk(self.client, self.ref, self.version.manifest.input().name, job_id,
-                      chunk, producer)
+                      chunk, producer, keep_data=True)
         self.sent += 1
-        return _Pending(chunk, job_id)
+        return _Pending(chunk, job_id, sent_at=time.monotonic())
 
     def run(self, chunks: Iterable[Chunk], done: set[int] | None = None
             ) -> Iterator[ChunkResult]:
@@ -107,6 +117,7 @@ class Pipeline:
                     yield merge(entry.chunk, specs, result_value(entry.meta))
                 if window and window[0].meta is None:
                     self._check_stall(last_progress, window[0])
+                    self._recover(window, producer)
                     time.sleep(pause)
                     pause = min(pause * 2, 0.05)
 
@@ -117,8 +128,27 @@ class Pipeline:
         for entry, meta in zip(waiting, metas, strict=True):
             if is_final(meta):
                 entry.meta = meta
+                entry.chunk.data = entry.chunk.data[:0]  # done: no resend needed
                 progressed = True
         return progressed
+
+    def _recover(self, window: deque[_Pending], producer: object) -> None:
+        """Send the head chunk again if it looks lost (see LOST_AFTER_S)."""
+        head = window[0]
+        now = time.monotonic()
+        claims = self.client.store.claims
+        if (now - head.sent_at < LOST_AFTER_S or not claims.supported
+                or not any(p.meta is not None for p in window)):
+            return
+        head.sent_at = now  # look again no sooner than LOST_AFTER_S from now
+        if claims.states([head.job_id])[0] is not None:
+            return  # a worker has it
+        logger.warning("chunk %s (rows %d..%d) unclaimed %.0f s after it was sent while "
+                       "later chunks finished: sending it again", head.job_id,
+                       head.chunk.start, head.chunk.start + head.chunk.rows - 1, LOST_AFTER_S)
+        publish_chunk(self.client, self.ref, self.version.manifest.input().name,
+                      head.job_id, head.chunk, producer, keep_data=True)
+        self.resent += 1
 
     def _check_stall(self, since: float, head: _Pending) -> None:
         if self.stall_timeout is not None and time.monotonic() - since > self.stall_timeout:

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from celery import Celery
 
+from producer.coalesce import Coalescer
 from producer.store import ResultStore, is_final, status_of
 from shared.celery_app import INFER_TASK, make_app, model_queue
 from shared.errors import InputError, JobFailed
@@ -41,6 +42,7 @@ class Client:
         self.app = app or make_app(self.settings)
         self.repo = ModelRepository(self.settings.model_repo)
         self.store = ResultStore(self.app)
+        self.coalescer = Coalescer(self, PUBLISH_RETRY)
         self._models: dict[str, tuple[float, ModelVersion]] = {}
 
     # -- models --------------------------------------------------------------------------
@@ -62,11 +64,8 @@ class Client:
     def publish(self, ref: ModelRef, job_id: str, inputs: dict[str, Any],
                 producer: Any = None, retry_policy: dict[str, Any] | None = None,
                 **extra: Any) -> None:
-        # Text travels as a list of str; the codec carries numeric arrays only.
-        inputs = {k: v.tolist() if isinstance(v, np.ndarray) and v.dtype == object else v
-                  for k, v in inputs.items()}
         kwargs = {"model": ref.name, "variant": ref.variant, "version": ref.version,
-                  "inputs": inputs, "submitted_at": time.time(), **extra}
+                  "inputs": wire_inputs(inputs), "submitted_at": time.time(), **extra}
         self.app.send_task(INFER_TASK, kwargs=kwargs, task_id=job_id,
                            queue=model_queue(self.settings, ref.name), producer=producer,
                            retry=True, retry_policy=retry_policy or PUBLISH_RETRY)
@@ -74,10 +73,13 @@ class Client:
     def submit(self, model: str, row: Any, *, job_id: str | None = None) -> Job:
         """Enqueue one row (or a few, as a 2-D array); validated here, before sending."""
         version, ref = self.model(model)
-        inputs = coerce_inputs(version.manifest, row)
+        inputs = wire_inputs(coerce_inputs(version.manifest, row))
         job_id = job_id or uuid.uuid4().hex
-        self.store.mark_queued(job_id, {"model": ref.name, "submitted_at": time.time()})
-        self.publish(ref, job_id, inputs)
+        if self.settings.coalesce:  # concurrent submits share a message
+            self.coalescer.publish(ref, job_id, inputs)
+        else:
+            self.store.mark_queued(job_id, {"model": ref.name, "submitted_at": time.time()})
+            self.publish(ref, job_id, inputs)
         return Job(self, job_id, ref.name)
 
     def submit_many(self, model: str, rows: Any, *, chunk_rows: int | None = None,
@@ -120,6 +122,12 @@ class Job:
             raise JobFailed("; ".join(e.message for e in res.errors))
         assert res.outputs is not None
         return res.outputs
+
+
+def wire_inputs(inputs: dict[str, Any]) -> dict[str, Any]:
+    """Text travels as a list of str; the codec carries numeric arrays only."""
+    return {k: v.tolist() if isinstance(v, np.ndarray) and v.dtype == object else v
+            for k, v in inputs.items()}
 
 
 def coerce_inputs(manifest: Manifest, row: Any) -> dict[str, np.ndarray]:

@@ -67,17 +67,18 @@ class Coalescer:
             group.leading = True
         if not lead:
             item.done.wait()
-            if not item.lead:
+            if not item.lead:  # sent by a leader
                 if item.error is not None:
                     raise item.error
                 return
+            item.lead = False  # handed the role: its own job is still pending
+            item.done.clear()
         self._lead(ref, group, item)
         if item.error is not None:
             raise item.error
 
     def _lead(self, ref: ModelRef, group: _Group, mine: _Item) -> None:
         """Send rounds until ``mine`` is sent; then pass the role to a waiting submitter."""
-        mine.lead = False
         while not mine.done.is_set():
             with self._lock:
                 batch = group.pending[:MAX_JOBS]

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import threading
 import time
 from typing import Any
 
 from celery import Celery, states
 
+from producer.waiter import ResultWaiter
 from shared import claims
 from shared.claims import Claims
 from shared.errors import InferqError, JobCancelled, JobNotFound
@@ -50,7 +50,7 @@ class ResultStore:
     def __init__(self, app: Celery):
         self.backend = app.backend
         self.claims = Claims(app.backend, int(app.conf.result_expires or 0) or 7 * 86400)
-        self._local = threading.local()
+        self._waiter: ResultWaiter | None = None
 
     def mark_queued(self, job_id: str, info: dict[str, Any]) -> None:
         """Record a job before publishing it, so ``get`` tells queued from unknown."""
@@ -109,34 +109,15 @@ class ResultStore:
                            f"(status {status_of(meta).value})")
 
     def _wait_published(self, job_id: str, deadline: float | None) -> dict[str, Any] | None:
-        """Subscribe to the result key's channel (Celery's Redis backend publishes every
-        stored result there), then read once: a result stored in between is not missed.
-
-        Each thread keeps its subscriber connection: a new one per wait would cost a
-        connect (redis-py disconnects a closed PubSub).
-        """
-        key = self.backend.get_key_for_task(job_id)
-        pubsub = getattr(self._local, "pubsub", None)
-        if pubsub is None:
-            assert self.claims.redis is not None
-            pubsub = self._local.pubsub = self.claims.redis.pubsub(
-                ignore_subscribe_messages=True)
-        try:
-            pubsub.subscribe(key)
-            meta = self.fetch_many([job_id])[0]
-            while not is_final(meta):
-                left = None if deadline is None else deadline - time.monotonic()
-                if left is not None and left <= 0:
-                    break
-                message = pubsub.get_message(timeout=1.0 if left is None else min(left, 1.0))
-                if message is not None and message.get("channel") == key:
-                    meta = self.backend.decode_result(message["data"])
-            pubsub.unsubscribe(key)
-            return meta
-        except BaseException:
-            self._local.pubsub = None  # in an unknown state: drop it
-            pubsub.close()
-            raise
+        """Woken by the result's publish (Celery's Redis backend publishes each stored
+        result on a channel named after its key); one listener per process."""
+        if self._waiter is None:
+            self._waiter = ResultWaiter(self.claims.redis)
+        left = 3600.0 if deadline is None else max(0.0, deadline - time.monotonic())
+        meta: dict[str, Any] | None = self._waiter.wait(
+            self.backend.get_key_for_task(job_id), lambda: self.fetch_many([job_id])[0],
+            is_final, self.backend.decode_result, left)
+        return meta
 
     def _wait_polling(self, job_id: str, deadline: float | None) -> dict[str, Any] | None:
         """For stores without publish (the embedded file store): 1 ms pauses growing to 50."""

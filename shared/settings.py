@@ -39,6 +39,8 @@ class Settings(BaseSettings):
     max_in_flight: int = Field(64, ge=1, description="bulk chunks outstanding at once per producer")
     max_batch_rows: int = Field(256, ge=1, description="rows per model call")
     max_delay_ms: float = Field(5.0, ge=0, description="longest a row waits for batch-mates")
+    coalesce: bool = Field(True, description="concurrent single-job submits of one process "
+                           "share a broker message (producer/coalesce.py)")
     concurrency: int = Field(32, ge=1, description="task threads per worker process")
     ort_threads: int = Field(0, ge=0, description="ONNX Runtime intra-op threads; 0 = cores")
     device: str = Field("cpu", pattern=r"^(cpu|cuda(:\d+)?)$",

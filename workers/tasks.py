@@ -18,7 +18,8 @@ from shared.errors import InputError
 from shared.schemas import Manifest
 from shared.validation import check_rows
 from workers.batcher import Outcome
-from workers.pool import ModelPool
+from workers.many import register_many
+from workers.pool import ModelPool, Served
 
 logger = logging.getLogger(__name__)
 
@@ -104,8 +105,25 @@ def _truncated(outcome: Outcome, keep: np.ndarray, labels: np.ndarray) -> list[i
     return [int(labels[keep[i]]) for i in np.flatnonzero(flags)]
 
 
+def finish(served: Served, outcome: Outcome, keep: np.ndarray, labels: np.ndarray,
+           errors: list[dict[str, Any]], submitted_at: float | None, started: float,
+           worker: str | None) -> dict[str, Any]:
+    """A job's stored result: outputs for every row, which rows failed and why, timings."""
+    manifest = served.version.manifest
+    outputs, ok = _assemble(manifest, outcome, keep, labels, errors)
+    return {
+        "model": manifest.name, "version": manifest.version,
+        "variant": manifest.variant, "rows": len(labels),
+        "outputs": outputs, "ok": ok,
+        "errors": sorted(errors, key=lambda e: e["index"]),
+        "batch_rows": outcome.batch_rows, "submitted_at": submitted_at,
+        "truncated": _truncated(outcome, keep, labels),
+        "started_at": started, "finished_at": time.time(),
+        "worker": worker or socket.gethostname(),
+    }
+
+
 def register_tasks(app: Celery, pool: ModelPool) -> None:
-    hostname = socket.gethostname()
     claims = Claims(app.backend, pool.settings.result_expires)
 
     @app.task(name=INFER_TASK, bind=True, resultrepr_maxsize=160)
@@ -118,25 +136,18 @@ def register_tasks(app: Celery, pool: ModelPool) -> None:
                         model)
             raise Ignore()  # acked; the cancel already stored the job's final state
         served = pool.get(model, version, variant)
-        manifest = served.version.manifest
         with served.batcher.announced() as ticket:
-            data, keep, labels, errors = _validate(manifest, inputs, first_row, row_ids)
+            data, keep, labels, errors = _validate(served.version.manifest, inputs,
+                                                   first_row, row_ids)
             future = served.batcher.submit(data, ticket)
         outcome = future.result(timeout=pool.settings.visibility_timeout)
-        outputs, ok = _assemble(manifest, outcome, keep, labels, errors)
-        if errors:
+        if errors or outcome.errors:
             logger.info("job %s model %s: %d of %d rows failed", self.request.id,
-                        served.version.key, len(errors), len(labels))
-        return {
-            "model": manifest.name, "version": manifest.version,
-            "variant": manifest.variant, "rows": len(labels),
-            "outputs": outputs, "ok": ok,
-            "errors": sorted(errors, key=lambda e: e["index"]),
-            "batch_rows": outcome.batch_rows, "submitted_at": submitted_at,
-            "truncated": _truncated(outcome, keep, labels),
-            "started_at": started, "finished_at": time.time(),
-            "worker": self.request.hostname or hostname,
-        }
+                        served.version.key, len(errors) + len(outcome.errors), len(labels))
+        return finish(served, outcome, keep, labels, errors, submitted_at, started,
+                      self.request.hostname)
+
+    register_many(app, pool, claims, _validate, finish)
 
     @inspect_command(name="inferq_stats")
     def inferq_stats(state: Any) -> dict[str, Any]:

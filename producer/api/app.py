@@ -75,6 +75,7 @@ def create_app(settings: Settings | None = None, *, keyring: Keyring | None = No
             if dispatcher and task:
                 await dispatcher.stop()
                 await task
+            await api.notifier.close()
             api.depth.close()
 
     app = FastAPI(title="inferq", version="1", lifespan=lifespan, responses=ERRORS,

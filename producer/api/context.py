@@ -13,8 +13,10 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from producer.api.auth import Keyring, Principal
 from producer.api.limits import QueueDepth
 from producer.api.metrics import ApiMetrics
+from producer.api.notify import Notifier
 from producer.api.store import ApiStore
 from producer.client import Client
+from producer.coalesce import Coalescer
 from shared.repository import ModelRef, ModelVersion
 from shared.settings import Settings
 
@@ -31,9 +33,14 @@ class Api:
     keyring: Keyring
     depth: QueueDepth
     metrics: ApiMetrics = field(init=False)
+    coalescer: Coalescer = field(init=False)
+    notifier: Notifier = field(init=False)
 
     def __post_init__(self) -> None:
+        self.notifier = Notifier(self.settings.effective_result_backend())
         self.metrics = ApiMetrics(self.depths)
+        # Concurrent requests share broker messages; the API records jobs itself.
+        self.coalescer = Coalescer(self.client, FAST_PUBLISH, mark=False)
 
     def depths(self) -> dict[str, int]:
         return {name: self.depth.depth(name) for name in self.client.repo.names()}

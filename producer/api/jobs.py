@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import re
 import time
@@ -15,7 +14,8 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 
 from producer.api.auth import Principal
-from producer.api.context import FAST_PUBLISH, Api, Who, api_of, not_found
+from producer.api.context import Api, Who, api_of, not_found
+from producer.api.notify import RECHECK_S
 from producer.api.schemas import (
     Accepted,
     CallbackInfo,
@@ -24,7 +24,7 @@ from producer.api.schemas import (
     Problem,
     Timings,
 )
-from producer.client import coerce_inputs
+from producer.client import coerce_inputs, wire_inputs
 from producer.store import is_final, status_of
 from shared import claims
 from shared.errors import InputError
@@ -125,7 +125,7 @@ def _enqueue(api: Api, who: Principal, model: str, body: JobRequest) -> str:
                                   "submitted_at": submitted, "callback_url": callback_url},
                          callback=callback_url is not None)
     try:
-        api.client.publish(ref, job_id, inputs, retry_policy=FAST_PUBLISH)
+        api.coalescer.publish(ref, job_id, wire_inputs(inputs))
     except Exception:
         api.store.drop_job(job_id)
         raise
@@ -135,15 +135,19 @@ def _enqueue(api: Api, who: Principal, model: str, body: JobRequest) -> str:
 
 
 async def _wait_final(api: Api, job_id: str, who: Principal, seconds: float) -> JobView:
-    """Long poll: re-read the job with growing pauses (1 ms .. 50 ms) until final or timeout."""
+    """Long poll: re-read the job whenever its result is published, until it is final or
+    ``seconds`` pass (``notify.py``; a re-read every 0.5 s is the safety net)."""
+    view = await run_in_threadpool(job_view, api, job_id, who)
+    if view.status in _FINAL or seconds <= 0:
+        return view
     deadline = time.monotonic() + seconds
-    pause = 0.001
-    while True:
-        view = await run_in_threadpool(job_view, api, job_id, who)
-        if view.status in _FINAL or time.monotonic() >= deadline:
-            return view
-        await asyncio.sleep(min(pause, max(0.0, deadline - time.monotonic())))
-        pause = min(pause * 2, 0.05)
+    async with api.notifier.watching(api.store.meta_key(job_id)) as watch:
+        while True:
+            view = await run_in_threadpool(job_view, api, job_id, who)
+            left = deadline - time.monotonic()
+            if view.status in _FINAL or left <= 0:
+                return view
+            await watch.next(min(left, RECHECK_S))
 
 
 _FINAL = {JobStatus.succeeded, JobStatus.failed, JobStatus.cancelled}

@@ -32,4 +32,42 @@ def test_sigkill_mid_job_loses_nothing(broker_env, start_worker, digits):
     second_rows = sum(s["digits@1"]["rows"] for reply in stats for s in reply.values())
     print(f"\n[{broker_env['INFERQ_BROKER_URL'].split(':')[0]}] killed the first worker after "
           f"5 of 40 chunks had been collected; the second ran {second_rows} of the other "
-          f"{10_000 - 5 * 250} rows; 0 rows lost, each row has exactly one result")
+          f"{10_000 - 5 * 250} rows; 0 rows lost, each row has exactly one result; "
+          f"chunks sent again as lost: {handle.pipeline.resent}")
+
+
+def test_a_chunk_lost_from_the_queue_is_sent_again(redis_env, start_worker, digits,
+                                                   monkeypatch):
+    """kombu's Redis transport pops a message (BRPOP) before it records it as unacked; a
+    worker SIGKILLed in between loses it. Simulated by deleting one chunk's message: the
+    pipeline sees it unclaimed while later chunks finish, and sends it again."""
+    import threading
+    import time
+
+    import redis
+
+    from producer import bulk
+
+    monkeypatch.setattr(bulk, "LOST_AFTER_S", 1.0)
+    client = client_for(redis_env)
+    handle = client.submit_many("digits", digits["x"][:2000], chunk_rows=250)
+    results: list = []
+    collector = threading.Thread(target=lambda: results.extend(handle.iter_results(60)))
+    collector.start()  # publishes all 8 chunks, then waits: no worker yet
+    r = redis.Redis.from_url(redis_env["INFERQ_BROKER_URL"])
+    queue = redis_env["INFERQ_QUEUE_PREFIX"] + "infer.digits"
+    deadline = time.monotonic() + 30
+    while r.llen(queue) < 8:  # another thread's publishing: no event to wait on
+        assert time.monotonic() < deadline, "the chunks were not published"
+        time.sleep(0.05)
+    lost = f"{handle.batch_id}-0000002".encode()
+    victim = next(raw for raw in r.lrange(queue, 0, -1) if lost in raw)
+    assert r.lrem(queue, 1, victim) == 1
+    start_worker(redis_env)
+    collector.join(90)
+    assert not collector.is_alive()
+    rows = np.concatenate([np.arange(p.start, p.start + p.rows) for p in results])
+    np.testing.assert_array_equal(rows, np.arange(2000))
+    np.testing.assert_array_equal(np.concatenate([p.outputs["label"] for p in results]),
+                                  digits["label"][:2000])
+    assert handle.pipeline.resent == 1

@@ -289,3 +289,24 @@ def test_submit_takes_an_8x8_image_for_a_1x8x8_input(offline_client: Client) -> 
 def test_submit_refuses_an_unknown_model(offline_client: Client) -> None:
     with pytest.raises(ModelNotFound, match="'faces'"):
         offline_client.submit("faces", np.zeros(64, np.float32))
+
+
+def test_many_threads_wait_on_one_listener_and_each_gets_its_own_result(
+        app: Celery, store: ResultStore) -> None:
+    ids = [f"job-w{i}" for i in range(20)]
+    got: dict[str, Any] = {}
+
+    def wait(job_id: str) -> None:
+        got[job_id] = store.wait(job_id, timeout=8)
+
+    threads = [threading.Thread(target=wait, args=(j,)) for j in ids]
+    for t in threads:
+        t.start()
+    for i, job_id in enumerate(reversed(ids)):  # stored in another order than waited
+        app.backend.store_result(job_id, worker_result(rows=i), states.SUCCESS)
+    for t in threads:
+        t.join(10)
+    assert {j: m["result"]["rows"] for j, m in got.items()} == {
+        j: len(ids) - 1 - i for i, j in enumerate(ids)}
+    waiter = store._waiter
+    assert waiter is not None and waiter._waiters == {}  # every subscription released

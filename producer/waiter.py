@@ -1,0 +1,121 @@
+"""Waiting for results by Redis pub/sub, many waiting threads on one connection.
+
+Celery's Redis backend publishes every stored result on a channel named after its key.
+One listener thread per process reads that connection; a waiting thread subscribes to
+its job's channel (sending on the shared connection under a lock), waits until Redis
+confirms the subscription, reads the key once (a result stored before the subscription
+is not missed), then sleeps on an event until the listener hands it the result. A
+re-read every ``RECHECK_S`` is the safety net should a message ever be missed.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+RECHECK_S = 0.5
+_IDLE = b"inferq-waiter-idle"  # always subscribed, so reads never busy-loop
+
+
+@dataclass
+class _Waiter:
+    confirmed: threading.Event = field(default_factory=threading.Event)
+    arrived: threading.Event = field(default_factory=threading.Event)
+    value: bytes | None = None
+
+
+class ResultWaiter:
+    def __init__(self, redis: Any):
+        self._redis = redis
+        self._lock = threading.Lock()  # guards _waiters and every send on the connection
+        self._waiters: dict[bytes, list[_Waiter]] = {}
+        self._pubsub: Any = None
+        self._thread: threading.Thread | None = None
+
+    def _start(self) -> None:
+        if self._thread is not None and self._thread.is_alive():
+            return
+        self._pubsub = self._redis.pubsub()
+        self._pubsub.subscribe(_IDLE)
+        for channel in self._waiters:  # after a reconnect
+            self._pubsub.subscribe(channel)
+        self._thread = threading.Thread(target=self._listen, name="inferq-result-waiter",
+                                        daemon=True)
+        self._thread.start()
+
+    def wait(self, key: bytes, read: Callable[[], Any], is_done: Callable[[Any], bool],
+             decode: Callable[[bytes], Any], timeout: float) -> Any:
+        """``read()`` the key's value until ``is_done``; woken by its publish. Returns the
+        last value read or received (maybe not done, at the timeout)."""
+        import time
+
+        deadline = time.monotonic() + timeout
+        me = _Waiter()
+        with self._lock:
+            self._start()
+            first = key not in self._waiters
+            self._waiters.setdefault(key, []).append(me)
+            if first:
+                self._pubsub.subscribe(key)
+            else:
+                me.confirmed.set()
+        try:
+            me.confirmed.wait(min(timeout, RECHECK_S))
+            value = read()
+            while not is_done(value):
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                if me.arrived.wait(min(left, RECHECK_S)):
+                    me.arrived.clear()
+                    assert me.value is not None
+                    value = decode(me.value)
+                else:
+                    value = read()
+            return value
+        finally:
+            with self._lock:
+                waiting = self._waiters.get(key, [])
+                if me in waiting:
+                    waiting.remove(me)
+                if not waiting and key in self._waiters:
+                    del self._waiters[key]
+                    try:
+                        self._pubsub.unsubscribe(key)
+                    except Exception:  # noqa: BLE001 - the listener reconnects
+                        logger.debug("unsubscribe failed", exc_info=True)
+
+    def _listen(self) -> None:
+        pubsub = self._pubsub
+        while True:
+            try:
+                message = pubsub.get_message(timeout=1.0)
+            except Exception as exc:  # noqa: BLE001 - connection lost: start afresh
+                logger.warning("result listener: %s; reconnecting", type(exc).__name__)
+                with self._lock:
+                    self._thread = None
+                    for waiting in self._waiters.values():
+                        for w in waiting:
+                            w.confirmed.set()  # they re-read the key meanwhile
+                    try:
+                        self._start()
+                    except Exception:  # noqa: BLE001 - next wait() tries again
+                        logger.debug("result listener restart failed", exc_info=True)
+                return
+            if message is None:
+                continue
+            channel = message.get("channel")
+            with self._lock:
+                waiting = list(self._waiters.get(channel, ()))
+            if message["type"] == "subscribe":
+                for w in waiting:
+                    w.confirmed.set()
+            elif message["type"] == "message":
+                for w in waiting:
+                    w.value = message["data"]
+                    w.arrived.set()

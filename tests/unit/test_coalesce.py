@@ -1,0 +1,115 @@
+"""The submit coalescer: concurrent jobs share messages, each is sent exactly once, a
+lone job is sent at once, errors reach every submitter of the failed message."""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import pytest
+
+from producer.coalesce import Coalescer
+from shared.repository import ModelRef
+
+pytestmark = pytest.mark.timeout(30)
+REF = ModelRef("digits")
+
+
+class FakeCoalescer(Coalescer):
+    """Records each message instead of publishing it; ``gate`` holds a send open."""
+
+    def __init__(self, fail_on: str | None = None):
+        super().__init__(client=None, retry_policy={}, mark=False)  # type: ignore[arg-type]
+        self.sent: list[list[str]] = []
+        self.gate = threading.Event()
+        self.gate.set()
+        self.in_send = threading.Event()
+        self.fail_on = fail_on
+
+    def _send(self, ref: ModelRef, batch: list[Any]) -> None:
+        self.in_send.set()
+        self.gate.wait(10)
+        ids = [it.job_id for it in batch]
+        self.sent.append(ids)
+        if self.fail_on in ids:
+            raise ConnectionError(f"broker gone while sending {len(ids)} jobs")
+
+
+def submit_all(co: Coalescer, ids: list[str]) -> dict[str, BaseException | None]:
+    outcome: dict[str, BaseException | None] = {}
+
+    def one(job_id: str) -> None:
+        try:
+            co.publish(REF, job_id, {"image": job_id})
+            outcome[job_id] = None
+        except BaseException as exc:  # noqa: BLE001 - recorded for the assertions
+            outcome[job_id] = exc
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in ids]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(20)
+    assert not any(t.is_alive() for t in threads), "a submitter never returned"
+    return outcome
+
+
+def test_a_lone_job_is_sent_at_once_alone() -> None:
+    co = FakeCoalescer()
+    co.publish(REF, "a", {"image": 1})
+    assert co.sent == [["a"]]
+
+
+def test_jobs_arriving_during_a_send_share_the_next_message() -> None:
+    co = FakeCoalescer()
+    co.gate.clear()  # the first leader blocks inside its send
+    first = threading.Thread(target=co.publish, args=(REF, "first", {}))
+    first.start()
+    assert co.in_send.wait(5)
+    waiting = threading.Thread(target=submit_all, args=(co, [f"j{i}" for i in range(20)]))
+    waiting.start()
+    # Every later submitter is queued behind the open send before it is released.
+    for _ in range(200):
+        with co._lock:
+            if sum(len(g.pending) for g in co._groups.values()) == 20:
+                break
+        threading.Event().wait(0.01)
+    co.gate.set()
+    first.join(10)
+    waiting.join(20)
+    assert co.sent[0] == ["first"]
+    assert sorted(co.sent[1]) == sorted(f"j{i}" for i in range(20))
+    assert len(co.sent) == 2
+
+
+def test_every_job_is_sent_exactly_once_under_contention() -> None:
+    co = FakeCoalescer()
+    ids = [f"j{i}" for i in range(500)]
+    outcome = submit_all(co, ids)
+    assert all(v is None for v in outcome.values())
+    flat = [j for message in co.sent for j in message]
+    assert sorted(flat) == sorted(ids)
+    assert len(co.sent) <= len(ids)
+
+
+def test_a_failed_send_fails_every_job_it_carried_and_no_other() -> None:
+    co = FakeCoalescer(fail_on="bad")
+    co.gate.clear()
+    first = threading.Thread(target=submit_all, args=(co, ["first"]))
+    first.start()
+    assert co.in_send.wait(5)
+    result: dict[str, Any] = {}
+    later = threading.Thread(target=lambda: result.update(submit_all(co, ["bad", "x", "y"])))
+    later.start()
+    for _ in range(200):
+        with co._lock:
+            if sum(len(g.pending) for g in co._groups.values()) == 3:
+                break
+        threading.Event().wait(0.01)
+    co.gate.set()
+    first.join(10)
+    later.join(20)
+    assert {k: type(v).__name__ if v else None for k, v in result.items()} == {
+        "bad": "ConnectionError", "x": "ConnectionError", "y": "ConnectionError"}
+    co.publish(REF, "after", {})  # the coalescer is still usable
+    assert co.sent[-1] == ["after"]
