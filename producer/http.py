@@ -17,6 +17,9 @@ Errors are the SDK's (``shared.errors``): 422 ``InputError`` (with ``row`` and `
 404 ``JobNotFound``/``ModelNotFound``, 401 ``AuthError``, 429 ``Busy`` and 503
 ``Unavailable`` (both with ``retry_after``). 429 and 503 are retried a few times first,
 waiting as long as the server's ``Retry-After`` says, within a bounded total wait.
+
+The batch side (``HttpBatch``, ``BatchProgress``, ``RowResult``, ``BatchResult``) lives in
+``producer.http_batch`` and is re-exported here.
 """
 
 from __future__ import annotations
@@ -25,8 +28,7 @@ import json
 import math
 import threading
 import time
-import urllib.parse
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from email.utils import parsedate_to_datetime
 from typing import Any
@@ -35,6 +37,20 @@ import httpx
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
+# BLOCK_ROWS: not used here, re-exported (the redundant alias marks that)
+from producer.http_batch import BLOCK_ROWS as BLOCK_ROWS
+from producer.http_batch import (
+    NDJSON,
+    BatchProgress,
+    BatchResult,
+    HttpBatch,
+    RowResult,
+    _as_array,
+    _default,
+    _jsonable,
+    _ndjson,
+    _quote,
+)
 from shared.errors import (
     AuthError,
     Busy,
@@ -52,11 +68,8 @@ from shared.schemas import JobResult, JobStatus, RowError, TensorSpec
 __all__ = ["ApiError", "BatchProgress", "BatchResult", "HttpBatch", "HttpClient", "HttpJob",
            "ModelInfo", "RowResult"]
 
-NDJSON = "application/x-ndjson"
 MODEL_TTL = 60.0  # seconds an unpinned model's manifest is reused (a pinned one: always)
-BLOCK_ROWS = 1024  # rows encoded per piece of a streamed NDJSON body
 _FINAL = (JobStatus.succeeded, JobStatus.failed, JobStatus.cancelled)
-_STREAM_ERRORS = (httpx.RemoteProtocolError, httpx.ReadError)
 
 
 class ApiError(InferqError):
@@ -90,56 +103,6 @@ class ModelInfo(BaseModel):
         """The exact reference (``name:variant@version``) of this manifest."""
         return f"{self.name}:{self.variant}@{self.version}"
 
-
-class BatchProgress(BaseModel):
-    """``GET /v1/batches/{id}``: counts, speed and ETA of a batch."""
-
-    model_config = ConfigDict(extra="ignore")
-
-    id: str
-    model: str
-    status: str  # queued | running | completed | cancelled
-    total: int
-    done: int
-    failed: int
-    cancelled: int = 0
-    rows_per_s: float | None = None
-    eta_s: float | None = None
-    created_at: float
-    results: str = ""
-    callback: dict[str, Any] | None = None
-
-    @property
-    def finished(self) -> bool:
-        return self.status in ("completed", "cancelled")
-
-
-@dataclass
-class RowResult:
-    """One line of a batch's results stream."""
-
-    row: int
-    ok: bool
-    outputs: dict[str, np.ndarray] | None = None
-    error: str | None = None
-    truncated: bool = False
-
-
-@dataclass
-class BatchResult:
-    """Every row of a batch in input order: the shape of ``producer.bulk.BatchResult``.
-
-    ``outputs``: output name -> array with one entry per input row (zeros where a row
-    failed); ``ok``: per-row mask; ``errors``: row -> message; ``truncated``: text rows
-    cut to the model's maximum length."""
-
-    outputs: dict[str, np.ndarray]
-    ok: np.ndarray
-    errors: dict[int, str]
-    truncated: list[int] = field(default_factory=list)
-
-    def __len__(self) -> int:
-        return len(self.ok)
 
 
 # -- the client ----------------------------------------------------------------------------
@@ -375,6 +338,11 @@ class HttpClient:
         time.sleep(delay)  # the server asked for this pause (Retry-After)
         return float(delay)
 
+    def _error_for(self, response: httpx.Response, path: str,
+                   not_found: type[InferqError] = JobNotFound) -> InferqError:
+        """An error answer -> the SDK's exception (for ``HttpBatch``'s results stream)."""
+        return _error(response, path, not_found)
+
 
 class _NoRetry(Exception):
     """A one-shot streamed body cannot be sent again."""
@@ -413,179 +381,7 @@ class HttpJob:
         return self.client.cancel(self.id)
 
 
-class HttpBatch:
-    """A batch on the API: ``progress()``, ``iter_rows()`` (streamed, in input order),
-    ``results()`` (all rows as numpy arrays), ``cancel()``."""
-
-    def __init__(self, client: HttpClient, batch_id: str, model: str,
-                 progress: BatchProgress | None = None):
-        self.client = client
-        self.id = batch_id
-        self.model = model
-        self.last_progress = progress
-
-    @property
-    def batch_id(self) -> str:
-        return self.id
-
-    def progress(self) -> BatchProgress:
-        """Counts (total, done, failed, cancelled), rows/s and ETA."""
-        self.last_progress = self.client._batch_progress(self.id)
-        return self.last_progress
-
-    def cancel(self) -> BatchProgress:
-        """Cancel the rows that have not run; what already ran keeps its results."""
-        self.last_progress = BatchProgress.model_validate(
-            self.client._json("DELETE", f"/v1/batches/{_quote(self.id)}"))
-        return self.last_progress
-
-    def iter_rows(self, *, offset: int = 0, follow: bool = True,
-                  timeout: float | None = 60.0) -> Iterator[RowResult]:
-        """Every row's result from ``offset`` on, in input order, as the batch runs.
-
-        ``follow=False`` stops at the first unfinished part. ``timeout`` bounds the wait for
-        any one result (TimeoutError); a dropped connection resumes where it stopped.
-        """
-        specs = self.client._output_specs(self.model)
-        for line in self._lines(offset, follow, timeout):
-            outputs = line.get("outputs")
-            yield RowResult(
-                row=int(line["row"]), ok=bool(line["ok"]),
-                outputs=None if outputs is None else
-                {k: _as_array(v, specs.get(k), row=True) for k, v in outputs.items()},
-                error=line.get("error"), truncated=bool(line.get("truncated", False)))
-
-    def results(self, timeout: float | None = 60.0,
-                on_row: Callable[[RowResult], None] | None = None) -> BatchResult:
-        """All rows in input order; ``timeout`` bounds the wait for any one result."""
-        if on_row is not None:
-            rows: Iterable[dict[str, Any]] = (
-                _line_of(r) for r in self._with_callback(timeout, on_row))
-        else:
-            rows = self._lines(0, True, timeout)
-        total = self.last_progress.total if self.last_progress else None
-        if total is None:
-            total = self.progress().total
-        buffer = _Outputs(total, list(self.client._output_specs(self.model).values()))
-        ok = np.zeros(total, dtype=bool)
-        errors: dict[int, str] = {}
-        truncated: list[int] = []
-        for line in rows:
-            row = int(line["row"])
-            if line["ok"]:
-                ok[row] = True
-                buffer.put(row, line["outputs"])
-                if line.get("truncated"):
-                    truncated.append(row)
-            else:
-                errors[row] = str(line.get("error") or "failed")
-        return BatchResult(buffer.arrays(), ok, errors, truncated)
-
-    def _with_callback(self, timeout: float | None, on_row: Callable[[RowResult], None]
-                       ) -> Iterator[RowResult]:
-        for result in self.iter_rows(timeout=timeout):
-            on_row(result)
-            yield result
-
-    def _lines(self, offset: int, follow: bool, timeout: float | None
-               ) -> Iterator[dict[str, Any]]:
-        """The NDJSON results as dicts; reconnects (a few times) from the next row."""
-        drops = 0
-        waited = 0.0
-        path = f"/v1/batches/{_quote(self.id)}/results"
-        while True:
-            params = {"offset": str(offset), "follow": "true" if follow else "false"}
-            limit = httpx.Timeout(self.client.timeout, read=timeout)
-            got = 0
-            try:
-                with self.client.http.stream("GET", path, params=params,
-                                             timeout=limit) as response:
-                    if response.status_code >= 400:
-                        response.read()
-                        error = _error(response, path, JobNotFound)
-                        if response.status_code not in (429, 503):
-                            raise error
-                        drops += 1
-                        waited += self.client._pause(error, drops, waited)
-                        continue
-                    for text in response.iter_lines():
-                        if not text.strip():
-                            continue
-                        line = json.loads(text)
-                        offset = int(line["row"]) + 1
-                        got += 1
-                        yield line
-                return
-            except httpx.ReadTimeout:
-                raise TimeoutError(f"batch {self.id}: no result for row {offset} in "
-                                   f"{timeout} s; is a worker consuming this model's "
-                                   "queue?") from None
-            except (*_STREAM_ERRORS, httpx.ConnectError) as exc:
-                drops = 0 if got else drops + 1
-                if drops > max(self.client.retries, 1):
-                    raise Unavailable(f"batch {self.id}: the results stream broke at row "
-                                      f"{offset} ({type(exc).__name__}: {exc})") from None
-
-
-def _line_of(result: RowResult) -> dict[str, Any]:
-    line: dict[str, Any] = {"row": result.row, "ok": result.ok}
-    if result.ok:
-        line["outputs"] = result.outputs
-        line["truncated"] = result.truncated
-    else:
-        line["error"] = result.error
-    return line
-
-
-class _Outputs:
-    """Per-output arrays of ``total`` rows, filled row by row (zeros where a row failed);
-    shaped and typed by the manifest's output specs, else by the first value seen."""
-
-    def __init__(self, total: int, specs: list[TensorSpec]):
-        self.total = total
-        self.specs = {s.name: s for s in specs}
-        self.out: dict[str, np.ndarray] = {}
-        for spec in specs:
-            if spec.dtype != "string" and -1 not in spec.row_shape:
-                self.out[spec.name] = np.zeros((total, *spec.row_shape), spec.np_dtype)
-
-    def put(self, row: int, outputs: Mapping[str, Any]) -> None:
-        for name, value in outputs.items():
-            arr = self.out.get(name)
-            if arr is None:
-                arr = self.out[name] = self._allocate(name, value)
-            if arr.dtype == object:
-                arr[row] = _as_array(value, self.specs.get(name), row=True)
-                continue
-            try:
-                arr[row] = value
-            except ValueError:  # a ragged output: keep each row's array as it is
-                arr = self.out[name] = _objects(arr)
-                arr[row] = _as_array(value, self.specs.get(name), row=True)
-
-    def _allocate(self, name: str, value: Any) -> np.ndarray:
-        spec = self.specs.get(name)
-        first = _as_array(value, spec, row=True)
-        if first.dtype == object or (spec is not None and spec.dtype == "string"):
-            return np.empty(self.total, dtype=object)
-        return np.zeros((self.total, *first.shape), first.dtype)
-
-    def arrays(self) -> dict[str, np.ndarray]:
-        return self.out
-
-
-def _objects(arr: np.ndarray) -> np.ndarray:
-    out = np.empty(len(arr), dtype=object)
-    for i in range(len(arr)):
-        out[i] = arr[i]
-    return out
-
-
 # -- helpers -------------------------------------------------------------------------------
-def _quote(value: str) -> str:
-    return urllib.parse.quote(value, safe=":@")
-
-
 def _exact_ref(view: Mapping[str, Any]) -> str:
     ref = str(view["model"])
     if view.get("variant"):
@@ -593,21 +389,6 @@ def _exact_ref(view: Mapping[str, Any]) -> str:
     if view.get("version"):
         ref += f"@{view['version']}"
     return ref
-
-
-def _as_array(value: Any, spec: TensorSpec | None, *, row: bool = False) -> np.ndarray:
-    """JSON values -> a numpy array in the spec's dtype (object for text)."""
-    if spec is not None and spec.dtype == "string":
-        if row:
-            out = np.empty((), dtype=object)
-            out[()] = value
-            return out
-        arr = np.empty(len(value), dtype=object)
-        arr[:] = list(value)
-        return arr
-    if spec is not None:
-        return np.asarray(value, dtype=spec.np_dtype)
-    return np.asarray(value)
 
 
 def _wait_param(wait: float | str | None) -> tuple[dict[str, str], float]:
@@ -626,50 +407,8 @@ def _wait_param(wait: float | str | None) -> tuple[dict[str, str], float]:
     return ({"wait": f"{ms}ms"}, seconds) if ms > 0 else ({}, 0.0)
 
 
-def _default(value: Any) -> Any:
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, bytes):
-        return value.decode()
-    raise TypeError(f"cannot send a {type(value).__name__} as JSON; send numbers, text, "
-                    "lists or numpy arrays")
-
-
 def _dumps(value: Any) -> bytes:
     return json.dumps(value, default=_default, separators=(",", ":")).encode()
-
-
-def _jsonable(row: Any) -> Any:
-    if isinstance(row, np.ndarray):
-        return row.tolist()
-    if isinstance(row, Mapping):
-        return {str(k): _jsonable(v) for k, v in row.items()}
-    return row
-
-
-def _ndjson(rows: Any) -> Iterator[bytes]:
-    """Rows -> NDJSON, ``BLOCK_ROWS`` lines per piece (numpy blocks via ``tolist``)."""
-    if isinstance(rows, np.ndarray):
-        if rows.ndim == 0:
-            raise InputError("rows: expected one row per entry of axis 0, got a scalar")
-        for start in range(0, len(rows), BLOCK_ROWS):
-            block = rows[start:start + BLOCK_ROWS].tolist()
-            yield ("\n".join(json.dumps(r, default=_default, separators=(",", ":"))
-                             for r in block) + "\n").encode()
-        return
-    if isinstance(rows, str | bytes | Mapping):
-        raise InputError("rows: expected many rows (an array, list or iterable of rows), "
-                         f"got a single {type(rows).__name__}")
-    lines: list[str] = []
-    for row in rows:
-        lines.append(json.dumps(_jsonable(row), default=_default, separators=(",", ":")))
-        if len(lines) >= BLOCK_ROWS:
-            yield ("\n".join(lines) + "\n").encode()
-            lines = []
-    if lines:
-        yield ("\n".join(lines) + "\n").encode()
 
 
 def _retry_after(value: str | None) -> float | None:

@@ -1,5 +1,5 @@
-"""``producer.http`` works on a base install: it never imports the broker, store or model
-libraries (each is blocked here, so importing one would fail)."""
+"""``producer.http`` and ``producer.http_batch`` work on a base install: they never import
+the broker, store or model libraries (each is blocked here, so importing one would fail)."""
 
 from __future__ import annotations
 
@@ -19,9 +19,32 @@ def test_http_client_imports_without_broker_or_model_libraries() -> None:
         "    sys.modules[name] = None  # 'import name' now raises ImportError\n"
         "import producer.http as h\n"
         "from producer.http import HttpClient, HttpJob, HttpBatch, BatchResult\n"
+        "import producer.http_batch as hb\n"
+        "from producer.http_batch import BatchProgress, RowResult\n"
+        "assert h.HttpBatch is hb.HttpBatch and h.BatchResult is hb.BatchResult\n"
         "from shared.errors import AuthError, Busy, RateLimited, Unavailable\n"
         "c = HttpClient('http://127.0.0.1:9', 'k')\n"
         "c.close()\n"
+        f"loaded = sorted(m for m in sys.modules if m.split('.')[0] in {BLOCKED!r}\n"
+        "                 and sys.modules[m] is not None)\n"
+        "print('loaded:', loaded)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "loaded: []", proc.stdout + proc.stderr
+
+
+def test_http_batch_imports_on_its_own_without_broker_or_model_libraries() -> None:
+    """``producer.http_batch`` needs ``producer.http`` for type checking only: importing it
+    first and alone loads neither the client module (no import cycle) nor a blocked one."""
+    code = (
+        "import sys\n"
+        f"for name in {BLOCKED!r}:\n"
+        "    sys.modules[name] = None  # 'import name' now raises ImportError\n"
+        "from producer.http_batch import BatchProgress, BatchResult, HttpBatch, RowResult\n"
+        "assert 'producer.http' not in sys.modules, 'http_batch imported producer.http'\n"
         f"loaded = sorted(m for m in sys.modules if m.split('.')[0] in {BLOCKED!r}\n"
         "                 and sys.modules[m] is not None)\n"
         "print('loaded:', loaded)\n"
