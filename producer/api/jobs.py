@@ -134,12 +134,15 @@ def _enqueue(api: Api, who: Principal, model: str, body: JobRequest) -> str:
     return job_id
 
 
-async def _wait_final(api: Api, job_id: str, who: Principal, seconds: float) -> JobView:
+async def _wait_final(api: Api, job_id: str, who: Principal, seconds: float, *,
+                      fresh: bool = False) -> JobView:
     """Long poll: re-read the job whenever its result is published, until it is final or
-    ``seconds`` pass (``notify.py``; a re-read every 0.5 s is the safety net)."""
-    view = await run_in_threadpool(job_view, api, job_id, who)
-    if view.status in _FINAL or seconds <= 0:
-        return view
+    ``seconds`` pass (``notify.py``; a re-read every 0.5 s is the safety net).
+    ``fresh``: the job was just enqueued, so it is not read before subscribing."""
+    if not fresh:
+        view = await run_in_threadpool(job_view, api, job_id, who)
+        if view.status in _FINAL or seconds <= 0:
+            return view
     deadline = time.monotonic() + seconds
     async with api.notifier.watching(api.store.meta_key(job_id)) as watch:
         while True:
@@ -165,7 +168,7 @@ async def submit_job(model: str, body: JobRequest, request: Request, who: Who,
     answer: JobView | Accepted = Accepted(id=job_id, status=JobStatus.queued,
                                           location=location)
     if seconds > 0:
-        view = await _wait_final(api, job_id, who, seconds)
+        view = await _wait_final(api, job_id, who, seconds, fresh=True)
         if view.status in _FINAL:
             answer = view
     return JSONResponse(answer.model_dump(mode="json"), headers={"Location": location},

@@ -90,9 +90,12 @@ class QueueDepth:
         cached = self._cache.get(model)
         if cached and now - cached[0] < DEPTH_TTL:
             return cached[1]
-        with self._lock:
+        with self._lock:  # one read per model and second, however many requests ask
+            cached = self._cache.get(model)
+            if cached and time.monotonic() - cached[0] < DEPTH_TTL:
+                return cached[1]
             depth = self._read(queue_name(self.settings, model))
-        self._cache[model] = (now, depth)
+            self._cache[model] = (time.monotonic(), depth)
         return depth
 
     def _read(self, name: str) -> int:
