@@ -22,6 +22,7 @@ from shared.validation import as_row, check_rows, check_text_rows
 if TYPE_CHECKING:
     from producer.bulk import BatchHandle
 
+REPLYING_MAX = 100_000  # reply-channel jobs remembered until waited for
 MODEL_TTL = 5.0  # seconds a resolved manifest is reused (the worker re-reads as often)
 
 # Publishing retries while the broker is away (~25 s), then fails naming the job.
@@ -42,7 +43,13 @@ class Client:
         self.app = app or make_app(self.settings)
         self.repo = ModelRepository(self.settings.model_repo)
         self.store = ResultStore(self.app)
-        self.coalescer = Coalescer(self, PUBLISH_RETRY)
+        # With a Redis result store, workers also publish this process's results on its
+        # own channel: a waiting job needs no subscription of its own (producer/waiter.py).
+        self.reply_channel = (f"inferq-reply-{uuid.uuid4().hex}"
+                              if self.store.claims.supported else None)
+        self.coalescer = Coalescer(self, PUBLISH_RETRY, reply_to=self.reply_channel)
+        self._replying: dict[str, None] = {}  # jobs sent with the reply channel, not waited
+        self._replies_ready = False
         self._models: dict[str, tuple[float, ModelVersion]] = {}
 
     # -- models --------------------------------------------------------------------------
@@ -76,7 +83,12 @@ class Client:
         inputs = wire_inputs(coerce_inputs(version.manifest, row))
         job_id = job_id or uuid.uuid4().hex
         if self.settings.coalesce:  # concurrent submits share a message
+            self._listen_for_replies()
             self.coalescer.publish(ref, job_id, inputs)
+            if self.coalescer.reply_to is not None:
+                self._replying[job_id] = None
+                while len(self._replying) > REPLYING_MAX:  # submitted, never waited for
+                    self._replying.pop(next(iter(self._replying)))
         else:
             self.store.mark_queued(job_id, {"model": ref.name, "submitted_at": time.time()})
             self.publish(ref, job_id, inputs)
@@ -96,7 +108,18 @@ class Client:
         return to_result(job_id, self.store.fetch(job_id))
 
     def wait(self, job_id: str, timeout: float | None = 30.0) -> JobResult:
+        if self._replying.pop(job_id, False) is None:
+            return to_result(job_id, self.store.wait_reply(job_id, timeout))
         return to_result(job_id, self.store.wait(job_id, timeout))
+
+    def _listen_for_replies(self) -> None:
+        """Before the first job goes out with the reply channel, be subscribed to it."""
+        if self._replies_ready or self.reply_channel is None:
+            return
+        waiter = self.store.waiter()
+        if waiter is None or not waiter.ready(self.reply_channel.encode()):
+            self.coalescer.reply_to = None  # no listener: results are read from the store
+        self._replies_ready = True
 
     def cancel(self, job_id: str) -> bool:
         """Cancel a job no worker has started; False when it already ran (or is running)."""

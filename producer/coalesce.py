@@ -47,10 +47,14 @@ class _Group:
 
 
 class Coalescer:
-    def __init__(self, client: Client, retry_policy: dict[str, Any], *, mark: bool = True):
+    def __init__(self, client: Client, retry_policy: dict[str, Any], *, mark: bool = True,
+                 reply_to: str | None = None):
         self.client = client
         self.retry_policy = retry_policy
         self.mark = mark  # record each job as queued before sending (the SDK does)
+        # Where the worker also publishes each message's results (producer/waiter.py);
+        # with one, every job goes as inferq.infer_many, even alone.
+        self.reply_to = reply_to
         self._lock = threading.Lock()
         self._groups: dict[tuple[str, str | None, int | None], _Group] = {}
         self.messages = 0
@@ -104,7 +108,7 @@ class Coalescer:
             self._mark(ref, batch)
         self.messages += 1
         self.jobs += len(batch)
-        if len(batch) == 1:
+        if len(batch) == 1 and self.reply_to is None:
             it = batch[0]
             self.client.publish(ref, it.job_id, it.inputs, retry_policy=self.retry_policy,
                                 submitted_at=it.submitted_at)
@@ -115,7 +119,7 @@ class Coalescer:
         self.client.app.send_task(
             INFER_MANY_TASK, task_id=f"many-{uuid.uuid4().hex}",
             kwargs={"model": ref.name, "variant": ref.variant, "version": ref.version,
-                    "jobs": jobs},
+                    "jobs": jobs, "reply_to": self.reply_to},
             queue=model_queue(settings, ref.name), retry=True,
             retry_policy=self.retry_policy)
 

@@ -108,13 +108,31 @@ class ResultStore:
         raise TimeoutError(f"job {job_id} not finished after {timeout} s "
                            f"(status {status_of(meta).value})")
 
+    def waiter(self) -> ResultWaiter | None:
+        """This process's result listener (Redis stores only); created on first use."""
+        if self._waiter is None and self.claims.redis is not None:
+            self._waiter = ResultWaiter(self.claims.redis)
+        return self._waiter
+
+    def wait_reply(self, job_id: str, timeout: float | None = None) -> dict[str, Any]:
+        """``wait`` for a job sent with this process's reply channel (no subscription)."""
+        waiter = self.waiter()
+        if waiter is None or waiter.reply_channel is None:
+            return self.wait(job_id, timeout)
+        meta: dict[str, Any] | None = waiter.wait_reply(
+            job_id, lambda: self.fetch_many([job_id])[0], is_final, self.backend.decode_result,
+            3600.0 if timeout is None else timeout)
+        if meta is not None and is_final(meta):
+            return meta
+        return self.wait(job_id, 0)  # the timeout's error, naming the status
+
     def _wait_published(self, job_id: str, deadline: float | None) -> dict[str, Any] | None:
         """Woken by the result's publish (Celery's Redis backend publishes each stored
         result on a channel named after its key); one listener per process."""
-        if self._waiter is None:
-            self._waiter = ResultWaiter(self.claims.redis)
+        waiter = self.waiter()
+        assert waiter is not None
         left = 3600.0 if deadline is None else max(0.0, deadline - time.monotonic())
-        meta: dict[str, Any] | None = self._waiter.wait(
+        meta: dict[str, Any] | None = waiter.wait(
             self.backend.get_key_for_task(job_id), lambda: self.fetch_many([job_id])[0],
             is_final, self.backend.decode_result, left)
         return meta

@@ -1,5 +1,11 @@
 """Waiting for results by Redis pub/sub, many waiting threads on one connection.
 
+Two ways in. ``wait``: any job, by its result key's channel (subscribe per job).
+``wait_reply``: jobs this process sent with a reply channel (``producer/coalesce.py``);
+the worker publishes each message's results there in one message, so a job costs no
+subscription and no read. Results that arrive before their ``wait_reply`` are kept
+(``EARLY_MAX``) for it.
+
 Celery's Redis backend publishes every stored result on a channel named after its key.
 One listener thread per process reads that connection; a waiting thread subscribes to
 its job's channel (sending on the shared connection under a lock), waits until Redis
@@ -12,13 +18,17 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import msgpack
+
 logger = logging.getLogger(__name__)
 
 RECHECK_S = 0.5
+EARLY_MAX = 10_000  # replies kept for a wait_reply that has not started yet
 _IDLE = b"inferq-waiter-idle"  # always subscribed, so reads never busy-loop
 
 
@@ -30,18 +40,24 @@ class _Waiter:
 
 
 class ResultWaiter:
-    def __init__(self, redis: Any):
+    def __init__(self, redis: Any, reply_channel: bytes | None = None):
         self._redis = redis
-        self._lock = threading.Lock()  # guards _waiters and every send on the connection
+        self._lock = threading.Lock()  # guards the dicts and every send on the connection
         self._waiters: dict[bytes, list[_Waiter]] = {}
         self._pubsub: Any = None
         self._thread: threading.Thread | None = None
+        self.reply_channel = reply_channel
+        self._reply_ready = threading.Event()
+        self._replies: dict[str, _Waiter] = {}
+        self._early: OrderedDict[str, bytes] = OrderedDict()
 
     def _start(self) -> None:
         if self._thread is not None and self._thread.is_alive():
             return
         self._pubsub = self._redis.pubsub()
         self._pubsub.subscribe(_IDLE)
+        if self.reply_channel is not None:
+            self._pubsub.subscribe(self.reply_channel)
         for channel in self._waiters:  # after a reconnect
             self._pubsub.subscribe(channel)
         self._thread = threading.Thread(target=self._listen, name="inferq-result-waiter",
@@ -90,6 +106,58 @@ class ResultWaiter:
                     except Exception:  # noqa: BLE001 - the listener reconnects
                         logger.debug("unsubscribe failed", exc_info=True)
 
+    def ready(self, reply_channel: bytes, timeout: float = 2.0) -> bool:
+        """Subscribed to ``reply_channel`` (confirmed): replies from now on are not missed."""
+        with self._lock:
+            if self.reply_channel is None:
+                self.reply_channel = reply_channel
+                if self._thread is not None and self._thread.is_alive():
+                    self._pubsub.subscribe(reply_channel)
+            self._start()
+        return self.reply_channel == reply_channel and self._reply_ready.wait(timeout)
+
+    def wait_reply(self, job_id: str, read: Callable[[], Any], is_done: Callable[[Any], bool],
+                   decode: Callable[[bytes], Any], timeout: float) -> Any:
+        """A job sent with this waiter's reply channel: its result as the worker published
+        it (re-read from the store every ``RECHECK_S`` as the safety net)."""
+        import time
+
+        deadline = time.monotonic() + timeout
+        me = _Waiter()
+        with self._lock:
+            early = self._early.pop(job_id, None)
+            if early is None:
+                self._replies[job_id] = me
+        try:
+            if early is not None:
+                return decode(early)
+            value: Any = None
+            while not is_done(value):
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                if me.arrived.wait(min(left, RECHECK_S)):
+                    assert me.value is not None
+                    value = decode(me.value)
+                else:
+                    value = read()
+            return value
+        finally:
+            with self._lock:
+                self._replies.pop(job_id, None)
+
+    def _on_reply(self, data: bytes) -> None:
+        for job_id, value in msgpack.unpackb(data, raw=False):
+            with self._lock:
+                waiter = self._replies.get(job_id)
+                if waiter is None:
+                    self._early[job_id] = value
+                    while len(self._early) > EARLY_MAX:
+                        self._early.popitem(last=False)
+            if waiter is not None:
+                waiter.value = value
+                waiter.arrived.set()
+
     def _listen(self) -> None:
         pubsub = self._pubsub
         while True:
@@ -99,6 +167,7 @@ class ResultWaiter:
                 logger.warning("result listener: %s; reconnecting", type(exc).__name__)
                 with self._lock:
                     self._thread = None
+                    self._reply_ready.clear()
                     for waiting in self._waiters.values():
                         for w in waiting:
                             w.confirmed.set()  # they re-read the key meanwhile
@@ -110,6 +179,12 @@ class ResultWaiter:
             if message is None:
                 continue
             channel = message.get("channel")
+            if channel == self.reply_channel:
+                if message["type"] == "subscribe":
+                    self._reply_ready.set()
+                elif message["type"] == "message":
+                    self._on_reply(message["data"])
+                continue
             with self._lock:
                 waiting = list(self._waiters.get(channel, ()))
             if message["type"] == "subscribe":

@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import msgpack
 import numpy as np
 from celery import Celery, states
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -43,8 +44,10 @@ def _split(outcome: Outcome, sizes: list[int]) -> list[Outcome]:
     return parts
 
 
-def store_many(app: Celery, items: list[tuple[str, str, Any]], attempts: int = 5) -> None:
-    """(job id, state, result) each stored and published, one pipeline on Redis.
+def store_many(app: Celery, items: list[tuple[str, str, Any]], reply_to: str | None = None,
+               attempts: int = 5) -> None:
+    """(job id, state, result) each stored and published, one pipeline on Redis; with
+    ``reply_to``, also all of them in one message on that channel.
 
     Retried with backoff on a store outage: the inference is not redone for it.
     """
@@ -56,12 +59,16 @@ def store_many(app: Celery, items: list[tuple[str, str, Any]], attempts: int = 5
         return
     done = app.now().isoformat()
     pipe = redis.pipeline(transaction=False)
+    replies = []
     for job_id, state, result in items:
         meta = {"status": state, "result": backend.encode_result(result, state),
                 "traceback": None, "children": [], "date_done": done, "task_id": job_id}
         key, value = backend.get_key_for_task(job_id), backend.encode(meta)
         pipe.setex(key, backend.expires, value)
         pipe.publish(key, value)
+        replies.append((job_id, value))
+    if reply_to and replies:
+        pipe.publish(reply_to, msgpack.packb(replies, use_bin_type=True))
     for attempt in range(attempts):
         try:
             pipe.execute()
@@ -79,7 +86,8 @@ def register_many(app: Celery, pool: ModelPool, claims: Claims, validate: Valida
 
     @app.task(name=INFER_MANY_TASK, bind=True, ignore_result=True)
     def infer_many(self: Any, model: str, jobs: list[dict[str, Any]],
-                   version: int | None = None, variant: str | None = None) -> None:
+                   version: int | None = None, variant: str | None = None,
+                   reply_to: str | None = None) -> None:
         started = time.time()
         taken = claims.take_many([j["id"] for j in jobs])
         runnable = [j for j, ok in zip(jobs, taken, strict=True) if ok]
@@ -90,7 +98,7 @@ def register_many(app: Celery, pool: ModelPool, claims: Claims, validate: Valida
         try:
             served = pool.get(model, version, variant)
         except InferqError as exc:  # every job of the message fails the same way
-            store_many(app, [(j["id"], states.FAILURE, exc) for j in runnable])
+            store_many(app, [(j["id"], states.FAILURE, exc) for j in runnable], reply_to)
             return
         manifest = served.version.manifest
         checked = []
@@ -112,4 +120,4 @@ def register_many(app: Celery, pool: ModelPool, claims: Claims, validate: Valida
                 items.append((job["id"], states.SUCCESS,
                               finish(served, part, keep, labels, errors, job.get(
                                   "submitted_at"), started, self.request.hostname)))
-        store_many(app, items)
+        store_many(app, items, reply_to)
