@@ -13,7 +13,7 @@ from celery import Celery
 from producer.coalesce import Coalescer
 from producer.store import ResultStore, is_final, status_of
 from shared.celery_app import INFER_TASK, make_app, model_queue
-from shared.errors import InputError, JobFailed
+from shared.errors import InputError
 from shared.repository import ModelRef, ModelRepository, ModelVersion, parse_model_ref
 from shared.schemas import JobResult, JobStatus, Manifest, RowError
 from shared.settings import Settings, load_settings
@@ -137,14 +137,9 @@ class Job:
         return self.client.get(self.id).status
 
     def result(self, timeout: float | None = 30.0) -> dict[str, np.ndarray]:
-        """The outputs; raises JobFailed if the job or its row failed."""
-        res = self.client.wait(self.id, timeout)
-        if res.status is not JobStatus.succeeded:
-            raise JobFailed(res.error or "job failed")
-        if res.errors:
-            raise JobFailed("; ".join(e.message for e in res.errors))
-        assert res.outputs is not None
-        return res.outputs
+        """The outputs; raises JobFailed if the job or its row failed (JobCancelled, a
+        JobFailed, if it was cancelled)."""
+        return self.client.wait(self.id, timeout).checked_outputs()
 
 
 def wire_inputs(inputs: dict[str, Any]) -> dict[str, Any]:

@@ -57,8 +57,6 @@ from shared.errors import (
     InferqError,
     InputError,
     InvalidModelName,
-    JobCancelled,
-    JobFailed,
     JobNotFound,
     ModelNotFound,
     Unavailable,
@@ -368,14 +366,7 @@ class HttpJob:
         JobFailed) if it was cancelled, TimeoutError if not finished in time."""
         res = self._final if self._final is not None else self.client.wait(self.id, timeout)
         self._final = res
-        if res.status is JobStatus.cancelled:
-            raise JobCancelled(res.error or "cancelled before it ran")
-        if res.status is not JobStatus.succeeded:
-            raise JobFailed(res.error or "job failed")
-        if res.errors:
-            raise JobFailed("; ".join(e.message for e in res.errors))
-        assert res.outputs is not None
-        return res.outputs
+        return res.checked_outputs()
 
     def cancel(self) -> bool:
         return self.client.cancel(self.id)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -37,6 +38,23 @@ class _Waiter:
     confirmed: threading.Event = field(default_factory=threading.Event)
     arrived: threading.Event = field(default_factory=threading.Event)
     value: bytes | None = None
+
+
+def _await(me: _Waiter, value: Any, read: Callable[[], Any], is_done: Callable[[Any], bool],
+           decode: Callable[[bytes], Any], deadline: float) -> Any:
+    """Until ``value`` is done or the deadline: take what the listener hands over, else
+    re-read every ``RECHECK_S``."""
+    while not is_done(value):
+        left = deadline - time.monotonic()
+        if left <= 0:
+            break
+        if me.arrived.wait(min(left, RECHECK_S)):
+            me.arrived.clear()
+            assert me.value is not None
+            value = decode(me.value)
+        else:
+            value = read()
+    return value
 
 
 class ResultWaiter:
@@ -68,8 +86,6 @@ class ResultWaiter:
              decode: Callable[[bytes], Any], timeout: float) -> Any:
         """``read()`` the key's value until ``is_done``; woken by its publish. Returns the
         last value read or received (maybe not done, at the timeout)."""
-        import time
-
         deadline = time.monotonic() + timeout
         me = _Waiter()
         with self._lock:
@@ -82,18 +98,7 @@ class ResultWaiter:
                 me.confirmed.set()
         try:
             me.confirmed.wait(min(timeout, RECHECK_S))
-            value = read()
-            while not is_done(value):
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    break
-                if me.arrived.wait(min(left, RECHECK_S)):
-                    me.arrived.clear()
-                    assert me.value is not None
-                    value = decode(me.value)
-                else:
-                    value = read()
-            return value
+            return _await(me, read(), read, is_done, decode, deadline)
         finally:
             with self._lock:
                 waiting = self._waiters.get(key, [])
@@ -120,8 +125,6 @@ class ResultWaiter:
                    decode: Callable[[bytes], Any], timeout: float) -> Any:
         """A job sent with this waiter's reply channel: its result as the worker published
         it (re-read from the store every ``RECHECK_S`` as the safety net)."""
-        import time
-
         deadline = time.monotonic() + timeout
         me = _Waiter()
         with self._lock:
@@ -131,17 +134,7 @@ class ResultWaiter:
         try:
             if early is not None:
                 return decode(early)
-            value: Any = None
-            while not is_done(value):
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    break
-                if me.arrived.wait(min(left, RECHECK_S)):
-                    assert me.value is not None
-                    value = decode(me.value)
-                else:
-                    value = read()
-            return value
+            return _await(me, None, read, is_done, decode, deadline)
         finally:
             with self._lock:
                 self._replies.pop(job_id, None)

@@ -9,6 +9,8 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from shared.errors import JobCancelled, JobFailed
+
 MODEL_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
 
 
@@ -157,3 +159,14 @@ class JobResult(BaseModel):
     @property
     def done(self) -> bool:
         return self.status in (JobStatus.succeeded, JobStatus.failed, JobStatus.cancelled)
+
+    def checked_outputs(self) -> dict[str, Any]:
+        """The outputs; JobCancelled, or JobFailed if the job or any of its rows failed."""
+        if self.status is JobStatus.cancelled:
+            raise JobCancelled(self.error or "cancelled before it ran")
+        if self.status is not JobStatus.succeeded:
+            raise JobFailed(self.error or "job failed")
+        if self.errors:
+            raise JobFailed("; ".join(e.message for e in self.errors))
+        assert self.outputs is not None
+        return self.outputs

@@ -151,6 +151,17 @@ def run_cli(args: list[str], env: dict[str, str], timeout: float = 120,
                           capture_output=True, text=True, timeout=timeout, cwd=cwd or ROOT)
 
 
+def stop_process(proc: subprocess.Popen) -> None:
+    """SIGTERM (a warm shutdown), then SIGKILL if it takes over 20 s."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
+
+
 class WorkerProcess:
     """An ``inferq worker`` subprocess; waits for Celery's ready line, stopped by PID."""
 
@@ -184,13 +195,7 @@ class WorkerProcess:
         self.proc.wait(timeout=30)
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=10)
+        stop_process(self.proc)
         self.handle.close()
 
 
@@ -244,13 +249,7 @@ class ApiProcess:
         raise TimeoutError("api not ready in time:\n" + self.log.read_text()[-3000:])
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=10)
+        stop_process(self.proc)
         self.handle.close()
 
 

@@ -35,6 +35,16 @@ class FakeCoalescer(Coalescer):
             raise ConnectionError(f"broker gone while sending {len(ids)} jobs")
 
 
+def wait_pending(co: Coalescer, n: int) -> None:
+    """Until ``n`` submitters are queued behind the open send (other threads: no event)."""
+    for _ in range(500):
+        with co._lock:
+            if sum(len(g.pending) for g in co._groups.values()) == n:
+                return
+        threading.Event().wait(0.01)
+    raise AssertionError(f"{n} submitters never queued up")
+
+
 def submit_all(co: Coalescer, ids: list[str]) -> dict[str, BaseException | None]:
     outcome: dict[str, BaseException | None] = {}
 
@@ -69,11 +79,7 @@ def test_jobs_arriving_during_a_send_share_the_next_message() -> None:
     waiting = threading.Thread(target=submit_all, args=(co, [f"j{i}" for i in range(20)]))
     waiting.start()
     # Every later submitter is queued behind the open send before it is released.
-    for _ in range(200):
-        with co._lock:
-            if sum(len(g.pending) for g in co._groups.values()) == 20:
-                break
-        threading.Event().wait(0.01)
+    wait_pending(co, 20)
     co.gate.set()
     first.join(10)
     waiting.join(20)
@@ -101,11 +107,7 @@ def test_a_failed_send_fails_every_job_it_carried_and_no_other() -> None:
     result: dict[str, Any] = {}
     later = threading.Thread(target=lambda: result.update(submit_all(co, ["bad", "x", "y"])))
     later.start()
-    for _ in range(200):
-        with co._lock:
-            if sum(len(g.pending) for g in co._groups.values()) == 3:
-                break
-        threading.Event().wait(0.01)
+    wait_pending(co, 3)
     co.gate.set()
     first.join(10)
     later.join(20)

@@ -25,15 +25,8 @@ def test_http_client_imports_without_broker_or_model_libraries() -> None:
         "from shared.errors import AuthError, Busy, RateLimited, Unavailable\n"
         "c = HttpClient('http://127.0.0.1:9', 'k')\n"
         "c.close()\n"
-        f"loaded = sorted(m for m in sys.modules if m.split('.')[0] in {BLOCKED!r}\n"
-        "                 and sys.modules[m] is not None)\n"
-        "print('loaded:', loaded)\n"
     )
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=60)
-    assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.strip() == "loaded: []", proc.stdout + proc.stderr
+    assert_loads_nothing_blocked(code)
 
 
 def test_http_batch_imports_on_its_own_without_broker_or_model_libraries() -> None:
@@ -45,10 +38,15 @@ def test_http_batch_imports_on_its_own_without_broker_or_model_libraries() -> No
         "    sys.modules[name] = None  # 'import name' now raises ImportError\n"
         "from producer.http_batch import BatchProgress, BatchResult, HttpBatch, RowResult\n"
         "assert 'producer.http' not in sys.modules, 'http_batch imported producer.http'\n"
-        f"loaded = sorted(m for m in sys.modules if m.split('.')[0] in {BLOCKED!r}\n"
-        "                 and sys.modules[m] is not None)\n"
-        "print('loaded:', loaded)\n"
     )
+    assert_loads_nothing_blocked(code)
+
+
+def assert_loads_nothing_blocked(code: str) -> None:
+    """Run ``code`` in a fresh interpreter; it must load none of the blocked libraries."""
+    code += (f"loaded = sorted(m for m in sys.modules if m.split('.')[0] in {BLOCKED!r}\n"
+             "                 and sys.modules[m] is not None)\n"
+             "print('loaded:', loaded)\n")
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=60)
