@@ -1,7 +1,9 @@
 """The msgpack tensor codec: numeric numpy arrays travel as raw bytes, never pickle.
 
 An array is a msgpack extension (code 42) holding ``[dtype, shape]`` and the raw
-little-endian bytes. Decoding checks the dtype against a numeric allow-list, the shape
+little-endian bytes; a float array of whole numbers may travel narrowed, as
+``[dtype, shape, "u1" | "i2"]`` and bytes of that type, and is decoded back to ``dtype``.
+Decoding checks the dtype against a numeric allow-list, the shape
 against the byte count, and the whole payload against a size cap, so a hostile message
 can neither run code nor make a worker allocate without bound.
 """
@@ -54,11 +56,37 @@ def _pack_array(arr: np.ndarray) -> msgpack.ExtType:
     if kind not in ALLOWED_DTYPES:
         raise CodecError(f"dtype {arr.dtype} is not allowed; use a numeric dtype")
     shape = list(arr.shape)  # before ascontiguousarray, which makes 0-d arrays 1-d
+    narrow = _narrow(arr)
+    if narrow is not None:  # the same values in fewer bytes; decoded back to ``kind``
+        header = msgpack.packb([kind, shape, narrow.dtype.str.lstrip("<>|=")])
+        return msgpack.ExtType(_ND_EXT, header + narrow.tobytes())
     if arr.dtype.byteorder == ">":
         arr = arr.astype(arr.dtype.newbyteorder("<"))
     arr = np.ascontiguousarray(arr)
     header = msgpack.packb([kind, shape])
     return msgpack.ExtType(_ND_EXT, header + arr.tobytes())
+
+
+NARROW_MIN_SIZE = 1024  # smaller arrays are not worth the check
+
+
+def _narrow(arr: np.ndarray) -> np.ndarray | None:
+    """A float array holding only whole numbers that fit uint8 or int16 (pixels, counts,
+    token ids as floats), as that integer type: exactly the same values, 2-8x fewer bytes
+    through base64, the broker and the worker's transport. None when it does not apply."""
+    if arr.dtype.kind != "f" or arr.size < NARROW_MIN_SIZE:
+        return None
+    lo, hi = arr.min(), arr.max()  # NaN makes both comparisons below false
+    if lo >= 0 and hi <= 255:
+        target = np.dtype("<u1")
+    elif lo >= -32768 and hi <= 32767:
+        target = np.dtype("<i2")
+    else:
+        return None
+    narrow = arr.astype(target)
+    if not np.array_equal(narrow, arr) or np.signbit(arr[narrow == 0]).any():
+        return None  # fractions, or a -0.0 that would come back as +0.0
+    return np.ascontiguousarray(narrow)
 
 
 def _ext_hook(code: int, data: bytes) -> Any:
@@ -67,24 +95,29 @@ def _ext_hook(code: int, data: bytes) -> Any:
     unpacker = msgpack.Unpacker(max_buffer_size=len(data))
     unpacker.feed(data)
     try:
-        kind, shape = unpacker.unpack()
+        header = unpacker.unpack()
+        kind, shape = header[:2]
+        wire = header[2] if len(header) == 3 else kind
     except Exception as exc:
         raise CodecError("malformed array header") from exc
     if not isinstance(kind, str) or kind not in ALLOWED_DTYPES:
         raise CodecError(f"dtype {kind!r} is not allowed; only numeric dtypes travel")
+    if wire != kind and wire not in ("u1", "i2"):
+        raise CodecError(f"wire dtype {wire!r} is not allowed for {kind!r}")
     if (
         not isinstance(shape, list)
         or len(shape) > _MAX_NDIM
         or not all(isinstance(d, int) and d >= 0 for d in shape)
     ):
         raise CodecError(f"bad array shape {shape!r}")
-    dtype = np.dtype("<" + kind)
+    dtype = np.dtype("<" + wire)
     offset = unpacker.tell()
     expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
     if len(data) - offset != expected:
         got = len(data) - offset
-        raise CodecError(f"array of shape {shape} {kind} needs {expected} bytes, got {got}")
-    return np.frombuffer(data, dtype=dtype, offset=offset).reshape(shape)
+        raise CodecError(f"array of shape {shape} {wire} needs {expected} bytes, got {got}")
+    arr = np.frombuffer(data, dtype=dtype, offset=offset).reshape(shape)
+    return arr if wire == kind else arr.astype("<" + kind)
 
 
 def dumps(obj: Any) -> bytes:

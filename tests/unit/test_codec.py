@@ -286,3 +286,40 @@ def test_celery_app_never_speaks_pickle_and_acks_late(tmp_path: Path,
         assert (tmp_path / "results").is_dir()
     finally:
         codec.register(codec.DEFAULT_MAX_BYTES)
+
+
+# -- narrowed float arrays -------------------------------------------------------------------
+@pytest.mark.parametrize("values, width", [
+    (np.arange(2048) % 17, 1),  # digits pixels: uint8
+    (np.arange(-1024, 1024), 2),  # int16
+])
+def test_whole_number_floats_travel_narrow_and_come_back_exact(values, width) -> None:
+    arr = values.astype(np.float32).reshape(-1, 64)
+    blob = codec.dumps({"x": arr})
+    back = codec.loads(blob)["x"]
+    assert back.dtype == np.float32 and back.shape == arr.shape
+    np.testing.assert_array_equal(back, arr)
+    assert len(blob) <= arr.size * width + 64  # 1 or 2 bytes a value instead of 4
+
+
+@pytest.mark.parametrize("arr", [
+    np.full(2048, 0.5, np.float32),  # fractions
+    np.full(2048, 70_000.0, np.float32),  # out of int16 range
+    np.concatenate([np.zeros(2047, np.float32), [np.nan]]).astype(np.float32),
+    np.concatenate([np.zeros(2047), [-0.0]]).astype(np.float64),  # the sign of zero
+    np.concatenate([np.zeros(2047), [np.inf]]).astype(np.float32),
+], ids=["fraction", "range", "nan", "negative-zero", "inf"])
+def test_values_a_narrow_type_cannot_hold_travel_as_they_are(arr) -> None:
+    blob = codec.dumps(arr)
+    assert len(blob) >= arr.nbytes
+    back = codec.loads(blob)
+    assert back.dtype == arr.dtype
+    np.testing.assert_array_equal(np.signbit(back), np.signbit(arr))
+    np.testing.assert_array_equal(back, arr)
+
+
+def test_a_narrow_header_naming_another_wire_type_is_refused() -> None:
+    header = msgpack.packb(["f4", [4], "f8"])
+    blob = msgpack.packb(msgpack.ExtType(42, header + b"\0" * 32), use_bin_type=True)
+    with pytest.raises(CodecError, match="wire dtype"):
+        codec.loads(blob)
