@@ -39,6 +39,7 @@ def chunk_id(batch_id: str, index: int) -> str:
 # Redis transport has that window: a worker SIGKILLed there drops the message). It is
 # sent again; should the first copy run after all, the result is the same.
 LOST_AFTER_S = 10.0
+MAX_RESENDS = 3  # per chunk; the wait after each doubles
 
 
 @dataclass
@@ -47,6 +48,7 @@ class _Pending:
     job_id: str
     meta: dict | None = None
     sent_at: float = 0.0
+    resends: int = 0
 
 
 def publish_chunk(client: Client, ref: ModelRef, input_name: str, job_id: str, chunk: Chunk,
@@ -137,10 +139,10 @@ class Pipeline:
         head = window[0]
         now = time.monotonic()
         claims = self.client.store.claims
-        if (now - head.sent_at < LOST_AFTER_S or not claims.supported
-                or not any(p.meta is not None for p in window)):
+        if (now - head.sent_at < LOST_AFTER_S * 2 ** head.resends or not claims.supported
+                or head.resends >= MAX_RESENDS or not any(p.meta is not None for p in window)):
             return
-        head.sent_at = now  # look again no sooner than LOST_AFTER_S from now
+        head.sent_at = now  # look again no sooner than the (doubled) wait from now
         if claims.states([head.job_id])[0] is not None:
             return  # a worker has it
         logger.warning("chunk %s (rows %d..%d) unclaimed %.0f s after it was sent while "
@@ -148,6 +150,7 @@ class Pipeline:
                        head.chunk.start, head.chunk.start + head.chunk.rows - 1, LOST_AFTER_S)
         publish_chunk(self.client, self.ref, self.version.manifest.input().name,
                       head.job_id, head.chunk, producer, keep_data=True)
+        head.resends += 1
         self.resent += 1
 
     def _check_stall(self, since: float, head: _Pending) -> None:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import threading
 import time
 import uuid
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -48,7 +50,9 @@ class Client:
         self.reply_channel = (f"inferq-reply-{uuid.uuid4().hex}"
                               if self.store.claims.supported else None)
         self.coalescer = Coalescer(self, PUBLISH_RETRY, reply_to=self.reply_channel)
-        self._replying: dict[str, None] = {}  # jobs sent with the reply channel, not waited
+        # Jobs sent with the reply channel and not waited for yet.
+        self._replying: OrderedDict[str, None] = OrderedDict()
+        self._replying_lock = threading.Lock()
         self._replies_ready = False
         self._models: dict[str, tuple[float, ModelVersion]] = {}
 
@@ -86,9 +90,10 @@ class Client:
             self._listen_for_replies()
             self.coalescer.publish(ref, job_id, inputs)
             if self.coalescer.reply_to is not None:
-                self._replying[job_id] = None
-                while len(self._replying) > REPLYING_MAX:  # submitted, never waited for
-                    self._replying.pop(next(iter(self._replying)))
+                with self._replying_lock:
+                    self._replying[job_id] = None
+                    while len(self._replying) > REPLYING_MAX:  # submitted, never waited
+                        self._replying.popitem(last=False)
         else:
             self.store.mark_queued(job_id, {"model": ref.name, "submitted_at": time.time()})
             self.publish(ref, job_id, inputs)
@@ -108,7 +113,9 @@ class Client:
         return to_result(job_id, self.store.fetch(job_id))
 
     def wait(self, job_id: str, timeout: float | None = 30.0) -> JobResult:
-        if self._replying.pop(job_id, False) is None:
+        with self._replying_lock:
+            replying = self._replying.pop(job_id, False) is None
+        if replying:
             return to_result(job_id, self.store.wait_reply(job_id, timeout))
         return to_result(job_id, self.store.wait(job_id, timeout))
 

@@ -46,6 +46,30 @@ class _Group:
     leading: bool = False
 
 
+def _nbytes(inputs: dict[str, Any]) -> int:
+    """An input's size on the wire: an array's bytes; text, ~64 bytes an item."""
+    total = 0
+    for value in inputs.values():
+        nbytes = getattr(value, "nbytes", None)
+        total += nbytes if nbytes is not None else 64 * (len(value) if hasattr(
+            value, "__len__") else 1)
+    return total
+
+
+def _take(pending: list[_Item], max_bytes: int) -> list[_Item]:
+    """The next message's jobs: at least one, then while under MAX_JOBS and ``max_bytes``."""
+    size = _nbytes(pending[0].inputs) if pending else 0
+    n = 1
+    while n < min(len(pending), MAX_JOBS):
+        size += _nbytes(pending[n].inputs)
+        if size > max_bytes:
+            break
+        n += 1
+    batch = pending[:n]
+    del pending[:n]
+    return batch
+
+
 class Coalescer:
     def __init__(self, client: Client, retry_policy: dict[str, Any], *, mark: bool = True,
                  reply_to: str | None = None):
@@ -55,6 +79,9 @@ class Coalescer:
         # Where the worker also publishes each message's results (producer/waiter.py);
         # with one, every job goes as inferq.infer_many, even alone.
         self.reply_to = reply_to
+        # Half the workers' payload cap: a shared message must never be one they refuse.
+        self.max_bytes = client.settings.max_message_bytes // 2 if client is not None \
+            else 2**31
         self._lock = threading.Lock()
         self._groups: dict[tuple[str, str | None, int | None], _Group] = {}
         self.messages = 0
@@ -85,8 +112,7 @@ class Coalescer:
         """Send rounds until ``mine`` is sent; then pass the role to a waiting submitter."""
         while not mine.done.is_set():
             with self._lock:
-                batch = group.pending[:MAX_JOBS]
-                del group.pending[:MAX_JOBS]
+                batch = _take(group.pending, self.max_bytes)
             try:
                 self._send(ref, batch)
                 error = None

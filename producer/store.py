@@ -119,23 +119,32 @@ class ResultStore:
         waiter = self.waiter()
         if waiter is None or waiter.reply_channel is None:
             return self.wait(job_id, timeout)
-        meta: dict[str, Any] | None = waiter.wait_reply(
-            job_id, lambda: self.fetch_many([job_id])[0], is_final, self.backend.decode_result,
-            3600.0 if timeout is None else timeout)
-        if meta is not None and is_final(meta):
+        while True:  # timeout None: wait for as long as it takes, an hour at a time
+            meta: dict[str, Any] | None = waiter.wait_reply(
+                job_id, lambda: self.fetch_many([job_id])[0], is_final,
+                self.backend.decode_result, 3600.0 if timeout is None else timeout)
+            if meta is not None and is_final(meta):
+                return meta
+            if timeout is not None:
+                break
+        meta = self.fetch(job_id)  # raises JobNotFound for an unknown id
+        if is_final(meta):
             return meta
-        return self.wait(job_id, 0)  # the timeout's error, naming the status
+        raise TimeoutError(f"job {job_id} not finished after {timeout} s "
+                           f"(status {status_of(meta).value})")
 
     def _wait_published(self, job_id: str, deadline: float | None) -> dict[str, Any] | None:
         """Woken by the result's publish (Celery's Redis backend publishes each stored
         result on a channel named after its key); one listener per process."""
         waiter = self.waiter()
         assert waiter is not None
-        left = 3600.0 if deadline is None else max(0.0, deadline - time.monotonic())
-        meta: dict[str, Any] | None = waiter.wait(
-            self.backend.get_key_for_task(job_id), lambda: self.fetch_many([job_id])[0],
-            is_final, self.backend.decode_result, left)
-        return meta
+        while True:  # deadline None: wait for as long as it takes, an hour at a time
+            left = 3600.0 if deadline is None else max(0.0, deadline - time.monotonic())
+            meta: dict[str, Any] | None = waiter.wait(
+                self.backend.get_key_for_task(job_id), lambda: self.fetch_many([job_id])[0],
+                is_final, self.backend.decode_result, left)
+            if deadline is not None or is_final(meta):
+                return meta
 
     def _wait_polling(self, job_id: str, deadline: float | None) -> dict[str, Any] | None:
         """For stores without publish (the embedded file store): 1 ms pauses growing to 50."""

@@ -16,6 +16,7 @@ re-read every ``RECHECK_S`` is the safety net should a message ever be missed.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -29,7 +30,9 @@ import msgpack
 logger = logging.getLogger(__name__)
 
 RECHECK_S = 0.5
-EARLY_MAX = 10_000  # replies kept for a wait_reply that has not started yet
+EARLY_MAX = 10_000  # replies kept for a wait_reply that has not started yet ...
+EARLY_MAX_BYTES = 64 * 2**20  # ... at most this many bytes of them ...
+EARLY_TTL_S = 60.0  # ... for at most this long
 _IDLE = b"inferq-waiter-idle"  # always subscribed, so reads never busy-loop
 
 
@@ -67,11 +70,25 @@ class ResultWaiter:
         self.reply_channel = reply_channel
         self._reply_ready = threading.Event()
         self._replies: dict[str, _Waiter] = {}
-        self._early: OrderedDict[str, bytes] = OrderedDict()
+        self._early: OrderedDict[str, tuple[float, bytes]] = OrderedDict()
+        self._early_bytes = 0
+
+    def _try_start(self) -> bool:
+        """Start (or restart) the listener; False if Redis cannot be reached now (waits
+        then fall back to re-reading every RECHECK_S, and the next wait tries again)."""
+        try:
+            self._start()
+            return True
+        except Exception as exc:  # noqa: BLE001 - any connection problem
+            logger.warning("result listener cannot start: %s", type(exc).__name__)
+            return False
 
     def _start(self) -> None:
         if self._thread is not None and self._thread.is_alive():
             return
+        if self._pubsub is not None:
+            with contextlib.suppress(Exception):
+                self._pubsub.close()
         self._pubsub = self._redis.pubsub()
         self._pubsub.subscribe(_IDLE)
         if self.reply_channel is not None:
@@ -89,13 +106,15 @@ class ResultWaiter:
         deadline = time.monotonic() + timeout
         me = _Waiter()
         with self._lock:
-            self._start()
-            first = key not in self._waiters
-            self._waiters.setdefault(key, []).append(me)
-            if first:
-                self._pubsub.subscribe(key)
+            if self._try_start() and key not in self._waiters:
+                try:
+                    self._pubsub.subscribe(key)
+                except Exception:  # noqa: BLE001 - the re-reads still find the result
+                    logger.debug("subscribe failed", exc_info=True)
+                    me.confirmed.set()
             else:
                 me.confirmed.set()
+            self._waiters.setdefault(key, []).append(me)
         try:
             me.confirmed.wait(min(timeout, RECHECK_S))
             return _await(me, read(), read, is_done, decode, deadline)
@@ -106,10 +125,8 @@ class ResultWaiter:
                     waiting.remove(me)
                 if not waiting and key in self._waiters:
                     del self._waiters[key]
-                    try:
+                    with contextlib.suppress(Exception):  # a dead connection forgets it
                         self._pubsub.unsubscribe(key)
-                    except Exception:  # noqa: BLE001 - the listener reconnects
-                        logger.debug("unsubscribe failed", exc_info=True)
 
     def ready(self, reply_channel: bytes, timeout: float = 2.0) -> bool:
         """Subscribed to ``reply_channel`` (confirmed): replies from now on are not missed."""
@@ -118,8 +135,9 @@ class ResultWaiter:
                 self.reply_channel = reply_channel
                 if self._thread is not None and self._thread.is_alive():
                     self._pubsub.subscribe(reply_channel)
-            self._start()
-        return self.reply_channel == reply_channel and self._reply_ready.wait(timeout)
+            started = self._try_start()
+        return started and self.reply_channel == reply_channel and \
+            self._reply_ready.wait(timeout)
 
     def wait_reply(self, job_id: str, read: Callable[[], Any], is_done: Callable[[Any], bool],
                    decode: Callable[[bytes], Any], timeout: float) -> Any:
@@ -128,7 +146,11 @@ class ResultWaiter:
         deadline = time.monotonic() + timeout
         me = _Waiter()
         with self._lock:
-            early = self._early.pop(job_id, None)
+            self._try_start()  # a listener lost in an outage comes back here
+            found = self._early.pop(job_id, None)
+            early = None if found is None else found[1]
+            if early is not None:
+                self._early_bytes -= len(early)
             if early is None:
                 self._replies[job_id] = me
         try:
@@ -140,13 +162,18 @@ class ResultWaiter:
                 self._replies.pop(job_id, None)
 
     def _on_reply(self, data: bytes) -> None:
+        now = time.monotonic()
         for job_id, value in msgpack.unpackb(data, raw=False):
             with self._lock:
                 waiter = self._replies.get(job_id)
-                if waiter is None:
-                    self._early[job_id] = value
-                    while len(self._early) > EARLY_MAX:
-                        self._early.popitem(last=False)
+                if waiter is None:  # kept for a wait that has not started (bounded)
+                    self._early[job_id] = (now, value)
+                    self._early_bytes += len(value)
+                    while self._early and (len(self._early) > EARLY_MAX
+                                           or self._early_bytes > EARLY_MAX_BYTES
+                                           or next(iter(self._early.values()))[0]
+                                           < now - EARLY_TTL_S):
+                        self._early_bytes -= len(self._early.popitem(last=False)[1][1])
             if waiter is not None:
                 waiter.value = value
                 waiter.arrived.set()
@@ -156,34 +183,33 @@ class ResultWaiter:
         while True:
             try:
                 message = pubsub.get_message(timeout=1.0)
-            except Exception as exc:  # noqa: BLE001 - connection lost: start afresh
-                logger.warning("result listener: %s; reconnecting", type(exc).__name__)
+                if message is not None:
+                    self._dispatch(message)
+            except Exception as exc:  # noqa: BLE001 - connection lost: the next wait restarts
+                logger.warning("result listener stopped (%s); waits re-read until the next "
+                               "one restarts it", type(exc).__name__)
                 with self._lock:
                     self._thread = None
                     self._reply_ready.clear()
                     for waiting in self._waiters.values():
                         for w in waiting:
                             w.confirmed.set()  # they re-read the key meanwhile
-                    try:
-                        self._start()
-                    except Exception:  # noqa: BLE001 - next wait() tries again
-                        logger.debug("result listener restart failed", exc_info=True)
                 return
-            if message is None:
-                continue
-            channel = message.get("channel")
-            if channel == self.reply_channel:
-                if message["type"] == "subscribe":
-                    self._reply_ready.set()
-                elif message["type"] == "message":
-                    self._on_reply(message["data"])
-                continue
-            with self._lock:
-                waiting = list(self._waiters.get(channel, ()))
+
+    def _dispatch(self, message: dict[str, Any]) -> None:
+        channel: bytes = message["channel"]
+        if channel == self.reply_channel:
             if message["type"] == "subscribe":
-                for w in waiting:
-                    w.confirmed.set()
+                self._reply_ready.set()
             elif message["type"] == "message":
-                for w in waiting:
-                    w.value = message["data"]
-                    w.arrived.set()
+                self._on_reply(message["data"])
+            return
+        with self._lock:
+            waiting = list(self._waiters.get(channel, ()))
+        if message["type"] == "subscribe":
+            for w in waiting:
+                w.confirmed.set()
+        elif message["type"] == "message":
+            for w in waiting:
+                w.value = message["data"]
+                w.arrived.set()

@@ -77,6 +77,7 @@ def _narrow(arr: np.ndarray) -> np.ndarray | None:
     if arr.dtype.kind != "f" or arr.size < NARROW_MIN_SIZE:
         return None
     lo, hi = arr.min(), arr.max()  # NaN makes both comparisons below false
+    target: np.dtype[Any]
     if lo >= 0 and hi <= 255:
         target = np.dtype("<u1")
     elif lo >= -32768 and hi <= 32767:
@@ -102,7 +103,7 @@ def _ext_hook(code: int, data: bytes) -> Any:
         raise CodecError("malformed array header") from exc
     if not isinstance(kind, str) or kind not in ALLOWED_DTYPES:
         raise CodecError(f"dtype {kind!r} is not allowed; only numeric dtypes travel")
-    if wire != kind and wire not in ("u1", "i2"):
+    if wire != kind and (wire not in ("u1", "i2") or kind not in ("f2", "f4", "f8")):
         raise CodecError(f"wire dtype {wire!r} is not allowed for {kind!r}")
     if (
         not isinstance(shape, list)
@@ -117,7 +118,13 @@ def _ext_hook(code: int, data: bytes) -> Any:
         got = len(data) - offset
         raise CodecError(f"array of shape {shape} {wire} needs {expected} bytes, got {got}")
     arr = np.frombuffer(data, dtype=dtype, offset=offset).reshape(shape)
-    return arr if wire == kind else arr.astype("<" + kind)
+    if wire == kind:
+        return arr
+    decoded = int(np.prod(shape, dtype=np.int64)) * np.dtype(kind).itemsize
+    if decoded > _limits["max_bytes"]:  # widening must not escape the payload cap
+        raise CodecError(f"array of shape {shape} {kind} would take {decoded} bytes, over "
+                         f"the {_limits['max_bytes']}-byte cap")
+    return arr.astype("<" + kind)
 
 
 def dumps(obj: Any) -> bytes:

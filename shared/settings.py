@@ -64,6 +64,8 @@ class Settings(BaseSettings):
     api_wait_max_s: float = Field(30.0, gt=0, le=300, description="longest ?wait= long poll")
     callback_secret: str = Field("", description="HMAC-SHA256 key signing callbacks unless "
                                  "the tenant's key has its own")
+    callback_allow_private: bool = Field(False, description="allow callbacks to loopback "
+                                         "and private addresses (trusted tenants only)")
     callback_max_attempts: int = Field(8, ge=1, le=30, description="callback deliveries tried")
     fault_injection: str = Field(
         "", description="testing only: comma list such as 'delay_ms=20'; empty in production"

@@ -17,6 +17,7 @@ from typing import Any
 import msgpack
 import numpy as np
 from celery import Celery, states
+from celery.exceptions import Reject
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
@@ -58,18 +59,19 @@ def store_many(app: Celery, items: list[tuple[str, str, Any]], reply_to: str | N
             backend.store_result(job_id, result, state)
         return
     done = app.now().isoformat()
-    pipe = redis.pipeline(transaction=False)
-    replies = []
+    encoded = []
     for job_id, state, result in items:
         meta = {"status": state, "result": backend.encode_result(result, state),
                 "traceback": None, "children": [], "date_done": done, "task_id": job_id}
-        key, value = backend.get_key_for_task(job_id), backend.encode(meta)
-        pipe.setex(key, backend.expires, value)
-        pipe.publish(key, value)
-        replies.append((job_id, value))
-    if reply_to and replies:
-        pipe.publish(reply_to, msgpack.packb(replies, use_bin_type=True))
+        encoded.append((job_id, backend.get_key_for_task(job_id), backend.encode(meta)))
     for attempt in range(attempts):
+        pipe = redis.pipeline(transaction=False)  # a failed execute() empties a pipeline
+        for _, key, value in encoded:
+            pipe.setex(key, backend.expires, value)
+            pipe.publish(key, value)
+        if reply_to and encoded:
+            pipe.publish(reply_to, msgpack.packb([(j, v) for j, _, v in encoded],
+                                                 use_bin_type=True))
         try:
             pipe.execute()
             return
@@ -94,12 +96,23 @@ def register_many(app: Celery, pool: ModelPool, claims: Claims, validate: Valida
         if len(runnable) < len(jobs):
             logger.info("message %s: %d of %d jobs cancelled before they ran; skipped",
                         self.request.id, len(jobs) - len(runnable), len(jobs))
-        items: list[tuple[str, str, Any]] = []
         try:
-            served = pool.get(model, version, variant)
-        except InferqError as exc:  # every job of the message fails the same way
-            store_many(app, [(j["id"], states.FAILURE, exc) for j in runnable], reply_to)
-            return
+            run_jobs(runnable, model, version, variant, started, self.request.hostname,
+                     reply_to)
+        except Exception as exc:  # every job still unanswered gets this error, not silence
+            logger.exception("message %s: %d jobs failed", self.request.id, len(runnable))
+            try:
+                store_many(app, [(j["id"], states.FAILURE, exc) for j in runnable], reply_to)
+            except Exception:  # not even the failures can be stored: run it all again
+                logger.exception("message %s: storing the failures failed; requeued",
+                                 self.request.id)
+                raise Reject(exc, requeue=True) from exc
+
+    def run_jobs(runnable: list[dict[str, Any]], model: str, version: int | None,
+                 variant: str | None, started: float, hostname: str | None,
+                 reply_to: str | None) -> None:
+        items: list[tuple[str, str, Any]] = []
+        served = pool.get(model, version, variant)
         manifest = served.version.manifest
         checked = []
         with served.batcher.announced() as ticket:
@@ -119,5 +132,5 @@ def register_many(app: Celery, pool: ModelPool, claims: Claims, validate: Valida
                                                             strict=True):
                 items.append((job["id"], states.SUCCESS,
                               finish(served, part, keep, labels, errors, job.get(
-                                  "submitted_at"), started, self.request.hostname)))
+                                  "submitted_at"), started, hostname)))
         store_many(app, items, reply_to)

@@ -119,8 +119,7 @@ def _publish(api: Api, who: Principal, batch_id: str, model: str, callback_url: 
     """Validate and send every chunk; on a broker failure cancel what was sent and say so."""
     version, ref = api.model(model)
     api.check_backpressure(ref.name)
-    if callback_url is not None:
-        api.check_callback(who, callback_url)
+    callback_url = api.check_callback(who, callback_url)  # every body kind, same checks
     spec = version.manifest.input()
     chunk_rows = api.settings.chunk_rows
     total = count_rows(path)
@@ -179,11 +178,12 @@ async def submit_batch(request: Request, who: Who) -> Any:
     api = api_of(request)
     batch_id = uuid.uuid4().hex
     upload_dir = api.settings.home / "api-uploads"
-    model, callback_url, path = await _read_body(request, upload_dir, batch_id)
     try:
+        model, callback_url, path = await _read_body(request, upload_dir, batch_id)
         await run_in_threadpool(_publish, api, who, batch_id, model, callback_url, path)
-    finally:
-        path.unlink(missing_ok=True)
+    finally:  # also a partial upload (413, a client gone): nothing stays on disk
+        for leftover in upload_dir.glob(f"{batch_id}.*"):
+            leftover.unlink(missing_ok=True)
     view = await run_in_threadpool(batch_view, api, batch_id, who)
     return JSONResponse(view.model_dump(mode="json"), status_code=202,
                         headers={"Location": f"/v1/batches/{batch_id}"})

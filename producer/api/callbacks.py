@@ -26,6 +26,7 @@ from producer.api.auth import Principal
 from producer.api.batches import batch_view
 from producer.api.context import Api
 from producer.api.jobs import job_view
+from producer.api.urls import UrlRefused, refuse_internal
 
 logger = logging.getLogger(__name__)
 
@@ -117,12 +118,14 @@ class Dispatcher:
         code: int | None = None
         error: str | None = None
         try:
+            if not self.api.settings.callback_allow_private:  # the name may point inward now
+                await run_in_threadpool(refuse_internal, record["callback_url"])
             response = await self.http.post(record["callback_url"], content=body,
                                             headers=headers)
             code = response.status_code
             if not 200 <= code < 300:
                 error = f"HTTP {code}"
-        except httpx.HTTPError as exc:
+        except (httpx.HTTPError, UrlRefused) as exc:
             error = f"{type(exc).__name__}: {exc}"[:300]
         deliveries.append({"at": time.time(), "attempt": attempt, "status_code": code,
                            "error": error})

@@ -15,6 +15,7 @@ from producer.api.limits import QueueDepth
 from producer.api.metrics import ApiMetrics
 from producer.api.notify import Notifier
 from producer.api.store import ApiStore
+from producer.api.urls import UrlRefused, check_callback_url
 from producer.client import Client
 from producer.coalesce import Coalescer
 from shared.repository import ModelRef, ModelVersion
@@ -70,7 +71,10 @@ class Api:
             raise HTTPException(422, "callback_url: the server has no signing secret for "
                                 "this tenant (INFERQ_CALLBACK_SECRET or the key's "
                                 "callback_secret); callbacks are always signed")
-        return str(url)
+        try:
+            return check_callback_url(str(url), self.settings.callback_allow_private)
+        except UrlRefused as exc:
+            raise HTTPException(422, str(exc)) from None
 
 
 def api_of(request: Request) -> Api:

@@ -41,13 +41,19 @@ class Notifier:
         self._pubsub: Any = None
         self._task: asyncio.Task[None] | None = None
         self._watches: dict[bytes, list[_Watch]] = {}
+        self._starting = asyncio.Lock()
 
     async def _ensure(self) -> None:
-        if self._task is not None and not self._task.done():
-            return
-        self._pubsub = self._redis.pubsub()
-        await self._pubsub.subscribe(_IDLE, *self._watches)
-        self._task = asyncio.create_task(self._listen())
+        async with self._starting:  # two long polls at once must not start two listeners
+            if self._task is not None and not self._task.done():
+                return
+            if self._pubsub is not None:
+                with contextlib.suppress(Exception):
+                    await self._pubsub.aclose()
+            pubsub = self._redis.pubsub()
+            await pubsub.subscribe(_IDLE, *self._watches)
+            self._pubsub = pubsub
+            self._task = asyncio.create_task(self._listen(pubsub))
 
     @contextlib.asynccontextmanager
     async def watching(self, key: bytes) -> AsyncIterator[_Watch]:
@@ -77,8 +83,7 @@ class Notifier:
                     if self._pubsub is not None:
                         await self._pubsub.unsubscribe(key)
 
-    async def _listen(self) -> None:
-        pubsub = self._pubsub
+    async def _listen(self, pubsub: Any) -> None:
         while True:
             try:
                 message = await pubsub.get_message(timeout=1.0)

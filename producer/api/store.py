@@ -98,9 +98,14 @@ class ApiStore:
         return (None if meta is None else self.backend.decode_result(meta)), claim
 
     def store_final(self, job_id: str, value: dict[str, Any], state: str) -> None:
-        meta: dict[str, Any] = {"status": state, "result": value, "traceback": None, "children": [],
-                "date_done": None, "task_id": job_id}
-        self.redis.set(self.meta_key(job_id), self.backend.encode(meta), ex=self.expires)
+        """Stored and published, like a worker's result, so long polls wake at once."""
+        meta: dict[str, Any] = {"status": state, "result": value, "traceback": None,
+                                "children": [], "date_done": None, "task_id": job_id}
+        key, encoded = self.meta_key(job_id), self.backend.encode(meta)
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.set(key, encoded, ex=self.expires)
+        pipe.publish(key, encoded)
+        pipe.execute()
 
     # -- batches -------------------------------------------------------------------------
     def create_batch(self, batch_id: str, record: dict[str, Any]) -> None:

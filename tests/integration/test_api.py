@@ -56,8 +56,9 @@ def settings_for(env: dict[str, str], **overrides: Any) -> Settings:
     """Settings from the fixture's INFERQ_* variables (as ``client_for``), plus overrides."""
     values: dict[str, Any] = {k[len("INFERQ_"):].lower(): v for k, v in env.items()
                               if k.startswith("INFERQ_")}
+    # The callback receivers of these tests listen on 127.0.0.1: allow that here.
     return load_settings(**{**values, "api_keys": KEYS, "callback_secret": SECRET,
-                            **overrides})
+                            "callback_allow_private": True, **overrides})
 
 
 @contextlib.asynccontextmanager

@@ -43,7 +43,8 @@ LIMITS = httpx.Limits(max_connections=64, max_keepalive_connections=64, keepaliv
 
 
 def api_env(env: dict[str, str], **extra: str) -> dict[str, str]:
-    return {**env, "INFERQ_API_KEYS": KEYS, "INFERQ_CALLBACK_SECRET": SECRET, **extra}
+    return {**env, "INFERQ_API_KEYS": KEYS, "INFERQ_CALLBACK_SECRET": SECRET,
+            "INFERQ_CALLBACK_ALLOW_PRIVATE": "true", **extra}
 
 
 def wait_until(probe: Any, timeout: float, what: str, pause: float = 0.05) -> Any:

@@ -275,3 +275,23 @@ async def test_body_limit_under_fastapi_middleware_streamed() -> None:
         assert r.status_code == 413 and "1024 bytes" in r.json()["detail"]
         r = await client.post("/", content=b"x" * 2000)  # declared
         assert r.status_code == 413
+
+
+# -- callback URLs ---------------------------------------------------------------------------
+@pytest.mark.parametrize("url", ["http://127.0.0.1:8080/hook", "http://localhost/hook",
+                                 "http://10.1.2.3/x", "http://169.254.169.254/latest",
+                                 "http://[::1]/x"])
+def test_internal_callback_addresses_are_refused_unless_allowed(url: str) -> None:
+    from producer.api.urls import UrlRefused, check_callback_url
+
+    with pytest.raises(UrlRefused, match="internal address"):
+        check_callback_url(url, allow_private=False)
+    assert check_callback_url(url, allow_private=True).startswith("http")
+
+
+@pytest.mark.parametrize("url", ["ftp://example.com/x", "not a url", "file:///etc/passwd"])
+def test_callback_urls_must_be_http(url: str) -> None:
+    from producer.api.urls import UrlRefused, check_callback_url
+
+    with pytest.raises(UrlRefused, match="callback_url"):
+        check_callback_url(url, allow_private=True)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import threading
 from typing import Any
 
+import numpy as np
 import pytest
 
 from producer.coalesce import Coalescer
@@ -115,3 +116,12 @@ def test_a_failed_send_fails_every_job_it_carried_and_no_other() -> None:
         "bad": "ConnectionError", "x": "ConnectionError", "y": "ConnectionError"}
     co.publish(REF, "after", {})  # the coalescer is still usable
     assert co.sent[-1] == ["after"]
+
+
+def test_a_message_never_carries_more_bytes_than_the_cap() -> None:
+    from producer.coalesce import _Item, _take
+
+    pending = [_Item(f"j{i}", {"image": np.zeros(1000, np.uint8)}, 0.0) for i in range(10)]
+    assert [it.job_id for it in _take(pending, 2500)] == ["j0", "j1"]
+    assert len(_take(pending, 1)) == 1  # a job over the cap alone still goes (alone)
+    assert len(_take(pending, 10**9)) == 7
