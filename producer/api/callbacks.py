@@ -30,7 +30,8 @@ from producer.api.urls import UrlRefused, refuse_internal
 
 logger = logging.getLogger(__name__)
 
-POLL_S = 0.2  # how soon an unfinished job is looked at again
+POLL_S = 0.2  # how soon an unfinished job is looked at again (a tenth of its age,
+MAX_POLL_S = 5.0  # between these two)
 LEASE_S = 60.0  # an attempt in progress is not taken by another replica for this long
 TIMEOUT_S = 10.0
 MAX_BACKOFF_S = 300.0
@@ -103,8 +104,11 @@ class Dispatcher:
         if not record:
             await run_in_threadpool(store.drop_callback, member)
             return
-        if payload is None:
-            await run_in_threadpool(store.reschedule_callback, member, time.time() + POLL_S)
+        if payload is None:  # not finished: look again, less often the older it is
+            now = time.time()
+            since = float(record.get("submitted_at") or record.get("created_at") or now)
+            await run_in_threadpool(store.reschedule_callback, member,
+                                    now + min(MAX_POLL_S, max(POLL_S, (now - since) / 10)))
             return
         deliveries = json.loads(record.get("deliveries", "[]"))
         attempt = len(deliveries) + 1
