@@ -41,6 +41,8 @@ class Settings(BaseSettings):
     max_delay_ms: float = Field(5.0, ge=0, description="longest a row waits for batch-mates")
     coalesce: bool = Field(True, description="concurrent single-job submits of one process "
                            "share a broker message (producer/coalesce.py)")
+    metrics_port: int = Field(0, ge=0, le=65535, description="worker: serve Prometheus "
+                              "metrics on this port; 0 = off")
     concurrency: int = Field(32, ge=1, description="task threads per worker process")
     ort_threads: int = Field(0, ge=0, description="ONNX Runtime intra-op threads; 0 = cores")
     device: str = Field("cpu", pattern=r"^(cpu|cuda(:\d+)?)$",

@@ -40,6 +40,8 @@ def prepare(settings: Settings, models: list[str] | None, app: Celery | None = N
     app.set_current()
     app.set_default()
     pool = ModelPool(settings)
+    if settings.metrics_port:
+        pool.metrics.serve(settings.metrics_port)
     for name in models:
         pool.get(name)
     register_tasks(app, pool)

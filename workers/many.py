@@ -94,6 +94,8 @@ def register_many(app: Celery, pool: ModelPool, claims: Claims, validate: Valida
         taken = claims.take_many([j["id"] for j in jobs])
         runnable = [j for j, ok in zip(jobs, taken, strict=True) if ok]
         if len(runnable) < len(jobs):
+            for _ in range(len(jobs) - len(runnable)):
+                pool.metrics.job(model, "cancelled", None, started)
             logger.info("message %s: %d of %d jobs cancelled before they ran; skipped",
                         self.request.id, len(jobs) - len(runnable), len(jobs))
         try:
@@ -121,6 +123,7 @@ def register_many(app: Celery, pool: ModelPool, claims: Claims, validate: Valida
                     checked.append((job, *validate(manifest, job["inputs"], 0, None)))
                 except InferqError as exc:
                     items.append((job["id"], states.FAILURE, exc))
+                    pool.metrics.job(manifest.name, "failed", job.get("submitted_at"), started)
             if checked:
                 names = checked[0][1].keys()
                 merged = {k: np.concatenate([c[1][k] for c in checked]) for k in names}
@@ -132,5 +135,5 @@ def register_many(app: Celery, pool: ModelPool, claims: Claims, validate: Valida
                                                             strict=True):
                 items.append((job["id"], states.SUCCESS,
                               finish(served, part, keep, labels, errors, job.get(
-                                  "submitted_at"), started, hostname)))
+                                  "submitted_at"), started, hostname, pool.metrics)))
         store_many(app, items, reply_to)

@@ -11,6 +11,7 @@ from shared.repository import ModelRef, ModelRepository, ModelVersion
 from shared.settings import Settings
 from workers import faults
 from workers.batcher import Batcher
+from workers.metrics import WorkerMetrics
 from workers.runtime import Runtime, load_runtime
 
 logger = logging.getLogger(__name__)
@@ -58,6 +59,7 @@ class ModelPool:
         self.settings = settings
         self.repo = ModelRepository(settings.model_repo)
         self._served: dict[str, Served] = {}
+        self.metrics = WorkerMetrics(settings.device)
         self._latest: dict[str, tuple[float, ModelVersion]] = {}
         self._lock = threading.Lock()
 
@@ -91,9 +93,16 @@ class ModelPool:
         runtime = load_runtime(version, threads=s.effective_ort_threads(), device=s.device)
         runtime.warm_up(s.max_batch_rows)
         stats = BatchStats()
+        manifest = version.manifest
+
+        def on_batch(rows: int, seconds: float) -> None:
+            stats.record(rows, seconds)
+            self.metrics.batch(manifest, rows, seconds)
+
         batcher = Batcher(faults.wrap(runtime.run, s.fault_injection), name=version.key,
                           max_batch_rows=s.max_batch_rows, max_delay_ms=s.max_delay_ms,
-                          on_batch=stats.record)
+                          on_batch=on_batch)
+        self.metrics.model_loaded(manifest)
         batcher.start()
         return Served(version, batcher, stats, runtime)
 

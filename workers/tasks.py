@@ -14,11 +14,12 @@ from celery.worker.control import inspect_command
 
 from shared.celery_app import INFER_TASK
 from shared.claims import Claims
-from shared.errors import InputError
+from shared.errors import InferqError, InputError
 from shared.schemas import Manifest
 from shared.validation import check_rows
 from workers.batcher import Outcome
 from workers.many import register_many
+from workers.metrics import WorkerMetrics
 from workers.pool import ModelPool, Served
 
 logger = logging.getLogger(__name__)
@@ -107,10 +108,13 @@ def _truncated(outcome: Outcome, keep: np.ndarray, labels: np.ndarray) -> list[i
 
 def finish(served: Served, outcome: Outcome, keep: np.ndarray, labels: np.ndarray,
            errors: list[dict[str, Any]], submitted_at: float | None, started: float,
-           worker: str | None) -> dict[str, Any]:
+           worker: str | None, metrics: WorkerMetrics | None = None) -> dict[str, Any]:
     """A job's stored result: outputs for every row, which rows failed and why, timings."""
     manifest = served.version.manifest
     outputs, ok = _assemble(manifest, outcome, keep, labels, errors)
+    if metrics is not None:
+        state = "succeeded" if ok.all() else "failed" if not ok.any() else "partial"
+        metrics.job(manifest.name, state, submitted_at, started)
     return {
         "model": manifest.name, "version": manifest.version,
         "variant": manifest.variant, "rows": len(labels),
@@ -134,18 +138,23 @@ def register_tasks(app: Celery, pool: ModelPool) -> None:
         if not claims.take(self.request.id):
             logger.info("job %s model %s: cancelled before it ran; skipped", self.request.id,
                         model)
+            pool.metrics.job(model, "cancelled", None, started)
             raise Ignore()  # acked; the cancel already stored the job's final state
         served = pool.get(model, version, variant)
         with served.batcher.announced() as ticket:
-            data, keep, labels, errors = _validate(served.version.manifest, inputs,
-                                                   first_row, row_ids)
+            try:
+                data, keep, labels, errors = _validate(served.version.manifest, inputs,
+                                                       first_row, row_ids)
+            except InferqError:
+                pool.metrics.job(model, "failed", submitted_at, started)
+                raise
             future = served.batcher.submit(data, ticket)
         outcome = future.result(timeout=pool.settings.visibility_timeout)
         if errors or outcome.errors:
             logger.info("job %s model %s: %d of %d rows failed", self.request.id,
                         served.version.key, len(errors) + len(outcome.errors), len(labels))
         return finish(served, outcome, keep, labels, errors, submitted_at, started,
-                      self.request.hostname)
+                      self.request.hostname, pool.metrics)
 
     register_many(app, pool, claims, _validate, finish)
 
