@@ -199,20 +199,29 @@ class WorkerProcess:
         self.handle.close()
 
 
+@contextlib.contextmanager
+def stopped_after() -> Iterator[list]:
+    """A list to put started processes in (anything with ``stop()``); all stopped after."""
+    started: list = []
+    try:
+        yield started
+    finally:
+        for child in started:
+            child.stop()
+
+
 @pytest.fixture
 def start_worker(tmp_path: Path) -> Iterator:
-    started: list[WorkerProcess] = []
+    with stopped_after() as started:
 
-    def start(env: dict[str, str], *args: str, ready: bool = True) -> WorkerProcess:
-        w = WorkerProcess(env, tmp_path / f"worker-{len(started)}.log", *args)
-        started.append(w)
-        if ready:
-            w.wait_ready()
-        return w
+        def start(env: dict[str, str], *args: str, ready: bool = True) -> WorkerProcess:
+            w = WorkerProcess(env, tmp_path / f"worker-{len(started)}.log", *args)
+            started.append(w)
+            if ready:
+                w.wait_ready()
+            return w
 
-    yield start
-    for w in started:
-        w.stop()
+        yield start
 
 
 def free_port() -> int:
@@ -256,14 +265,12 @@ class ApiProcess:
 @pytest.fixture
 def start_api(tmp_path: Path) -> Iterator:
     """``start_api(env)`` -> a running ApiProcess (its url); stopped after the test."""
-    started: list[ApiProcess] = []
+    with stopped_after() as started:
 
-    def start(env: dict[str, str]) -> ApiProcess:
-        api = ApiProcess(env, tmp_path / f"api-{len(started)}.log")
-        started.append(api)
-        api.wait_ready()
-        return api
+        def start(env: dict[str, str]) -> ApiProcess:
+            api = ApiProcess(env, tmp_path / f"api-{len(started)}.log")
+            started.append(api)
+            api.wait_ready()
+            return api
 
-    yield start
-    for api in started:
-        api.stop()
+        yield start

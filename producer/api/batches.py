@@ -282,11 +282,7 @@ def cancel_batch(batch_id: str, request: Request, who: Who) -> BatchView:
     open_ids = [chunk_id(batch_id, i) for i in range(batch.chunks) if i not in known]
     api.store.update_batch(batch_id, cancelled_at=time.time())
     for first in range(0, len(open_ids), _MGET):
-        part = open_ids[first:first + _MGET]
-        for job_id, ok in zip(part, api.store.claims.cancel(part), strict=True):
-            if ok:
-                api.store.store_final(job_id, {"cancelled_at": time.time()},
-                                      claims.CANCELLED_STATE)
+        api.store.cancel(open_ids[first:first + _MGET])
     logger.info("cancel batch=%s tenant=%s key=%s", batch_id, who.tenant, who.key_id)
     return batch_view(api, batch_id, who)
 

@@ -186,12 +186,8 @@ def _cancel(api: Api, job_id: str, who: Principal) -> JobView:
     view = job_view(api, job_id, who)
     if view.status in _FINAL:
         raise HTTPException(409, f"job {job_id} already {view.status.value}")
-    if not api.store.claims.cancel([job_id])[0]:
+    if not api.store.cancel([job_id])[0]:
         raise HTTPException(409, f"job {job_id} is running; it can no longer be cancelled")
-    meta = api.store.metas([job_id])[0] or {}
-    info = meta.get("result") if isinstance(meta.get("result"), dict) else {}
-    api.store.store_final(job_id, {**(info or {}), "cancelled_at": time.time()},
-                          claims.CANCELLED_STATE)
     logger.info("cancel job=%s tenant=%s key=%s", job_id, who.tenant, who.key_id)
     return job_view(api, job_id, who)
 

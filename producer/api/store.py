@@ -98,14 +98,33 @@ class ApiStore:
         return (None if meta is None else self.backend.decode_result(meta)), claim
 
     def store_final(self, job_id: str, value: dict[str, Any], state: str) -> None:
+        self._store_finals([(job_id, value)], state)
+
+    def _store_finals(self, items: list[tuple[str, dict[str, Any]]], state: str) -> None:
         """Stored and published, like a worker's result, so long polls wake at once."""
-        meta: dict[str, Any] = {"status": state, "result": value, "traceback": None,
-                                "children": [], "date_done": None, "task_id": job_id}
-        key, encoded = self.meta_key(job_id), self.backend.encode(meta)
         pipe = self.redis.pipeline(transaction=False)
-        pipe.set(key, encoded, ex=self.expires)
-        pipe.publish(key, encoded)
+        for job_id, value in items:
+            meta: dict[str, Any] = {"status": state, "result": value, "traceback": None,
+                                    "children": [], "date_done": None, "task_id": job_id}
+            key, encoded = self.meta_key(job_id), self.backend.encode(meta)
+            pipe.set(key, encoded, ex=self.expires)
+            pipe.publish(key, encoded)
         pipe.execute()
+
+    def cancel(self, job_ids: list[str]) -> list[bool]:
+        """Claim jobs as cancelled (shared/claims.py) and store those won as cancelled,
+        keeping what their queued record said; three round trips however many."""
+        won = [j for j, ok in zip(job_ids, self.claims.cancel(job_ids), strict=True) if ok]
+        now = time.time()
+        items = []
+        for job_id, meta in zip(won, self.metas(won), strict=True):
+            info = (meta or {}).get("result")
+            items.append((job_id, {**(info if isinstance(info, dict) else {}),
+                                   "cancelled_at": now}))
+        if items:
+            self._store_finals(items, claims.CANCELLED_STATE)
+        taken = set(won)
+        return [j in taken for j in job_ids]
 
     # -- batches -------------------------------------------------------------------------
     def create_batch(self, batch_id: str, record: dict[str, Any]) -> None:

@@ -28,7 +28,7 @@ import numpy as np
 import pytest
 
 from producer import signing
-from tests.conftest import free_port
+from tests.conftest import free_port, stopped_after
 
 pytestmark = pytest.mark.integration
 
@@ -342,18 +342,16 @@ class OwnRedis:
 @pytest.fixture
 def own_redis(tmp_path: Path) -> Iterator[Any]:
     """``own_redis()`` -> a started OwnRedis on a free port; all stopped after the test."""
-    servers: list[OwnRedis] = []
+    with stopped_after() as servers:
 
-    def start() -> OwnRedis:
-        server = OwnRedis(free_port(), "pw-" + uuid.uuid4().hex,
-                          tmp_path / f"redis-{len(servers)}.log")
-        servers.append(server)
-        server.start()
-        return server
+        def start() -> OwnRedis:
+            server = OwnRedis(free_port(), "pw-" + uuid.uuid4().hex,
+                              tmp_path / f"redis-{len(servers)}.log")
+            servers.append(server)
+            server.start()
+            return server
 
-    yield start
-    for server in servers:
-        server.stop()
+        yield start
 
 
 def _outage_env(broker: str, store: str, model_repo: Path, home: Path, **extra: str
