@@ -14,7 +14,7 @@ from celery import Celery
 
 from producer.coalesce import Coalescer
 from producer.store import ResultStore, is_final, status_of
-from shared.celery_app import INFER_TASK, make_app, model_queue
+from shared.celery_app import INFER_TASK, check_priority, make_app, model_queue
 from shared.errors import InputError
 from shared.repository import ModelRef, ModelRepository, ModelVersion, parse_model_ref
 from shared.schemas import JobResult, JobStatus, Manifest, RowError
@@ -74,21 +74,33 @@ class Client:
     # -- publishing ----------------------------------------------------------------------
     def publish(self, ref: ModelRef, job_id: str, inputs: dict[str, Any],
                 producer: Any = None, retry_policy: dict[str, Any] | None = None,
+                priority: str = "normal", deadline: float | None = None,
                 **extra: Any) -> None:
         kwargs = {"model": ref.name, "variant": ref.variant, "version": ref.version,
                   "inputs": wire_inputs(inputs), "submitted_at": time.time(), **extra}
+        if deadline is not None:
+            kwargs["deadline"] = deadline
         self.app.send_task(INFER_TASK, kwargs=kwargs, task_id=job_id,
-                           queue=model_queue(self.settings, ref.name), producer=producer,
-                           retry=True, retry_policy=retry_policy or PUBLISH_RETRY)
+                           queue=model_queue(self.settings, ref.name, priority),
+                           producer=producer, retry=True,
+                           retry_policy=retry_policy or PUBLISH_RETRY)
 
-    def submit(self, model: str, row: Any, *, job_id: str | None = None) -> Job:
-        """Enqueue one row (or a few, as a 2-D array); validated here, before sending."""
+    def submit(self, model: str, row: Any, *, job_id: str | None = None,
+               priority: str = "normal", expires_in: float | None = None) -> Job:
+        """Enqueue one row (or a few, as a 2-D array); validated here, before sending.
+
+        ``priority``: "high" jobs are taken before the model's "normal" backlog.
+        ``expires_in``: seconds; a job no worker has started by then is not run and ends
+        ``expired``.
+        """
+        check_priority(priority)
+        deadline = deadline_after(expires_in)
         version, ref = self.model(model)
         inputs = wire_inputs(coerce_inputs(version.manifest, row))
         job_id = job_id or uuid.uuid4().hex
         if self.settings.coalesce:  # concurrent submits share a message
             self._listen_for_replies()
-            self.coalescer.publish(ref, job_id, inputs)
+            self.coalescer.publish(ref, job_id, inputs, priority, deadline)
             if self.coalescer.reply_to is not None:
                 with self._replying_lock:
                     self._replying[job_id] = None
@@ -96,16 +108,22 @@ class Client:
                         self._replying.popitem(last=False)
         else:
             self.store.mark_queued(job_id, {"model": ref.name, "submitted_at": time.time()})
-            self.publish(ref, job_id, inputs)
+            self.publish(ref, job_id, inputs, priority=priority, deadline=deadline)
         return Job(self, job_id, ref.name)
 
     def submit_many(self, model: str, rows: Any, *, chunk_rows: int | None = None,
-                    batch_id: str | None = None) -> BatchHandle:
-        """Enqueue many rows as binary chunks; results come back in input order."""
+                    batch_id: str | None = None, priority: str = "normal",
+                    expires_in: float | None = None) -> BatchHandle:
+        """Enqueue many rows as binary chunks; results come back in input order.
+
+        ``priority`` and ``expires_in`` as for :meth:`submit`, for every chunk.
+        """
         from producer.bulk import BatchHandle as _Handle  # avoids an import cycle
 
         return _Handle.start(self, model, np.asarray(rows),
-                             chunk_rows or self.settings.chunk_rows, batch_id)
+                             chunk_rows or self.settings.chunk_rows, batch_id,
+                             priority=check_priority(priority),
+                             deadline=deadline_after(expires_in))
 
     # -- reading -------------------------------------------------------------------------
     def get(self, job_id: str) -> JobResult:
@@ -147,6 +165,16 @@ class Job:
         """The outputs; raises JobFailed if the job or its row failed (JobCancelled, a
         JobFailed, if it was cancelled)."""
         return self.client.wait(self.id, timeout).checked_outputs()
+
+
+def deadline_after(expires_in: float | None) -> float | None:
+    """``expires_in`` seconds from now as an epoch deadline; None stays None."""
+    if expires_in is None:
+        return None
+    if not isinstance(expires_in, int | float) or not expires_in > 0:
+        raise InputError(f"expires_in must be a positive number of seconds, got "
+                         f"{expires_in!r}", field="expires_in")
+    return time.time() + float(expires_in)
 
 
 def wire_inputs(inputs: dict[str, Any]) -> dict[str, Any]:
@@ -241,6 +269,10 @@ def to_result(job_id: str, meta: dict[str, Any]) -> JobResult:
         if status is JobStatus.cancelled:
             res.error = "cancelled before it ran"
             res.finished_at = value.get("cancelled_at")
+        elif status is JobStatus.expired:
+            res.error = (f"expired: its deadline ({value.get('deadline')}) passed before a "
+                         "worker started it; not run")
+            res.finished_at = value.get("expired_at")
         elif is_final(meta):
             res.outputs = value.get("outputs")
             res.errors = [RowError(**{k: e.get(k) for k in ("row", "field", "message")})

@@ -61,13 +61,13 @@ from shared.errors import (
     ModelNotFound,
     Unavailable,
 )
-from shared.schemas import JobResult, JobStatus, RowError, TensorSpec
+from shared.schemas import FINAL_STATUSES, JobResult, JobStatus, RowError, TensorSpec
 
 __all__ = ["ApiError", "BatchProgress", "BatchResult", "HttpBatch", "HttpClient", "HttpJob",
            "ModelInfo", "RowResult"]
 
 MODEL_TTL = 60.0  # seconds an unpinned model's manifest is reused (a pinned one: always)
-_FINAL = (JobStatus.succeeded, JobStatus.failed, JobStatus.cancelled)
+_FINAL = FINAL_STATUSES
 
 
 class ApiError(InferqError):

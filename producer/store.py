@@ -10,7 +10,7 @@ from celery import Celery, states
 from producer.waiter import ResultWaiter
 from shared import claims
 from shared.claims import Claims
-from shared.errors import InferqError, JobCancelled, JobNotFound
+from shared.errors import InferqError, JobCancelled, JobExpired, JobNotFound
 from shared.schemas import JobStatus
 
 _STATUS = {
@@ -22,6 +22,7 @@ _STATUS = {
     states.FAILURE: JobStatus.failed,
     states.REVOKED: JobStatus.failed,
     claims.CANCELLED_STATE: JobStatus.cancelled,
+    claims.EXPIRED_STATE: JobStatus.expired,
 }
 
 
@@ -29,7 +30,7 @@ def status_of(meta: dict[str, Any]) -> JobStatus:
     return _STATUS.get(meta.get("status", states.PENDING), JobStatus.queued)
 
 
-FINAL_STATES = states.READY_STATES | {claims.CANCELLED_STATE}
+FINAL_STATES = states.READY_STATES | {claims.CANCELLED_STATE, claims.EXPIRED_STATE}
 
 
 def is_final(meta: dict[str, Any] | None) -> bool:
@@ -37,10 +38,13 @@ def is_final(meta: dict[str, Any] | None) -> bool:
 
 
 def result_value(meta: dict[str, Any] | None) -> Any:
-    """A final job's result: the task's return value, its exception, or JobCancelled."""
+    """A final job's result: the task's return value, its exception, JobCancelled or
+    JobExpired."""
     meta = meta or {}
     if meta.get("status") == claims.CANCELLED_STATE:
         return JobCancelled("cancelled before it ran")
+    if meta.get("status") == claims.EXPIRED_STATE:
+        return JobExpired("its deadline passed before a worker started it; not run")
     return meta.get("result")
 
 

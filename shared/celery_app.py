@@ -10,26 +10,44 @@ from celery import Celery
 from kombu import Exchange, Queue
 
 from shared import codec, filestore
+from shared.errors import InputError
 from shared.settings import Settings
 
 INFER_TASK = "inferq.infer"
 INFER_MANY_TASK = "inferq.infer_many"  # several jobs in one message (producer/coalesce.py)
 
 
-def queue_name(settings: Settings, model: str) -> str:
-    """One queue per model, so workers choose what they serve."""
-    return f"{settings.queue_prefix}infer.{model}"
+PRIORITIES = ("high", "normal")  # a worker takes from a model's high queue first
 
 
-def model_queue(settings: Settings, model: str) -> Queue:
-    """The queue of one model, declared the same way by producers and workers.
+def check_priority(priority: str) -> str:
+    if priority not in PRIORITIES:
+        raise InputError(f"priority must be one of {list(PRIORITIES)}, got {priority!r}",
+                         field="priority")
+    return priority
+
+
+def queue_name(settings: Settings, model: str, priority: str = "normal") -> str:
+    """Two queues per model (normal, and ``.high``), so workers choose what they serve
+    and high-priority work skips the backlog; see docs/reliability.md."""
+    name = f"{settings.queue_prefix}infer.{model}"
+    return f"{name}.high" if priority == "high" else name
+
+
+def model_queue(settings: Settings, model: str, priority: str = "normal") -> Queue:
+    """A queue of one model, declared the same way by producers and workers.
 
     On RabbitMQ it is a durable quorum queue (replicated, with delivery counting);
     Redis ignores the arguments.
     """
-    name = queue_name(settings, model)
+    name = queue_name(settings, model, priority)
     return Queue(name, Exchange(name, type="direct", durable=True), routing_key=name,
                  durable=True, queue_arguments={"x-queue-type": "quorum"})
+
+
+def model_queues(settings: Settings, model: str) -> list[Queue]:
+    """The queues a worker serving ``model`` consumes, high first."""
+    return [model_queue(settings, model, p) for p in PRIORITIES]
 
 
 def make_app(settings: Settings) -> Celery:

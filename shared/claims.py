@@ -17,6 +17,7 @@ from typing import Any
 RUN = b"run"
 CANCELLED = b"cancelled"
 CANCELLED_STATE = "CANCELLED"  # the stored state of a cancelled job (not one of Celery's)
+EXPIRED_STATE = "EXPIRED"  # a job whose deadline passed before it ran (not run)
 
 
 def claim_key(job_id: str) -> str:

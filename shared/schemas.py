@@ -9,7 +9,7 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from shared.errors import JobCancelled, JobFailed
+from shared.errors import JobCancelled, JobExpired, JobFailed
 
 MODEL_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
 
@@ -128,6 +128,11 @@ class JobStatus(StrEnum):
     failed = "failed"
     retrying = "retrying"
     cancelled = "cancelled"
+    expired = "expired"  # its deadline passed before a worker started it: not run
+
+
+FINAL_STATUSES = frozenset({JobStatus.succeeded, JobStatus.failed, JobStatus.cancelled,
+                            JobStatus.expired})
 
 
 class RowError(BaseModel):
@@ -158,12 +163,14 @@ class JobResult(BaseModel):
 
     @property
     def done(self) -> bool:
-        return self.status in (JobStatus.succeeded, JobStatus.failed, JobStatus.cancelled)
+        return self.status in FINAL_STATUSES
 
     def checked_outputs(self) -> dict[str, Any]:
-        """The outputs; JobCancelled, or JobFailed if the job or any of its rows failed."""
+        """The outputs; JobCancelled, JobExpired, or JobFailed if the job or a row failed."""
         if self.status is JobStatus.cancelled:
             raise JobCancelled(self.error or "cancelled before it ran")
+        if self.status is JobStatus.expired:
+            raise JobExpired(self.error or "its deadline passed before it ran")
         if self.status is not JobStatus.succeeded:
             raise JobFailed(self.error or "job failed")
         if self.errors:

@@ -16,8 +16,9 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 
 import numpy as np
 
@@ -49,7 +50,9 @@ class _Job:
     rows: int
     future: Future[Outcome]
     parts_left: int
-    parts: dict[int, tuple[Outputs | None, dict[int, str], int]] = field(default_factory=dict)
+    # offset -> (outputs, errors, rows of the model call, rows of the part)
+    parts: dict[int, tuple[Outputs | None, dict[int, str], int, int]] = field(
+        default_factory=dict)
 
 
 @dataclass
@@ -59,6 +62,11 @@ class _Part:
     inputs: Inputs
     rows: int
     arrived: float
+    # A suspect row (submit_alone): run in a model call of its own, inside ``guard()``;
+    # with ``refused``, not run at all: the row fails with that message.
+    alone: bool = False
+    guard: Callable[[], AbstractContextManager[object]] | None = None
+    refused: str | None = None
 
 
 def _rows_of(inputs: Inputs) -> int:
@@ -129,6 +137,31 @@ class Batcher:
             self._cond.notify()
         return future
 
+    def submit_alone(self, inputs: Inputs, skip: dict[int, str],
+                     guard: Callable[[int], AbstractContextManager[object]]
+                     ) -> Future[Outcome]:
+        """Each row in a model call of its own, sharing none with other rows, and never
+        while another call of this batcher runs (a suspect message: workers/deliveries.py).
+        Row i's call runs on the batcher thread inside ``guard(i)``; a row in ``skip`` is
+        not run and fails with its message."""
+        rows = _rows_of(inputs)
+        future: Future[Outcome] = Future()
+        if rows == 0:
+            future.set_result(Outcome(outputs=None, errors={}, batch_rows=[]))
+            return future
+        job = _Job(rows=rows, future=future, parts_left=rows)
+        now = time.monotonic()
+        with self._cond:
+            if not self._running:
+                raise RuntimeError(f"batcher for {self.name} is not running")
+            for i in range(rows):
+                part = {k: v[i:i + 1] for k, v in inputs.items()}
+                self._queue.append(_Part(job, i, part, 1, now, alone=True,
+                                         guard=partial(guard, i), refused=skip.get(i)))
+                self._queued_rows += 1
+            self._cond.notify()
+        return future
+
     # -- lifecycle -----------------------------------------------------------------------
     def start(self) -> None:
         with self._cond:
@@ -162,6 +195,8 @@ class Batcher:
             batch: list[_Part] = []
             rows = 0
             while self._queue and (not batch or rows + self._queue[0].rows <= self.max_batch_rows):
+                if batch and (batch[0].alone or self._queue[0].alone):
+                    break  # a suspect row goes alone
                 part = self._queue.popleft()
                 batch.append(part)
                 rows += part.rows
@@ -182,6 +217,9 @@ class Batcher:
                         part.job.future.set_exception(exc)
 
     def _execute(self, batch: list[_Part]) -> None:
+        if batch[0].alone:
+            self._execute_alone(batch[0])
+            return
         names = batch[0].inputs.keys()
         merged = {k: np.concatenate([p.inputs[k] for p in batch]) if len(batch) > 1
                   else batch[0].inputs[k] for k in names}
@@ -197,6 +235,18 @@ class Batcher:
             part_err = {i - offset: m for i, m in errors.items() if offset <= i < sl.stop}
             self._finish_part(part, part_out, part_err, total)
             offset += part.rows
+
+    def _execute_alone(self, part: _Part) -> None:
+        if part.refused is not None:
+            self._finish_part(part, None, {0: part.refused}, 0)
+            return
+        assert part.guard is not None
+        started = time.perf_counter()
+        with part.guard():
+            outputs, errors = self._run_bisect(part.inputs, 1)
+        if self._on_batch is not None:
+            self._on_batch(1, time.perf_counter() - started)
+        self._finish_part(part, outputs, errors, 1)
 
     def _run_checked(self, inputs: Inputs, rows: int) -> Outputs:
         outputs = self._run(inputs)
@@ -227,22 +277,39 @@ class Batcher:
     def _finish_part(self, part: _Part, outputs: Outputs | None, errors: dict[int, str],
                      batch_rows: int) -> None:
         job = part.job
-        job.parts[part.offset] = (outputs, errors, batch_rows)
+        job.parts[part.offset] = (outputs, errors, batch_rows, part.rows)
         job.parts_left -= 1
         if job.parts_left:
             return
         ordered = [job.parts[off] for off in sorted(job.parts)]
-        offsets = sorted(job.parts)
+        if len(ordered) > 1 and all(p[3] == 1 for p in ordered):
+            job.future.set_result(_stack_rows(ordered))
+            return
         merged: Outputs | None = None
         all_errors: dict[int, str] = {}
         done = 0
-        for off, (out, err, _) in zip(offsets, ordered, strict=True):
-            n = min(self.max_batch_rows, job.rows - off)
+        for out, err, _, n in ordered:
             merged = _join(merged, done, out, n) if done else (
                 None if out is None else dict(out))
-            all_errors.update({off + i: m for i, m in err.items()})
+            all_errors.update({done + i: m for i, m in err.items()})
             done += n
-        job.future.set_result(Outcome(merged, all_errors, [b for _, _, b in ordered]))
+        job.future.set_result(Outcome(merged, all_errors,
+                                      [b for _, _, b, _ in ordered if b]))
+
+
+def _stack_rows(parts: list[tuple[Outputs | None, dict[int, str], int, int]]) -> Outcome:
+    """One-row parts (a suspect job) -> one outcome, zeros where a row failed."""
+    first = next((out for out, _, _, _ in parts if out is not None), None)
+    errors = {i: err[0] for i, (_, err, _, _) in enumerate(parts) if err}
+    calls = [b for _, _, b, _ in parts if b]
+    if first is None:
+        return Outcome(None, errors, calls)
+    outputs = {k: np.zeros((len(parts), *v.shape[1:]), v.dtype) for k, v in first.items()}
+    for i, (out, _, _, _) in enumerate(parts):
+        if out is not None:
+            for k, v in out.items():
+                outputs[k][i] = v[0]
+    return Outcome(outputs, errors, calls)
 
 
 def _join(left: Outputs | None, left_rows: int, right: Outputs | None,

@@ -13,7 +13,7 @@ from celery import Celery
 from celery.utils.nodenames import host_format
 from celery.worker import WorkController
 
-from shared.celery_app import make_app, model_queue
+from shared.celery_app import make_app, model_queues
 from shared.errors import ConfigError
 from shared.repository import ModelRepository
 from shared.settings import Settings
@@ -45,7 +45,7 @@ def prepare(settings: Settings, models: list[str] | None, app: Celery | None = N
     for name in models:
         pool.get(name)
     register_tasks(app, pool)
-    app.conf.task_queues = [model_queue(settings, name) for name in models]
+    app.conf.task_queues = [q for name in models for q in model_queues(settings, name)]
     return app, pool, models
 
 

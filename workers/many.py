@@ -22,9 +22,10 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from shared.celery_app import INFER_MANY_TASK
-from shared.claims import Claims, redis_of
-from shared.errors import InferqError
+from shared.claims import EXPIRED_STATE, Claims, redis_of
+from shared.errors import DeadLettered, InferqError
 from workers.batcher import Outcome
+from workers.deliveries import Deliveries, Delivery, dead_letter_message, run_suspect
 from workers.pool import ModelPool
 
 logger = logging.getLogger(__name__)
@@ -82,8 +83,17 @@ def store_many(app: Celery, items: list[tuple[str, str, Any]], reply_to: str | N
             time.sleep(min(2.0, 0.1 * 2 ** attempt))
 
 
-def register_many(app: Celery, pool: ModelPool, claims: Claims, validate: Validate,
-                  finish: Finish) -> None:
+def store_expired(app: Celery, jobs: list[tuple[str, float]], reply_to: str | None = None
+                  ) -> None:
+    """(job id, deadline) of jobs whose deadline passed before they ran: stored final as
+    ``expired``; they are not run."""
+    now = time.time()
+    store_many(app, [(j, EXPIRED_STATE, {"deadline": deadline, "expired_at": now})
+                     for j, deadline in jobs], reply_to)
+
+
+def register_many(app: Celery, pool: ModelPool, claims: Claims,
+                  deliveries: Deliveries | None, validate: Validate, finish: Finish) -> None:
     """``validate`` and ``finish`` are ``inferq.infer``'s own steps (workers/tasks.py)."""
 
     @app.task(name=INFER_MANY_TASK, bind=True, ignore_result=True)
@@ -98,9 +108,26 @@ def register_many(app: Celery, pool: ModelPool, claims: Claims, validate: Valida
                 pool.metrics.job(model, "cancelled", None, started)
             logger.info("message %s: %d of %d jobs cancelled before they ran; skipped",
                         self.request.id, len(jobs) - len(runnable), len(jobs))
+        expired = [j for j in runnable if j.get("deadline") is not None
+                   and started > j["deadline"]]
+        if expired:
+            runnable = [j for j in runnable if j not in expired]
+            store_expired(app, [(j["id"], j["deadline"]) for j in expired], reply_to)
+            for job in expired:
+                pool.metrics.job(model, "expired", job.get("submitted_at"), started)
+        delivery = None if deliveries is None else deliveries.redelivery(self.request)
+        if delivery is not None:
+            assert deliveries is not None
+            pool.metrics.redelivered(model)
+            if deliveries.too_many(delivery):
+                reason = dead_letter_message(deliveries, pool, delivery, self.name, model,
+                                             [j["id"] for j in runnable])
+                store_many(app, [(j["id"], states.FAILURE, DeadLettered(reason))
+                                 for j in runnable], reply_to)
+                return
         try:
             run_jobs(runnable, model, version, variant, started, self.request.hostname,
-                     reply_to)
+                     reply_to, delivery)
         except Exception as exc:  # every job still unanswered gets this error, not silence
             logger.exception("message %s: %d jobs failed", self.request.id, len(runnable))
             try:
@@ -112,7 +139,7 @@ def register_many(app: Celery, pool: ModelPool, claims: Claims, validate: Valida
 
     def run_jobs(runnable: list[dict[str, Any]], model: str, version: int | None,
                  variant: str | None, started: float, hostname: str | None,
-                 reply_to: str | None) -> None:
+                 reply_to: str | None, delivery: Delivery | None) -> None:
         items: list[tuple[str, str, Any]] = []
         served = pool.get(model, version, variant)
         manifest = served.version.manifest
@@ -127,13 +154,29 @@ def register_many(app: Celery, pool: ModelPool, claims: Claims, validate: Valida
             if checked:
                 names = checked[0][1].keys()
                 merged = {k: np.concatenate([c[1][k] for c in checked]) for k in names}
-                future = served.batcher.submit(merged, ticket)
+                if delivery is None:
+                    future = served.batcher.submit(merged, ticket)
         if checked:
-            outcome = future.result(timeout=pool.settings.visibility_timeout)
             sizes = [len(c[2]) for c in checked]
+            if delivery is None:
+                outcome = future.result(timeout=pool.settings.visibility_timeout)
+            else:
+                assert deliveries is not None
+                owner = np.repeat(np.arange(len(checked)), sizes)
+                starts = np.cumsum([0, *sizes])
+
+                def describe(i: int) -> dict[str, Any]:
+                    job, _, keep, labels, _ = checked[owner[i]]
+                    return {"jobs": [job["id"]],
+                            "rows": [int(labels[keep[i - starts[owner[i]]]])]}
+
+                outcome = run_suspect(deliveries, pool, served, merged, delivery, describe)
             for (job, _, keep, labels, errors), part in zip(checked, _split(outcome, sizes),
                                                             strict=True):
                 items.append((job["id"], states.SUCCESS,
                               finish(served, part, keep, labels, errors, job.get(
                                   "submitted_at"), started, hostname, pool.metrics)))
         store_many(app, items, reply_to)
+        if delivery is not None:
+            assert deliveries is not None
+            deliveries.done(delivery.message_id)

@@ -36,6 +36,12 @@ class WorkerMetrics:
                                     buckets=SECONDS_BUCKETS, registry=r)
         self.jobs = Counter("inferq_jobs", "Jobs this worker ended, by final state",
                             ["model", "state"], registry=r)
+        self.retries = Counter("inferq_retries", "Messages delivered again to this worker "
+                               "(their first worker died or stopped before acking)",
+                               ["model"], registry=r)
+        self.dead_letters = Counter("inferq_dead_letters", "Jobs or rows dead-lettered: "
+                                    "not run again after killing their worker",
+                                    ["model"], registry=r)
         self.loaded = Gauge("inferq_model_loaded", "1 for each model version this worker "
                             "serves", ["model", "version", "variant", "device"], registry=r)
 
@@ -51,6 +57,12 @@ class WorkerMetrics:
         labels = (manifest.name, manifest.variant, self.device)
         self.batch_rows.labels(*labels).observe(rows)
         self.inference.labels(*labels).observe(seconds)
+
+    def redelivered(self, model: str) -> None:
+        self.retries.labels(model).inc()
+
+    def dead_lettered(self, model: str) -> None:
+        self.dead_letters.labels(model).inc()
 
     def job(self, model: str, state: str, submitted_at: float | None, started: float) -> None:
         self.jobs.labels(model, state).inc()

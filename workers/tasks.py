@@ -13,12 +13,14 @@ from celery.exceptions import Ignore
 from celery.worker.control import inspect_command
 
 from shared.celery_app import INFER_TASK
-from shared.claims import Claims
-from shared.errors import InferqError, InputError
+from shared.claims import Claims, redis_of
+from shared.errors import DeadLettered, InferqError, InputError
 from shared.schemas import Manifest
 from shared.validation import check_rows
+from workers import rejects
 from workers.batcher import Outcome
-from workers.many import register_many
+from workers.deliveries import Deliveries, dead_letter_message, run_suspect
+from workers.many import register_many, store_expired
 from workers.metrics import WorkerMetrics
 from workers.pool import ModelPool, Served
 
@@ -128,18 +130,43 @@ def finish(served: Served, outcome: Outcome, keep: np.ndarray, labels: np.ndarra
 
 
 def register_tasks(app: Celery, pool: ModelPool) -> None:
-    claims = Claims(app.backend, pool.settings.result_expires)
+    settings = pool.settings
+    claims = Claims(app.backend, settings.result_expires)
+    redis = redis_of(app.backend)
+    deliveries = None if redis is None else Deliveries(
+        redis, expires=settings.result_expires, max_deliveries=settings.max_deliveries,
+        queue_prefix=settings.queue_prefix)
+    if deliveries is not None:
+        dead = deliveries
+
+        def on_dead(entry: dict[str, Any]) -> None:
+            dead.dead_letter(entry)
+            pool.metrics.dead_lettered(entry.get("model") or "unknown")
+
+        rejects.install(app, on_dead)
 
     @app.task(name=INFER_TASK, bind=True, resultrepr_maxsize=160)
     def infer(self: Any, model: str, inputs: Any, version: int | None = None,
               variant: str | None = None, first_row: int = 0, row_ids: Any = None,
-              submitted_at: float | None = None) -> dict[str, Any]:
+              submitted_at: float | None = None, deadline: float | None = None
+              ) -> dict[str, Any]:
         started = time.time()
-        if not claims.take(self.request.id):
-            logger.info("job %s model %s: cancelled before it ran; skipped", self.request.id,
-                        model)
+        job_id = self.request.id
+        if not claims.take(job_id):
+            logger.info("job %s model %s: cancelled before it ran; skipped", job_id, model)
             pool.metrics.job(model, "cancelled", None, started)
             raise Ignore()  # acked; the cancel already stored the job's final state
+        if deadline is not None and started > deadline:
+            store_expired(app, [(job_id, deadline)])
+            pool.metrics.job(model, "expired", submitted_at, started)
+            raise Ignore()
+        delivery = None if deliveries is None else deliveries.redelivery(self.request)
+        if delivery is not None:
+            assert deliveries is not None
+            pool.metrics.redelivered(model)
+            if deliveries.too_many(delivery):
+                raise DeadLettered(dead_letter_message(deliveries, pool, delivery, self.name,
+                                                       model, [job_id]))
         served = pool.get(model, version, variant)
         with served.batcher.announced() as ticket:
             try:
@@ -148,15 +175,24 @@ def register_tasks(app: Celery, pool: ModelPool) -> None:
             except InferqError:
                 pool.metrics.job(model, "failed", submitted_at, started)
                 raise
-            future = served.batcher.submit(data, ticket)
-        outcome = future.result(timeout=pool.settings.visibility_timeout)
+            if delivery is None:
+                future = served.batcher.submit(data, ticket)
+        if delivery is None:
+            outcome = future.result(timeout=settings.visibility_timeout)
+        else:
+            assert deliveries is not None
+            outcome = run_suspect(deliveries, pool, served, data, delivery, lambda i: {
+                "jobs": [job_id], "rows": [int(labels[keep[i]])]})
         if errors or outcome.errors:
-            logger.info("job %s model %s: %d of %d rows failed", self.request.id,
+            logger.info("job %s model %s: %d of %d rows failed", job_id,
                         served.version.key, len(errors) + len(outcome.errors), len(labels))
-        return finish(served, outcome, keep, labels, errors, submitted_at, started,
-                      self.request.hostname, pool.metrics)
+        result = finish(served, outcome, keep, labels, errors, submitted_at, started,
+                        self.request.hostname, pool.metrics)
+        if deliveries is not None and delivery is not None:
+            deliveries.done(job_id)
+        return result
 
-    register_many(app, pool, claims, _validate, finish)
+    register_many(app, pool, claims, deliveries, _validate, finish)
 
     @inspect_command(name="inferq_stats")
     def inferq_stats(state: Any) -> dict[str, Any]:

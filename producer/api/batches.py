@@ -17,7 +17,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import numpy as np
 from fastapi import APIRouter, HTTPException, Query, Request
@@ -30,6 +30,7 @@ from producer.api.context import FAST_PUBLISH, Api, Who, api_of, not_found
 from producer.api.schemas import BatchRequest, BatchView, CallbackInfo, Problem
 from producer.bulk import chunk_id, publish_chunk
 from producer.chunks import Chunk, merge
+from producer.client import deadline_after
 from producer.readers import SUPPORTED, count_rows, read_chunks
 from producer.store import is_final, result_value
 from shared import claims
@@ -115,8 +116,9 @@ def _url(value: Any) -> str | None:
 
 
 def _publish(api: Api, who: Principal, batch_id: str, model: str, callback_url: str | None,
-             path: Path) -> None:
-    """Validate and send every chunk; on a broker failure cancel what was sent and say so."""
+             path: Path, route: dict[str, Any]) -> None:
+    """Validate and send every chunk; on a broker failure cancel what was sent and say so.
+    ``route``: the chunks' ``priority`` and ``deadline``."""
     version, ref = api.model(model)
     api.check_backpressure(ref.name)
     callback_url = api.check_callback(who, callback_url)  # every body kind, same checks
@@ -140,7 +142,7 @@ def _publish(api: Api, who: Principal, batch_id: str, model: str, callback_url: 
                 if rows > cap:
                     raise HTTPException(413, f"rows: more than {cap} in one batch "
                                         "(INFERQ_API_MAX_BATCH_ROWS)")
-                _send(api, ref, spec.name, batch_id, chunk, producer, bad_counts)
+                _send(api, ref, spec.name, batch_id, chunk, producer, bad_counts, route)
                 sent.append(chunk_id(batch_id, chunk.index))
     except BaseException:
         api.store.claims.cancel(sent)  # whatever was sent will not run
@@ -158,7 +160,7 @@ def _publish(api: Api, who: Principal, batch_id: str, model: str, callback_url: 
 
 
 def _send(api: Api, ref: Any, input_name: str, batch_id: str, chunk: Chunk, producer: Any,
-          bad_counts: dict[str, int]) -> None:
+          bad_counts: dict[str, int], route: dict[str, Any]) -> None:
     job_id = chunk_id(batch_id, chunk.index)
     if chunk.errors:
         api.store.add_bad_rows(batch_id, {e.row: e.message for e in chunk.errors})
@@ -167,20 +169,28 @@ def _send(api: Api, ref: Any, input_name: str, batch_id: str, chunk: Chunk, prod
         api.store.store_final(job_id, {}, "SUCCESS")
         return
     publish_chunk(api.client, ref, input_name, job_id, chunk, producer,
-                  retry_policy=FAST_PUBLISH)
+                  retry_policy=FAST_PUBLISH, **route)
 
 
 @router.post("/batches", status_code=202, response_model=BatchView, openapi_extra=BATCH_BODY,
              summary="Enqueue many rows: JSON, NDJSON, or an uploaded file",
              responses={415: {"model": Problem, "description": "not JSON, NDJSON or "
                               "multipart/form-data"}})
-async def submit_batch(request: Request, who: Who) -> Any:
+async def submit_batch(
+        request: Request, who: Who,
+        priority: Annotated[Literal["normal", "high"], Query(
+            description="high: taken before the model's normal backlog")] = "normal",
+        expires_in: Annotated[float | None, Query(
+            gt=0, le=7 * 86400, description="seconds; chunks no worker has started by "
+            "then are not run: their rows fail as expired")] = None) -> Any:
     api = api_of(request)
     batch_id = uuid.uuid4().hex
     upload_dir = api.settings.home / "api-uploads"
+    route = {"priority": priority, "deadline": deadline_after(expires_in)}
     try:
         model, callback_url, path = await _read_body(request, upload_dir, batch_id)
-        await run_in_threadpool(_publish, api, who, batch_id, model, callback_url, path)
+        await run_in_threadpool(_publish, api, who, batch_id, model, callback_url, path,
+                                route)
     finally:  # also a partial upload (413, a client gone): nothing stays on disk
         for leftover in upload_dir.glob(f"{batch_id}.*"):
             leftover.unlink(missing_ok=True)

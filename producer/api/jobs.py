@@ -24,11 +24,11 @@ from producer.api.schemas import (
     Problem,
     Timings,
 )
-from producer.client import coerce_inputs, wire_inputs
+from producer.client import coerce_inputs, deadline_after, wire_inputs
 from producer.store import is_final, status_of
 from shared import claims
 from shared.errors import InputError
-from shared.schemas import JobStatus, RowError
+from shared.schemas import FINAL_STATUSES, JobStatus, RowError
 
 logger = logging.getLogger("inferq.audit")
 router = APIRouter(prefix="/v1", tags=["jobs"])
@@ -78,7 +78,8 @@ def build_view(job_id: str, record: dict[str, str], meta: dict[str, Any],
     info = value if isinstance(value, dict) else {}
     timings = Timings(submitted_at=info.get("submitted_at") or _float(record, "submitted_at"),
                       started_at=info.get("started_at"),
-                      finished_at=info.get("finished_at") or info.get("cancelled_at"),
+                      finished_at=(info.get("finished_at") or info.get("cancelled_at")
+                                   or info.get("expired_at")),
                       batch_rows=list(info.get("batch_rows", [])))
     if timings.started_at and timings.submitted_at:
         timings.queue_wait_s = round(timings.started_at - timings.submitted_at, 6)
@@ -90,6 +91,8 @@ def build_view(job_id: str, record: dict[str, str], meta: dict[str, Any],
                    callback=CallbackInfo.from_record(record))
     if status is JobStatus.cancelled:
         view.error = "cancelled before it ran"
+    elif status is JobStatus.expired:
+        view.error = "expired: its deadline passed before a worker started it; not run"
     elif status is JobStatus.failed:
         view.error = (f"{type(value).__name__}: {value}" if isinstance(value, BaseException)
                       else str(value))
@@ -125,7 +128,8 @@ def _enqueue(api: Api, who: Principal, model: str, body: JobRequest) -> str:
                                   "submitted_at": submitted, "callback_url": callback_url},
                          callback=callback_url is not None)
     try:
-        api.coalescer.publish(ref, job_id, wire_inputs(inputs))
+        api.coalescer.publish(ref, job_id, wire_inputs(inputs), body.priority,
+                              deadline_after(body.expires_in))
     except Exception:
         api.store.drop_job(job_id)
         raise
@@ -153,7 +157,7 @@ async def _wait_final(api: Api, job_id: str, who: Principal, seconds: float, *,
             await watch.next(min(left, RECHECK_S))
 
 
-_FINAL = {JobStatus.succeeded, JobStatus.failed, JobStatus.cancelled}
+_FINAL = FINAL_STATUSES
 
 
 @router.post("/models/{model}/jobs", status_code=202, response_model=Accepted,

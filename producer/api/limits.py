@@ -11,7 +11,7 @@ from typing import Any
 
 from celery import Celery
 
-from shared.celery_app import queue_name
+from shared.celery_app import PRIORITIES, queue_name
 from shared.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -73,7 +73,8 @@ async def _too_large(send: Any, limit: int) -> None:
 
 
 class QueueDepth:
-    """Messages waiting in each model's queue, read from the broker at most once a second."""
+    """Messages waiting in each model's queues (normal and high), read from the broker at
+    most once a second."""
 
     def __init__(self, settings: Settings, app: Celery):
         self.settings = settings
@@ -94,7 +95,7 @@ class QueueDepth:
             cached = self._cache.get(model)
             if cached and time.monotonic() - cached[0] < DEPTH_TTL:
                 return cached[1]
-            depth = self._read(queue_name(self.settings, model))
+            depth = sum(self._read(queue_name(self.settings, model, p)) for p in PRIORITIES)
             self._cache[model] = (time.monotonic(), depth)
         return depth
 

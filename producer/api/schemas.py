@@ -26,6 +26,11 @@ class JobRequest(BaseModel):
                         examples=[[0.0] * 64])
     callback_url: AnyHttpUrl | None = Field(None, description="POSTed the result, signed, "
                                             "when the job ends")
+    priority: Literal["normal", "high"] = Field("normal", description="high: taken before "
+                                                "the model's normal backlog")
+    expires_in: float | None = Field(None, gt=0, le=7 * 86400, description="seconds; a job "
+                                     "no worker has started by then is not run and ends "
+                                     "`expired`")
 
 
 class Timings(BaseModel):

@@ -214,6 +214,34 @@ async def test_cancel_a_queued_job_and_it_never_runs(redis_env, api, start_worke
                    "already succeeded")
 
 
+async def test_priority_and_expiry(redis_env, api, start_worker, digits):
+    high = await api.post("/v1/models/digits/jobs",
+                          json={"inputs": rows(digits, 0), "priority": "high"})
+    late = await api.post("/v1/models/digits/jobs",
+                          json={"inputs": rows(digits, 1), "expires_in": 0.2})
+    batch = await api.post("/v1/batches", params={"priority": "high", "expires_in": "0.2"},
+                           json={"model": "digits", "rows": rows(digits, slice(0, 3))})
+    assert high.status_code == late.status_code == batch.status_code == 202, batch.text
+    r = redis.Redis.from_url(redis_env["INFERQ_BROKER_URL"])
+    high_queue = queue_name(settings_for(redis_env), "digits", "high")
+    assert (r.llen(high_queue), depth(redis_env)) == (2, 1)  # job + 1 chunk; the late job
+    for body, field in (({"priority": "urgent"}, "priority"), ({"expires_in": -1},
+                                                               "expires_in")):
+        bad = await api.post("/v1/models/digits/jobs", json={"inputs": rows(digits, 0),
+                                                             **body})
+        assert assert_problem(bad, 422)["field"] == field
+    await anyio.sleep(0.3)
+    await anyio.to_thread.run_sync(start_worker, redis_env)
+    view = (await api.get(f"/v1/jobs/{late.json()['id']}", params={"wait": "20s"})).json()
+    assert view["status"] == "expired" and "deadline" in view["error"], view
+    view = (await api.get(f"/v1/jobs/{high.json()['id']}", params={"wait": "20s"})).json()
+    assert view["status"] == "succeeded", view
+    batch_id = batch.json()["id"]
+    lines = await results(api, batch_id)
+    assert [line["row"] for line in lines] == [0, 1, 2]
+    assert all("JobExpired" in line["error"] for line in lines), lines
+
+
 async def test_get_and_delete_of_an_unknown_job_answer_404(api):
     for method in ("GET", "DELETE"):
         body = assert_problem(await api.request(method, f"/v1/jobs/{'0' * 32}"), 404,

@@ -27,7 +27,7 @@ class FakeCoalescer(Coalescer):
         self.in_send = threading.Event()
         self.fail_on = fail_on
 
-    def _send(self, ref: ModelRef, batch: list[Any]) -> None:
+    def _send(self, ref: ModelRef, priority: str, batch: list[Any]) -> None:
         self.in_send.set()
         self.gate.wait(10)
         ids = [it.job_id for it in batch]
