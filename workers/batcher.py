@@ -11,6 +11,8 @@ rows get an error, every other row gets its output.
 from __future__ import annotations
 
 import logging
+import random
+import re
 import threading
 import time
 from collections import deque
@@ -22,7 +24,7 @@ from functools import partial
 
 import numpy as np
 
-from shared.errors import BatchContractError
+from shared.errors import BatchContractError, TransientError
 
 logger = logging.getLogger(__name__)
 
@@ -78,7 +80,8 @@ def _rows_of(inputs: Inputs) -> int:
 
 class Batcher:
     def __init__(self, run: RunFn, *, name: str, max_batch_rows: int, max_delay_ms: float,
-                 on_batch: Callable[[int, float], None] | None = None):
+                 on_batch: Callable[[int, float], None] | None = None,
+                 transient_retries: int = 3):
         if max_batch_rows < 1:
             raise ValueError(f"max_batch_rows must be >= 1, got {max_batch_rows}")
         if max_delay_ms < 0:
@@ -88,6 +91,7 @@ class Batcher:
         self.max_batch_rows = max_batch_rows
         self.max_delay = max_delay_ms / 1000.0
         self._on_batch = on_batch
+        self.transient_retries = transient_retries
         self._queue: deque[_Part] = deque()
         self._queued_rows = 0
         self._announced = 0
@@ -257,7 +261,10 @@ class Batcher:
         return outputs
 
     def _run_bisect(self, inputs: Inputs, rows: int) -> tuple[Outputs | None, dict[int, str]]:
-        """Run the rows; if the call raises, split until the failing rows are isolated."""
+        """Run the rows; if the call raises, split until the failing rows are isolated.
+
+        Splitting is also the answer to a batch too big for the device (out of memory);
+        a single row that fails with a transient error is retried after a backoff."""
         try:
             return self._run_checked(inputs, rows), {}
         except BatchContractError as exc:  # a model bug: splitting will not help
@@ -265,14 +272,31 @@ class Batcher:
             return None, {i: f"{type(exc).__name__}: {exc}" for i in range(rows)}
         except Exception as exc:
             if rows == 1:
-                logger.warning("model %s failed on a row: %s", self.name, exc)
-                return None, {0: f"model {self.name} failed on this row: "
-                                 f"{type(exc).__name__}: {exc}"}
+                return self._run_one_retrying(inputs, exc)
         mid = rows // 2
         left, left_err = self._run_bisect({k: v[:mid] for k, v in inputs.items()}, mid)
         right, right_err = self._run_bisect({k: v[mid:] for k, v in inputs.items()}, rows - mid)
         errors = {**left_err, **{i + mid: m for i, m in right_err.items()}}
         return _join(left, mid, right, rows - mid), errors
+
+    def _run_one_retrying(self, inputs: Inputs, exc: Exception
+                          ) -> tuple[Outputs | None, dict[int, str]]:
+        """A row whose call raised ``exc``: retried while the error is transient (out of
+        memory, a device error), ``transient_retries`` times with backoff and jitter."""
+        for attempt in range(self.transient_retries):
+            if not is_transient(exc):
+                break
+            pause = min(2.0, 0.05 * 2 ** attempt) * random.uniform(0.5, 1.5)
+            logger.warning("model %s: transient error on a row (%s); retry %d of %d in "
+                           "%.2f s", self.name, exc, attempt + 1, self.transient_retries,
+                           pause)
+            time.sleep(pause)
+            try:
+                return self._run_checked(inputs, 1), {}
+            except Exception as again:  # noqa: BLE001 - judged by is_transient above
+                exc = again
+        logger.warning("model %s failed on a row: %s", self.name, exc)
+        return None, {0: f"model {self.name} failed on this row: {type(exc).__name__}: {exc}"}
 
     def _finish_part(self, part: _Part, outputs: Outputs | None, errors: dict[int, str],
                      batch_rows: int) -> None:
@@ -310,6 +334,17 @@ def _stack_rows(parts: list[tuple[Outputs | None, dict[int, str], int, int]]) ->
             for k, v in out.items():
                 outputs[k][i] = v[0]
     return Outcome(outputs, errors, calls)
+
+
+_TRANSIENT = re.compile(r"out of memory|failed to allocate|resource exhausted|"
+                        r"CUDA error|CUDA_ERROR|CUBLAS_STATUS|CUDNN_STATUS|device busy",
+                        re.IGNORECASE)
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Worth running again as it is: the device ran out of memory or hiccuped. Anything
+    else (bad input, a model bug) would fail the same way again."""
+    return isinstance(exc, MemoryError | TransientError) or bool(_TRANSIENT.search(str(exc)))
 
 
 def _join(left: Outputs | None, left_rows: int, right: Outputs | None,

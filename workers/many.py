@@ -9,7 +9,9 @@ broker redeliver it and every job runs again (at-least-once, one result per job 
 
 from __future__ import annotations
 
+import itertools
 import logging
+import random
 import time
 from collections.abc import Callable
 from typing import Any
@@ -46,12 +48,16 @@ def _split(outcome: Outcome, sizes: list[int]) -> list[Outcome]:
     return parts
 
 
+STORE_PATIENCE_S = 60.0  # longest a result store outage is waited out before giving up
+
+
 def store_many(app: Celery, items: list[tuple[str, str, Any]], reply_to: str | None = None,
-               attempts: int = 5) -> None:
+               patience_s: float = STORE_PATIENCE_S) -> None:
     """(job id, state, result) each stored and published, one pipeline on Redis; with
     ``reply_to``, also all of them in one message on that channel.
 
-    Retried with backoff on a store outage: the inference is not redone for it.
+    Retried with backoff and jitter through a store outage of up to ``patience_s``: the
+    inference is not redone for it.
     """
     backend = app.backend
     redis = redis_of(backend)
@@ -65,7 +71,8 @@ def store_many(app: Celery, items: list[tuple[str, str, Any]], reply_to: str | N
         meta = {"status": state, "result": backend.encode_result(result, state),
                 "traceback": None, "children": [], "date_done": done, "task_id": job_id}
         encoded.append((job_id, backend.get_key_for_task(job_id), backend.encode(meta)))
-    for attempt in range(attempts):
+    give_up = time.monotonic() + patience_s
+    for attempt in itertools.count():
         pipe = redis.pipeline(transaction=False)  # a failed execute() empties a pipeline
         for _, key, value in encoded:
             pipe.setex(key, backend.expires, value)
@@ -77,10 +84,12 @@ def store_many(app: Celery, items: list[tuple[str, str, Any]], reply_to: str | N
             pipe.execute()
             return
         except (RedisConnectionError, RedisTimeoutError) as exc:
-            if attempt == attempts - 1:
+            pause = min(2.0, 0.1 * 2 ** attempt) * random.uniform(0.5, 1.5)
+            if time.monotonic() + pause > give_up:
                 raise
-            logger.warning("storing %d results failed (%s); retrying", len(items), exc)
-            time.sleep(min(2.0, 0.1 * 2 ** attempt))
+            logger.warning("storing %d results failed (%s); retrying in %.1f s", len(items),
+                           exc, pause)
+            time.sleep(pause)
 
 
 def store_expired(app: Celery, jobs: list[tuple[str, float]], reply_to: str | None = None

@@ -101,7 +101,7 @@ class ModelPool:
 
         batcher = Batcher(faults.wrap(runtime.run, s.fault_injection), name=version.key,
                           max_batch_rows=s.max_batch_rows, max_delay_ms=s.max_delay_ms,
-                          on_batch=on_batch)
+                          on_batch=on_batch, transient_retries=s.task_max_retries)
         self.metrics.model_loaded(manifest)
         batcher.start()
         return Served(version, batcher, stats, runtime)

@@ -75,6 +75,32 @@ def test_minilm_int8_through_the_queue(variant_env, variant_worker):
     assert saved > 0.2
 
 
+def test_served_defaults_are_batch_invariant(variant_env, variant_worker):
+    """A row's output does not depend on which rows share its model call: 24 rows each
+    alone (one job at a time) equal the same rows inside 128-row chunks of other rows."""
+    from workers.build.digits import split
+    from workers.build.minilm import load_sentences
+
+    client = client_for(variant_env)
+    _, x_test, _, _ = split(0)
+    texts = load_sentences("heldout")[:256]
+    for model, rows, output in (("digits", x_test[:256], "probabilities"),
+                                ("minilm", texts, "embedding")):
+        batched = client.submit_many(model, rows, chunk_rows=128).results(120)
+        alone = np.stack([client.submit(model, rows[i]).result(60)[output][0]
+                          for i in range(0, 240, 10)])
+        in_batch = batched.outputs[output][0:240:10]
+        if model == "digits":
+            np.testing.assert_array_equal(alone.argmax(1), in_batch.argmax(1))
+            worst = float(np.abs(alone - in_batch).max())
+            print(f"\ndigits (default variant) alone vs in a batch: max |diff| {worst:.2e}")
+            assert worst <= 1e-5
+        else:
+            worst = float(np.sum(alone * in_batch, axis=1).min())
+            print(f"minilm (default variant) alone vs in a batch: min cosine {worst:.6f}")
+            assert worst >= 0.9999
+
+
 def test_long_text_is_truncated_and_says_so(variant_env, variant_worker):
     client = client_for(variant_env)
     job = client.submit("minilm", "word " * 2000)

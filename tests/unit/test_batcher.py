@@ -6,6 +6,7 @@ gate, so later submissions queue up behind it and are taken together once it ope
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, wait
@@ -338,3 +339,84 @@ def test_stop_drains_jobs_already_submitted(make: Make) -> None:
     np.testing.assert_array_equal(result(pending).outputs["y"], expected(rows(2)))
     b.stop(timeout=WAIT)
     assert not b._thread.is_alive()
+
+
+# -- transient errors -----------------------------------------------------------------------
+class OutOfMemory:
+    """Raises like a device out of memory for calls over ``fits`` rows, and for the first
+    ``flaky`` calls of a single row; ``y = x.sum(axis=1)`` otherwise."""
+
+    def __init__(self, fits: int, flaky: int = 0, message: str = "CUDA out of memory"):
+        self.fits, self.flaky, self.message = fits, flaky, message
+        self.sizes: list[int] = []
+
+    def __call__(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        x = inputs["x"]
+        self.sizes.append(len(x))
+        if len(x) > self.fits:
+            raise RuntimeError(f"{self.message}: tried to allocate {len(x)} rows")
+        if len(x) == 1 and self.flaky > 0:
+            self.flaky -= 1
+            raise RuntimeError(f"{self.message} (transient)")
+        return {"y": x.sum(axis=1)}
+
+
+def test_a_batch_too_big_for_the_device_is_split_until_it_fits(make: Make) -> None:
+    model = OutOfMemory(fits=8)
+    b = make(model, max_batch_rows=64)
+    inputs = rows(32)
+    out = result(b.submit(inputs))
+    assert out.errors == {}
+    np.testing.assert_array_equal(out.outputs["y"], expected(inputs))  # type: ignore[index]
+    assert model.sizes[:3] == [32, 16, 8]
+
+
+def test_a_row_with_a_transient_error_is_retried_then_succeeds(make: Make) -> None:
+    model = OutOfMemory(fits=8, flaky=2)
+    out = result(make(model, transient_retries=3).submit(rows(1)))
+    assert out.errors == {} and model.sizes == [1, 1, 1]
+
+
+def test_transient_retries_are_bounded(make: Make) -> None:
+    model = OutOfMemory(fits=8, flaky=10)
+    out = result(make(model, transient_retries=2).submit(rows(1)))
+    assert model.sizes == [1, 1, 1]
+    assert "out of memory" in out.errors[0]
+
+
+def test_a_permanent_error_is_not_retried(make: Make) -> None:
+    model = OutOfMemory(fits=8, flaky=5, message="bad token id")
+    out = result(make(model, transient_retries=3).submit(rows(1)))
+    assert model.sizes == [1] and "bad token id" in out.errors[0]
+
+
+# -- suspect rows (redelivered messages) ----------------------------------------------------
+def test_submit_alone_runs_each_row_in_its_own_call_inside_its_guard(make: Make) -> None:
+    model = FakeModel()
+    b = make(model)
+    log: list[str] = []
+
+    @contextlib.contextmanager
+    def guard(i: int) -> Iterator[None]:
+        log.append(f"enter {i}")
+        yield
+        log.append(f"exit {i}")
+
+    inputs = rows(4)
+    out = result(b.submit_alone(inputs, {2: "dead-lettered"}, guard))
+    assert model.calls() == [1, 1, 1]
+    assert log == ["enter 0", "exit 0", "enter 1", "exit 1", "enter 3", "exit 3"]
+    assert out.errors == {2: "dead-lettered"}
+    want = expected(inputs)
+    want[2] = 0
+    np.testing.assert_array_equal(out.outputs["y"], want)  # type: ignore[index]
+
+
+def test_suspect_rows_never_share_a_call_with_other_jobs(make: Make) -> None:
+    b, model = gated(make)
+    alone = b.submit_alone(rows(2, start=10), {}, lambda i: contextlib.nullcontext())
+    merged = [b.submit(rows(1, start=20 + i)) for i in range(3)]
+    model.gate.set()
+    wait([alone, *merged], timeout=WAIT)
+    assert result(alone).errors == {}
+    assert model.calls() == [1, 1, 1, 3]  # the gate job, two suspect rows alone, then 3
