@@ -5,6 +5,12 @@ collection by at most ``max_in_flight`` chunks, so a producer's memory stays fla
 any input size. Results are read many keys per round trip. Because ids are
 deterministic, a rerun with the same batch id finds finished chunks in the result store
 and does not send them again (``--resume``).
+
+A result store that cannot be reached while results are collected (a restart, a
+failover) is waited for, up to the stall timeout (``STORE_OUTAGE_S`` without one); the
+workers keep storing meanwhile. A chunk whose task failed only because its worker could
+not reach the result store (``STORE_FAILURES``) is sent again. A chunk that cannot be
+published raises an Unavailable naming the chunk and the broker.
 """
 
 from __future__ import annotations
@@ -18,11 +24,16 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from celery import states
+from celery.exceptions import BackendStoreError
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from producer.chunks import Chunk, ChunkResult, array_chunks, merge
 from producer.client import Client
+from producer.coalesce import not_sent
 from producer.store import is_final, result_value
-from shared.errors import JobFailed
+from shared.errors import JobFailed, Unavailable
 from shared.repository import ModelRef
 
 logger = logging.getLogger(__name__)
@@ -41,6 +52,13 @@ def chunk_id(batch_id: str, index: int) -> str:
 LOST_AFTER_S = 10.0
 MAX_RESENDS = 3  # per chunk; the wait after each doubles
 
+# Longest the result store may stay unreachable while collecting, without a stall timeout.
+STORE_OUTAGE_S = 120.0
+STORE_DOWN = (RedisConnectionError, RedisTimeoutError)  # BusyLoadingError is one too
+# A chunk's task failed with one of these: the worker ran it (or was about to) but could
+# not reach the result store; the rows are fine, so the chunk is sent again.
+STORE_FAILURES = (BackendStoreError, *STORE_DOWN)
+
 
 @dataclass
 class _Pending:
@@ -49,6 +67,7 @@ class _Pending:
     meta: dict | None = None
     sent_at: float = 0.0
     resends: int = 0
+    stale: str | None = None  # date_done of a failure already answered by a resend
 
 
 def publish_chunk(client: Client, ref: ModelRef, input_name: str, job_id: str, chunk: Chunk,
@@ -60,8 +79,15 @@ def publish_chunk(client: Client, ref: ModelRef, input_name: str, job_id: str, c
         extra["first_row"] = chunk.start
     else:
         extra["row_ids"] = chunk.start + chunk.keep.astype(np.int64)
-    client.publish(ref, job_id, {input_name: chunk.data}, producer=producer, **extra,
-                   **kwargs)
+    try:
+        client.publish(ref, job_id, {input_name: chunk.data}, producer=producer, **extra,
+                       **kwargs)
+    except Exception as exc:
+        error = not_sent(f"chunk {job_id} (rows {chunk.start}..{chunk.start + chunk.rows - 1})",
+                         client, exc, "run the batch again with the same batch id to resume")
+        if error is exc:
+            raise
+        raise error from exc
     if not keep_data:
         chunk.data = chunk.data[:0]
 
@@ -70,8 +96,11 @@ class Pipeline:
     """Publishes chunks and yields their results in input order."""
 
     def __init__(self, client: Client, model: str, batch_id: str, *,
-                 max_in_flight: int | None = None, stall_timeout: float | None = None):
+                 max_in_flight: int | None = None, stall_timeout: float | None = None,
+                 priority: str = "normal", deadline: float | None = None):
         self.client = client
+        self.priority = priority
+        self.deadline = deadline
         self.version, self.ref = client.model(model)
         self.batch_id = batch_id
         self.max_in_flight = max_in_flight or client.settings.max_in_flight
@@ -79,13 +108,16 @@ class Pipeline:
         self.sent = 0
         self.reused = 0
         self.resent = 0
+        self.store_outages = 0
+        self._store_down: float | None = None  # since when the store has been unreachable
 
     def _publish(self, chunk: Chunk, producer: object) -> _Pending:
         job_id = chunk_id(self.batch_id, chunk.index)
         if not len(chunk.keep):
             return _Pending(chunk, job_id, meta={"status": "SUCCESS", "result": {}})
         publish_chunk(self.client, self.ref, self.version.manifest.input().name, job_id,
-                      chunk, producer, keep_data=True)
+                      chunk, producer, keep_data=True, priority=self.priority,
+                      deadline=self.deadline)
         self.sent += 1
         return _Pending(chunk, job_id, sent_at=time.monotonic())
 
@@ -112,27 +144,79 @@ class Pipeline:
                         window.append(self._publish(chunk, producer))
                 if not window:
                     return
-                if self._poll(window):
+                if self._poll_store(window, producer):
                     last_progress, pause = time.monotonic(), 0.0005
                 while window and window[0].meta is not None:
                     entry = window.popleft()
                     yield merge(entry.chunk, specs, result_value(entry.meta))
                 if window and window[0].meta is None:
-                    self._check_stall(last_progress, window[0])
-                    self._recover(window, producer)
+                    if self._store_down is None:  # else the outage has its own limit
+                        self._check_stall(last_progress, window[0])
                     time.sleep(pause)
                     pause = min(pause * 2, 0.05)
 
-    def _poll(self, window: deque[_Pending]) -> bool:
+    def _poll_store(self, window: deque[_Pending], producer: object) -> bool:
+        """``_poll`` then ``_recover``, riding out a result store outage; True on progress
+        (the store coming back counts: the stall clock restarts then)."""
+        try:
+            progressed = self._poll(window, producer)
+            if window and window[0].meta is None:
+                self._recover(window, producer)
+        except STORE_DOWN as exc:
+            self._store_unreachable(exc, window[0])
+            return False
+        if self._store_down is not None:
+            logger.warning("batch %s: the result store is back after %.1f s", self.batch_id,
+                           time.monotonic() - self._store_down)
+            self._store_down = None
+            return True
+        return progressed
+
+    def _store_unreachable(self, exc: Exception, head: _Pending) -> None:
+        now = time.monotonic()
+        if self._store_down is None:
+            self._store_down = now
+            self.store_outages += 1
+            logger.warning("batch %s: the result store cannot be reached (%s); waiting for it",
+                           self.batch_id, exc)
+        limit = STORE_OUTAGE_S if self.stall_timeout is None else self.stall_timeout
+        if now - self._store_down > limit:
+            raise Unavailable(
+                f"the result store has been unreachable for {limit:.0f} s while collecting "
+                f"batch {self.batch_id} (waiting for {head.job_id}, rows {head.chunk.start}.."
+                f"{head.chunk.start + head.chunk.rows - 1}): {type(exc).__name__}: {exc}; "
+                "results already stored are kept: run it again with the same batch id to "
+                "resume") from exc
+
+    def _poll(self, window: deque[_Pending], producer: object) -> bool:
         waiting = [p for p in list(window)[:_MGET_MAX] if p.meta is None]
         metas = self.client.store.fetch_many([p.job_id for p in waiting])
         progressed = False
         for entry, meta in zip(waiting, metas, strict=True):
-            if is_final(meta):
-                entry.meta = meta
-                entry.chunk.data = entry.chunk.data[:0]  # done: no resend needed
-                progressed = True
+            if meta is None or not is_final(meta):
+                continue
+            if entry.stale is not None and meta.get("date_done") == entry.stale:
+                continue  # the failure a resend answers; its result replaces this
+            if (meta.get("status") == states.FAILURE and entry.resends < MAX_RESENDS
+                    and isinstance(result_value(meta), STORE_FAILURES)):
+                entry.stale = meta.get("date_done")
+                self._resend(entry, producer, "failed only because its worker could not "
+                             f"store the result ({result_value(meta)!r})")
+                continue
+            entry.meta = meta
+            entry.chunk.data = entry.chunk.data[:0]  # done: no resend needed
+            progressed = True
         return progressed
+
+    def _resend(self, entry: _Pending, producer: object, why: str) -> None:
+        logger.warning("chunk %s (rows %d..%d) %s: sending it again", entry.job_id,
+                       entry.chunk.start, entry.chunk.start + entry.chunk.rows - 1, why)
+        publish_chunk(self.client, self.ref, self.version.manifest.input().name,
+                      entry.job_id, entry.chunk, producer, keep_data=True,
+                      priority=self.priority, deadline=self.deadline)
+        entry.sent_at = time.monotonic()
+        entry.resends += 1
+        self.resent += 1
 
     def _recover(self, window: deque[_Pending], producer: object) -> None:
         """Send the head chunk again if it looks lost (see LOST_AFTER_S)."""
@@ -145,13 +229,8 @@ class Pipeline:
         head.sent_at = now  # look again no sooner than the (doubled) wait from now
         if claims.states([head.job_id])[0] is not None:
             return  # a worker has it
-        logger.warning("chunk %s (rows %d..%d) unclaimed %.0f s after it was sent while "
-                       "later chunks finished: sending it again", head.job_id,
-                       head.chunk.start, head.chunk.start + head.chunk.rows - 1, LOST_AFTER_S)
-        publish_chunk(self.client, self.ref, self.version.manifest.input().name,
-                      head.job_id, head.chunk, producer, keep_data=True)
-        head.resends += 1
-        self.resent += 1
+        self._resend(head, producer, f"unclaimed {LOST_AFTER_S:.0f} s after it was sent "
+                     "while later chunks finished")
 
     def _check_stall(self, since: float, head: _Pending) -> None:
         if self.stall_timeout is not None and time.monotonic() - since > self.stall_timeout:
@@ -196,9 +275,10 @@ class BatchHandle:
 
     @classmethod
     def start(cls, client: Client, model: str, rows: np.ndarray, chunk_rows: int,
-              batch_id: str | None = None) -> BatchHandle:
+              batch_id: str | None = None, *, priority: str = "normal",
+              deadline: float | None = None) -> BatchHandle:
         pipeline = Pipeline(client, model, batch_id or uuid.uuid4().hex,
-                            max_in_flight=10**9)
+                            max_in_flight=10**9, priority=priority, deadline=deadline)
         spec = pipeline.version.manifest.input()
         chunks = list(array_chunks(spec, rows, chunk_rows))
         return cls(pipeline, chunks)

@@ -15,11 +15,12 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 
-from producer import cli_models
+from producer import autoscale, cli_dead, cli_models
 from shared.errors import InferqError
-from shared.settings import Settings, load_settings
+from shared.settings import Settings, load_settings, scrub
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  pretty_exceptions_show_locals=False,  # locals may hold URLs with passwords
                   help="Queue-based inference: enqueue jobs, run batching workers, score files.")
 models_app = typer.Typer(no_args_is_help=True, help="Build and list models in the repository.")
 app.add_typer(models_app, name="models")
@@ -202,14 +203,23 @@ def status(job_id: str) -> None:
 
 
 def main() -> None:
+    from kombu.exceptions import OperationalError
+    from redis.exceptions import RedisError
+
     try:
         app()
     except InferqError as exc:
-        _say(f"error: {exc}")
+        _say(f"error: {scrub(str(exc))}")
         sys.exit(2)
+    except (RedisError, OperationalError, TimeoutError) as exc:  # a service is away
+        _say(f"error: {type(exc).__name__}: {scrub(str(exc))} (is the broker or result "
+             "store reachable? see INFERQ_BROKER_URL, INFERQ_RESULT_BACKEND)")
+        sys.exit(3)
 
 
 cli_models.register(app, models_app)
+cli_dead.register(app)
+app.command("autoscale")(autoscale.command)
 
 if __name__ == "__main__":
     os.environ.setdefault("PYTHONUNBUFFERED", "1")

@@ -19,9 +19,14 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from celery import states
+from kombu.exceptions import OperationalError
+from kombu.utils.url import maybe_sanitize_url
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from shared.celery_app import INFER_MANY_TASK, model_queue
 from shared.claims import redis_of
+from shared.errors import Unavailable
 from shared.repository import ModelRef
 
 if TYPE_CHECKING:
@@ -30,11 +35,30 @@ if TYPE_CHECKING:
 MAX_JOBS = 256  # jobs per message at most
 
 
+def not_sent(what: str, client: Client, exc: BaseException,
+             hint: str = "submit it again") -> BaseException:
+    """``exc`` as the submitter should see it when it means ``what`` was not enqueued:
+    an Unavailable naming what and where (kombu raises OperationalError once publishing's
+    retries are spent; the result store a redis error). Any other error: ``exc`` itself."""
+    if isinstance(exc, OperationalError):
+        broker = maybe_sanitize_url(client.settings.broker_url or "memory://")
+        where = f"the broker {broker} could not be reached after retrying"
+    elif isinstance(exc, RedisConnectionError | RedisTimeoutError):
+        where = "the result store could not be reached to record it as queued"
+    else:
+        return exc
+    error = Unavailable(f"{what} was not enqueued: {where} ({type(exc).__name__}: {exc}); "
+                        f"{hint}")
+    error.__cause__ = exc
+    return error
+
+
 @dataclass
 class _Item:
     job_id: str
     inputs: dict[str, Any]
     submitted_at: float
+    deadline: float | None = None
     done: threading.Event = field(default_factory=threading.Event)
     error: BaseException | None = None
     lead: bool = False  # woken to lead, not because its job was sent
@@ -83,14 +107,15 @@ class Coalescer:
         self.max_bytes = client.settings.max_message_bytes // 2 if client is not None \
             else 2**31
         self._lock = threading.Lock()
-        self._groups: dict[tuple[str, str | None, int | None], _Group] = {}
+        self._groups: dict[tuple[str, str | None, int | None, str], _Group] = {}
         self.messages = 0
         self.jobs = 0
 
-    def publish(self, ref: ModelRef, job_id: str, inputs: dict[str, Any]) -> None:
+    def publish(self, ref: ModelRef, job_id: str, inputs: dict[str, Any],
+                priority: str = "normal", deadline: float | None = None) -> None:
         """Return once the job is on the broker (or raise why it could not be sent)."""
-        item = _Item(job_id, inputs, time.time())
-        key = (ref.name, ref.variant, ref.version)
+        item = _Item(job_id, inputs, time.time(), deadline)
+        key = (ref.name, ref.variant, ref.version, priority)
         with self._lock:
             group = self._groups.setdefault(key, _Group())
             group.pending.append(item)
@@ -104,22 +129,23 @@ class Coalescer:
                 return
             item.lead = False  # handed the role: its own job is still pending
             item.done.clear()
-        self._lead(ref, group, item)
+        self._lead(ref, priority, group, item)
         if item.error is not None:
             raise item.error
 
-    def _lead(self, ref: ModelRef, group: _Group, mine: _Item) -> None:
+    def _lead(self, ref: ModelRef, priority: str, group: _Group, mine: _Item) -> None:
         """Send rounds until ``mine`` is sent; then pass the role to a waiting submitter."""
         while not mine.done.is_set():
             with self._lock:
                 batch = _take(group.pending, self.max_bytes)
             try:
-                self._send(ref, batch)
+                self._send(ref, priority, batch)
                 error = None
             except BaseException as exc:  # every submitter of the batch hears it
                 error = exc
             for it in batch:
-                it.error = error
+                it.error = None if error is None else \
+                    not_sent(f"job {it.job_id} (model {ref.name})", self.client, error)
                 it.done.set()
         with self._lock:
             if group.pending:
@@ -129,7 +155,7 @@ class Coalescer:
             else:
                 group.leading = False
 
-    def _send(self, ref: ModelRef, batch: list[_Item]) -> None:
+    def _send(self, ref: ModelRef, priority: str, batch: list[_Item]) -> None:
         if self.mark:
             self._mark(ref, batch)
         self.messages += 1
@@ -137,16 +163,20 @@ class Coalescer:
         if len(batch) == 1 and self.reply_to is None:
             it = batch[0]
             self.client.publish(ref, it.job_id, it.inputs, retry_policy=self.retry_policy,
+                                priority=priority, deadline=it.deadline,
                                 submitted_at=it.submitted_at)
             return
         jobs = [{"id": it.job_id, "inputs": it.inputs, "submitted_at": it.submitted_at}
                 for it in batch]
+        for job, it in zip(jobs, batch, strict=True):
+            if it.deadline is not None:
+                job["deadline"] = it.deadline
         settings = self.client.settings
         self.client.app.send_task(
             INFER_MANY_TASK, task_id=f"many-{uuid.uuid4().hex}",
             kwargs={"model": ref.name, "variant": ref.variant, "version": ref.version,
                     "jobs": jobs, "reply_to": self.reply_to},
-            queue=model_queue(settings, ref.name), retry=True,
+            queue=model_queue(settings, ref.name, priority), retry=True,
             retry_policy=self.retry_policy)
 
     def _mark(self, ref: ModelRef, batch: list[_Item]) -> None:

@@ -10,7 +10,7 @@ import numpy as np
 
 from producer.writers import open_writer
 from shared.repository import ModelVersion
-from shared.settings import Settings
+from shared.settings import Settings, scrub
 
 
 def run_demo(settings: Settings, client: AbstractContextManager[Any], version: ModelVersion,
@@ -28,9 +28,9 @@ def run_demo(settings: Settings, client: AbstractContextManager[Any], version: M
     writer.write(0, result.outputs, result.ok, result.errors)
     writer.close()
     mode = ("embedded: in-memory broker, in-process worker" if settings.embedded
-            else f"broker {settings.broker_url}")
+            else f"broker {scrub(settings.broker_url or '')}")
     return (f"scored {len(result):,} digits with {version.key} ({mode})\n"
             f"accuracy {accuracy:.4f}   {len(result) / seconds:,.0f} rows/s "
             f"({seconds:.2f} s)   {len(result.errors)} errors\n"
             f"predictions:  {path.resolve()}\n"
-            f"result store: {settings.effective_result_backend()}")
+            f"result store: {scrub(settings.effective_result_backend())}")

@@ -12,6 +12,9 @@ its job's channel (sending on the shared connection under a lock), waits until R
 confirms the subscription, reads the key once (a result stored before the subscription
 is not missed), then sleeps on an event until the listener hands it the result. A
 re-read every ``RECHECK_S`` is the safety net should a message ever be missed.
+
+A store that cannot be reached (a restart, a failover) does not end a wait: the re-reads
+go on until the result comes or the wait's deadline passes.
 """
 
 from __future__ import annotations
@@ -26,6 +29,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import msgpack
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 logger = logging.getLogger(__name__)
 
@@ -43,6 +48,15 @@ class _Waiter:
     value: bytes | None = None
 
 
+def _read_or(value: Any, read: Callable[[], Any]) -> Any:
+    """``read()``; while the store cannot be reached, ``value`` (the next re-read retries)."""
+    try:
+        return read()
+    except (RedisConnectionError, RedisTimeoutError) as exc:
+        logger.debug("result store unreachable, re-reading in %s s: %s", RECHECK_S, exc)
+        return value
+
+
 def _await(me: _Waiter, value: Any, read: Callable[[], Any], is_done: Callable[[Any], bool],
            decode: Callable[[bytes], Any], deadline: float) -> Any:
     """Until ``value`` is done or the deadline: take what the listener hands over, else
@@ -56,7 +70,7 @@ def _await(me: _Waiter, value: Any, read: Callable[[], Any], is_done: Callable[[
             assert me.value is not None
             value = decode(me.value)
         else:
-            value = read()
+            value = _read_or(value, read)
     return value
 
 
@@ -117,7 +131,7 @@ class ResultWaiter:
             self._waiters.setdefault(key, []).append(me)
         try:
             me.confirmed.wait(min(timeout, RECHECK_S))
-            return _await(me, read(), read, is_done, decode, deadline)
+            return _await(me, _read_or(None, read), read, is_done, decode, deadline)
         finally:
             with self._lock:
                 waiting = self._waiters.get(key, [])

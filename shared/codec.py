@@ -3,15 +3,18 @@
 An array is a msgpack extension (code 42) holding ``[dtype, shape]`` and the raw
 little-endian bytes; a float array of whole numbers may travel narrowed, as
 ``[dtype, shape, "u1" | "i2"]`` and bytes of that type, and is decoded back to ``dtype``.
-Decoding checks the dtype against a numeric allow-list, the shape
-against the byte count, and the whole payload against a size cap, so a hostile message
-can neither run code nor make a worker allocate without bound.
+Decoding checks the dtype against a numeric allow-list, the shape against the byte
+count, the whole payload against a size cap, every declared length against the bytes that
+back it (before anything is built), and the number of lists and maps and of widened bytes
+against budgets, so a hostile message can neither run code nor make a worker allocate
+more than a small multiple of its size.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
 import decimal
+import math
 import uuid
 from typing import Any
 
@@ -90,41 +93,103 @@ def _narrow(arr: np.ndarray) -> np.ndarray | None:
     return np.ascontiguousarray(narrow)
 
 
-def _ext_hook(code: int, data: bytes) -> Any:
-    if code != _ND_EXT:
-        raise CodecError(f"unknown msgpack extension {code}")
-    unpacker = msgpack.Unpacker(max_buffer_size=len(data))
-    unpacker.feed(data)
+_MAX_HEADER = 128  # bytes: [dtype, 8 dims of 9 bytes each, wire dtype] needs under 90
+_CONTAINER_BYTES = 16  # a payload may hold one list or map per this many bytes ...
+_CONTAINER_SLACK = 1024  # ... plus this many (a Celery envelope has a few empty ones)
+
+
+class _Decoding:
+    """One payload's decode, within its budgets: lists and maps (an empty list costs 64
+    bytes of memory for 1 byte of payload), and bytes added by widening narrowed arrays."""
+
+    def __init__(self, size: int, max_bytes: int):
+        self.size = size
+        self.max_bytes = max_bytes
+        self.containers_left = _CONTAINER_SLACK + size // _CONTAINER_BYTES
+        self.widen_left = max_bytes
+
+    def container(self, obj: Any) -> Any:
+        self.containers_left -= 1
+        if self.containers_left < 0:
+            raise CodecError(
+                f"payload of {self.size} bytes holds over "
+                f"{_CONTAINER_SLACK + self.size // _CONTAINER_BYTES} lists and maps (at most "
+                f"one per {_CONTAINER_BYTES} bytes, plus {_CONTAINER_SLACK}): refused as a "
+                "decompression bomb")
+        return obj
+
+    def ext(self, code: int, data: bytes) -> np.ndarray:
+        if code != _ND_EXT:
+            raise CodecError(f"unknown msgpack extension {code}; only arrays ({_ND_EXT}) travel")
+        kind, shape, wire, offset = _array_header(data, self.max_bytes)
+        dtype = np.dtype("<" + wire)
+        count = math.prod(shape)  # Python ints: a product cannot wrap around
+        expected = count * dtype.itemsize
+        if len(data) - offset != expected:
+            raise CodecError(f"array of shape {shape} {wire} needs {expected} bytes, "
+                             f"got {len(data) - offset}")
+        arr = np.frombuffer(data, dtype=dtype, offset=offset).reshape(shape)
+        if wire == "b1" and arr.view(np.uint8).max(initial=0) > 1:
+            raise CodecError("bool array holds bytes other than 0 and 1")
+        if wire == kind:
+            return arr
+        decoded = count * np.dtype(kind).itemsize
+        if decoded > self.widen_left:  # widening must not escape the payload cap
+            raise CodecError(f"array of shape {shape} {kind} would take {decoded} bytes; "
+                             f"with the payload's other widened arrays that is over the "
+                             f"{self.max_bytes}-byte cap")
+        self.widen_left -= decoded
+        return arr.astype("<" + kind)
+
+
+def _array_header(data: bytes, max_bytes: int) -> tuple[str, list[int], str, int]:
+    """``[kind, shape]`` or ``[kind, shape, wire]`` at the start of an array extension,
+    checked, and the offset of the raw bytes after it."""
+    unpacker = msgpack.Unpacker(max_buffer_size=_MAX_HEADER, max_array_len=2 * _MAX_NDIM,
+                                max_map_len=0, max_str_len=16, max_bin_len=0, max_ext_len=0)
+    unpacker.feed(data[:_MAX_HEADER])
     try:
         header = unpacker.unpack()
-        kind, shape = header[:2]
-        wire = header[2] if len(header) == 3 else kind
-    except Exception as exc:
-        raise CodecError("malformed array header") from exc
+    except Exception as exc:  # msgpack raises many types on garbage
+        raise CodecError(f"malformed array header: {type(exc).__name__} {exc}") from None
+    if not isinstance(header, list) or len(header) not in (2, 3):
+        raise CodecError(f"malformed array header {header!r}: want [dtype, shape] or "
+                         "[dtype, shape, wire dtype]")
+    kind, shape = header[:2]
+    wire = header[2] if len(header) == 3 else kind
     if not isinstance(kind, str) or kind not in ALLOWED_DTYPES:
         raise CodecError(f"dtype {kind!r} is not allowed; only numeric dtypes travel")
     if wire != kind and (wire not in ("u1", "i2") or kind not in ("f2", "f4", "f8")):
         raise CodecError(f"wire dtype {wire!r} is not allowed for {kind!r}")
-    if (
-        not isinstance(shape, list)
-        or len(shape) > _MAX_NDIM
-        or not all(isinstance(d, int) and d >= 0 for d in shape)
-    ):
-        raise CodecError(f"bad array shape {shape!r}")
-    dtype = np.dtype("<" + wire)
-    offset = unpacker.tell()
-    expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-    if len(data) - offset != expected:
-        got = len(data) - offset
-        raise CodecError(f"array of shape {shape} {wire} needs {expected} bytes, got {got}")
-    arr = np.frombuffer(data, dtype=dtype, offset=offset).reshape(shape)
-    if wire == kind:
-        return arr
-    decoded = int(np.prod(shape, dtype=np.int64)) * np.dtype(kind).itemsize
-    if decoded > _limits["max_bytes"]:  # widening must not escape the payload cap
-        raise CodecError(f"array of shape {shape} {kind} would take {decoded} bytes, over "
-                         f"the {_limits['max_bytes']}-byte cap")
-    return arr.astype("<" + kind)
+    if not isinstance(shape, list) or len(shape) > _MAX_NDIM or not all(
+            type(d) is int and 0 <= d <= max_bytes for d in shape):
+        raise CodecError(f"bad array shape {shape!r}: up to {_MAX_NDIM} dims, each an "
+                         f"integer from 0 to {max_bytes}")
+    return kind, shape, wire, unpacker.tell()
+
+
+def _check_structure(data: bytes | bytearray | memoryview) -> None:
+    """Walk the payload without building anything (msgpack's C skip): a list or map whose
+    declared length its bytes do not back, or nesting past msgpack's stack, is refused
+    before anything is allocated for it."""
+    walker = msgpack.Unpacker(max_buffer_size=max(len(data), 1))
+    walker.feed(data)
+    try:
+        walker.skip()
+    except msgpack.OutOfData:
+        if not data:
+            raise CodecError("empty payload: not an inferq message") from None
+        raise CodecError(f"truncated payload: its {len(data)} bytes hold less than it "
+                         "declares") from None
+    except msgpack.StackError:
+        raise CodecError("payload nested too deeply: lists or maps over 1,000 levels deep"
+                         ) from None
+    except Exception as exc:  # msgpack raises many types on garbage
+        raise CodecError(f"not an inferq msgpack payload: {type(exc).__name__} {exc}"
+                         ) from None
+    if walker.tell() != len(data):
+        raise CodecError(f"not an inferq msgpack payload: {len(data) - walker.tell()} "
+                         "bytes after its end")
 
 
 def dumps(obj: Any) -> bytes:
@@ -137,18 +202,27 @@ def dumps(obj: Any) -> bytes:
 
 
 def loads(data: bytes | bytearray | memoryview | str) -> Any:
-    if isinstance(data, str):
-        data = data.encode("latin-1")
+    """Celery's deserializer: plain values and arrays of the allowed dtypes, or CodecError."""
     max_bytes = _limits["max_bytes"]
     if len(data) > max_bytes:
         raise CodecError(f"payload of {len(data)} bytes exceeds the {max_bytes}-byte cap")
+    if isinstance(data, str):
+        try:
+            data = data.encode("latin-1")
+        except UnicodeEncodeError:
+            raise CodecError("text payload is not latin-1 bytes: not an inferq message"
+                             ) from None
+    _check_structure(data)
+    decoding = _Decoding(len(data), max_bytes)
     try:
-        return msgpack.unpackb(
-data, ext_hook=_ext_hook, raw=False, strict_map_key=False)
+        return msgpack.unpackb(data, ext_hook=decoding.ext, list_hook=decoding.container,
+                               object_hook=decoding.container, raw=False,
+                               strict_map_key=False)
     except CodecError:
         raise
     except Exception as exc:  # msgpack raises many types on garbage
-        raise CodecError(f"not an inferq msgpack payload: {exc}") from exc
+        raise CodecError(f"not an inferq msgpack payload: {type(exc).__name__} {exc}"
+                         ) from exc
 
 
 def register(max_bytes: int = DEFAULT_MAX_BYTES) -> None:

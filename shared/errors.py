@@ -19,6 +19,11 @@ class ModelNotFound(InferqError):
     """No such model (or version) in the model repository."""
 
 
+class UnsafeModelPath(ModelNotFound):
+    """A model's folder or file leads outside the model repository (a symlink, or a path
+    in its manifest): refused, never read."""
+
+
 class InvalidModelName(InferqError, ValueError):
     """A model name, variant or version that cannot be used (e.g. a path)."""
 
@@ -42,6 +47,15 @@ class JobFailed(InferqError):
 
 class JobCancelled(JobFailed):
     """The job was cancelled before a worker ran it (a JobFailed: it has no result)."""
+
+
+class JobExpired(JobFailed):
+    """The job's deadline passed before a worker started it, so it was not run."""
+
+
+class DeadLettered(JobFailed):
+    """The job (or its row) was not run again: its worker process died each time it ran
+    it. The dead-letter list (``inferq dead-letters``) holds its history."""
 
 
 class BatchContractError(InferqError):

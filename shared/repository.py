@@ -5,6 +5,10 @@ A reference names a model, optionally a variant and a version: ``minilm``,
 version) a bare name means, so the default lives in the repository, not in code; without
 it a bare name means the newest ``fp32`` version. Versions are published atomically
 (staged in a hidden folder, then renamed), so a reader never sees half a model.
+
+Names, variants and versions are checked wherever they come in (from users, and from
+messages), and every folder or file read must lie inside the repository once symlinks are
+followed: neither a reference nor a symlink can reach other files.
 """
 
 from __future__ import annotations
@@ -21,11 +25,13 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from shared.errors import InferqError, InvalidModelName, ModelNotFound
+from shared.errors import InferqError, InvalidModelName, ModelNotFound, UnsafeModelPath
 from shared.schemas import MODEL_NAME, Manifest, check_model_name, check_variant
 
 MANIFEST = "manifest.json"
 DEFAULT = "default.json"
+MAX_REF = 128  # name (64) + ":" + variant (32) + "@" + version (18 digits), with room
+MAX_VERSION_DIGITS = 18
 
 
 class ModelCorrupt(InferqError):
@@ -37,6 +43,17 @@ class ModelRef:
     name: str
     variant: str | None = None
     version: int | None = None
+
+    def __post_init__(self) -> None:
+        """Refs are also built from message fields: check them here, not only when parsed."""
+        _checked_name(self.name)
+        if self.variant is not None:
+            try:
+                check_variant(self.variant)
+            except ValueError as exc:
+                raise InvalidModelName(str(exc)) from None
+        if self.version is not None:
+            _checked_version(self.version)
 
     def __str__(self) -> str:
         return (self.name + (f":{self.variant}" if self.variant else "")
@@ -77,50 +94,82 @@ def sha256_file(path: Path) -> str:
 
 
 def parse_model_ref(ref: str) -> ModelRef:
-    """``name[:variant][@version]`` -> ModelRef; a malformed reference raises ModelNotFound."""
+    """``name[:variant][@version]`` -> ModelRef; a malformed one raises InvalidModelName."""
+    if not isinstance(ref, str):
+        raise InvalidModelName(f"model reference {ref!r} is invalid: use name[:variant][@N]")
+    if len(ref) > MAX_REF:
+        raise InvalidModelName(f"model reference {ref[:24]!r}… of {len(ref)} characters is "
+                               f"invalid: at most {MAX_REF}")
     rest, _, version = ref.partition("@")
     name, _, variant = rest.partition(":")
-    try:
-        check_model_name(name)
-        if variant:
-            check_variant(variant)
-    except ValueError as exc:
-        raise InvalidModelName(str(exc)) from None
     if not version:
         return ModelRef(name, variant or None)
-    if not (version.isascii() and version.isdigit()) or int(version) < 1:
+    if not (version.isascii() and version.isdigit()) or len(version) > MAX_VERSION_DIGITS:
         raise InvalidModelName(f"model version {version!r} is invalid: use a positive integer")
     return ModelRef(name, variant or None, int(version))
+
+
+def _checked_name(name: str) -> str:
+    try:
+        return check_model_name(name)
+    except ValueError as exc:
+        raise InvalidModelName(str(exc)) from None
+
+
+def _checked_version(version: int) -> int:
+    if type(version) is not int or not 1 <= version < 10**MAX_VERSION_DIGITS:
+        raise InvalidModelName(f"model version {version!r} is invalid: use a positive integer")
+    return version
 
 
 class ModelRepository:
     def __init__(self, root: Path | str):
         self.root = Path(root)
 
+    # -- confinement ---------------------------------------------------------------------
+    def _is_inside(self, path: Path) -> bool:
+        """Whether ``path``, symlinks followed, lies inside the repository."""
+        return path.resolve().is_relative_to(self.root.resolve())
+
+    def _inside(self, path: Path) -> Path:
+        """``path`` if it lies inside the repository once symlinks are followed; else
+        UnsafeModelPath (the message names it relative to the root, not its target)."""
+        if not self._is_inside(path):
+            shown = path.relative_to(self.root) if path.is_relative_to(self.root) else path
+            raise UnsafeModelPath(f"{shown} leads outside the model repository {self.root} "
+                                  "(a symlink, or a path in a manifest); refused")
+        return path
+
     # -- listing -------------------------------------------------------------------------
     def names(self) -> list[str]:
         if not self.root.is_dir():
             return []
         return sorted(p.name for p in self.root.iterdir()
-                      if p.is_dir() and MODEL_NAME.fullmatch(p.name) and self.versions(p.name))
+                      if MODEL_NAME.fullmatch(p.name) and p.is_dir() and self._is_inside(p)
+                      and self.versions(p.name))
 
     def versions(self, name: str) -> list[int]:
-        check_model_name(name)
-        folder = self.root / name
+        folder = self.root / _checked_name(name)
         if not folder.is_dir():
             return []
+        self._inside(folder)
         return sorted(
             int(p.name) for p in folder.iterdir()
-            if p.name.isascii() and p.name.isdigit() and (p / MANIFEST).is_file()
+            if p.name.isascii() and p.name.isdigit() and len(p.name) <= MAX_VERSION_DIGITS
+            and self._is_inside(p / MANIFEST) and (p / MANIFEST).is_file()
         )
 
     def load(self, name: str, version: int) -> ModelVersion:
-        path = self.root / name / str(version)
+        path = self.root / _checked_name(name) / str(_checked_version(version))
         try:
-            manifest = Manifest.model_validate_json((path / MANIFEST).read_text())
+            text = self._inside(path / MANIFEST).read_text()
         except FileNotFoundError:
             raise ModelNotFound(f"model {name!r} has no version {version} "
                                 f"(versions: {self.versions(name)})") from None
+        manifest = Manifest.model_validate_json(text)
+        self._inside(path / manifest.artifact)
+        if manifest.preprocessing.tokenizer:
+            self._inside(path / manifest.preprocessing.tokenizer)
         return ModelVersion(path=path, manifest=manifest)
 
     def all(self, name: str) -> list[ModelVersion]:
@@ -129,11 +178,22 @@ class ModelRepository:
     # -- the default ---------------------------------------------------------------------
     def default(self, name: str) -> dict[str, Any]:
         """``{"variant": "int8"}`` or ``{"version": 3}``; ``{}`` when none is set."""
-        path = self.root / check_model_name(name) / DEFAULT
+        path = self.root / _checked_name(name) / DEFAULT
         if not path.is_file():
             return {}
-        data = json.loads(path.read_text())
-        return {k: data[k] for k in ("variant", "version") if data.get(k) is not None}
+        try:
+            data = json.loads(self._inside(path).read_text())
+            found = {k: data[k] for k in ("variant", "version") if data.get(k) is not None}
+            if "version" in found and (type(found["version"]) is not int
+                                       or found["version"] < 1):
+                raise ValueError(f"version must be a positive integer, not "
+                                 f"{found['version']!r}")
+            if "variant" in found:
+                check_variant(found["variant"])
+        except (ValueError, TypeError, AttributeError) as exc:
+            raise ModelNotFound(f"{name}/{DEFAULT} is malformed ({exc}); fix it with "
+                                f"`inferq models default`") from None
+        return found
 
     def set_default(self, name: str, *, variant: str | None = None,
                     version: int | None = None) -> ModelVersion:
@@ -185,7 +245,7 @@ class ModelRepository:
     @contextlib.contextmanager
     def staging(self, name: str) -> Iterator[Path]:
         """A hidden folder inside the repository to build a version in; removed on error."""
-        folder = self.root / check_model_name(name)
+        folder = self._inside(self.root / _checked_name(name))
         folder.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=folder))
         try:

@@ -7,7 +7,10 @@ a :class:`ConfigError` naming the variable.
 from __future__ import annotations
 
 import os
+import re
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -15,6 +18,17 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from shared.errors import ConfigError
 
 ENV_PREFIX = "INFERQ_"
+# ``scheme://user:password@`` (the password up to the last "@" before the host, so one with
+# an unescaped "@" is still covered), and ``?password=`` as redis-py also reads it.
+_URL_PASSWORD = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://[^:/@\s]*:)[^\s/]*@")
+_QUERY_PASSWORD = re.compile(r"(?i)([?&](?:password|passwd|pwd)=)[^&\s]*")
+_SECRET_FIELDS = frozenset({"api_keys", "callback_secret"})
+
+
+def scrub(text: str) -> str:
+    """``text`` with every password in a URL masked (``redis://:pw@host`` ->
+    ``redis://:***@host``): for messages and logs that may quote a broker or store URL."""
+    return _QUERY_PASSWORD.sub(r"\1***", _URL_PASSWORD.sub(r"\1***@", text))
 
 
 class Settings(BaseSettings):
@@ -48,7 +62,10 @@ class Settings(BaseSettings):
     device: str = Field("cpu", pattern=r"^(cpu|cuda(:\d+)?)$",
                         description="where models run: cpu, or cuda in a GPU-pinned worker")
     max_message_bytes: int = Field(64 * 2**20, ge=1024, description="cap on one decoded payload")
-    task_max_retries: int = Field(3, ge=0, description="retries of a transient failure")
+    max_deliveries: int = Field(8, ge=2, description="deliveries of one message before it is "
+                                "dead-lettered (its worker died each time)")
+    task_max_retries: int = Field(3, ge=0, description="retries of a row whose model call "
+                                  "failed with a transient error (out of memory, device)")
     # -- the results API (`inferq api`) ----------------------------------------------------
     api_keys: str = Field("", description="comma list of tenant:key pairs (hashed on load); "
                           "or use INFERQ_API_KEYS_FILE")
@@ -84,6 +101,17 @@ class Settings(BaseSettings):
         if value and not all(c.isalnum() or c in "._-" for c in value):
             raise ValueError("use letters, digits, '.', '_' and '-' only")
         return value
+
+    def __repr_args__(self) -> Iterator[tuple[str | None, Any]]:
+        """repr() and str() mask URL passwords and secrets: a settings object printed in a
+        log line or a traceback with locals must not carry them."""
+        for name, value in super().__repr_args__():
+            if name in _SECRET_FIELDS and value:
+                yield name, "***"
+            elif isinstance(value, str):
+                yield name, scrub(value)
+            else:
+                yield name, value
 
     @property
     def embedded(self) -> bool:

@@ -101,11 +101,12 @@ def _cleanup(env: dict[str, str]) -> None:
         from kombu import Connection
 
         with Connection(env["INFERQ_BROKER_URL"]) as conn:
-            name = env["INFERQ_QUEUE_PREFIX"] + "infer.digits"
-            for op in ("queue_delete", "exchange_delete"):
-                # Already gone is fine (the error also closes that channel).
-                with contextlib.suppress(Exception):
-                    getattr(conn.channel(), op)(name)
+            base = env["INFERQ_QUEUE_PREFIX"] + "infer.digits"
+            for name in (base, base + ".high"):
+                for op in ("queue_delete", "exchange_delete"):
+                    # Already gone is fine (the error also closes that channel).
+                    with contextlib.suppress(Exception):
+                        getattr(conn.channel(), op)(name)
 
 
 @pytest.fixture(params=["redis", "rabbitmq"])

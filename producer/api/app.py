@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import re
 import time
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
@@ -32,7 +31,7 @@ from producer.api.store import ApiStore
 from producer.client import Client
 from shared.errors import InputError, InvalidModelName, JobNotFound, ModelNotFound
 from shared.repository import ModelVersion
-from shared.settings import Settings, load_settings
+from shared.settings import Settings, load_settings, scrub
 
 logger = logging.getLogger(__name__)
 ERRORS: dict[int | str, dict[str, Any]] = {
@@ -42,14 +41,6 @@ ERRORS: dict[int | str, dict[str, Any]] = {
         (413, "body or rows over the limit"), (422, "invalid input, naming row and field"),
         (429, "rate limit or queue backpressure; see Retry-After"),
         (503, "broker or result store unavailable"))}
-_SECRET = re.compile(r"(://[^:/@\s]*:)[^@\s]+@")
-
-
-def scrub(text: str) -> str:
-    """Drop passwords from URLs in a message (``redis://:pw@host`` -> ``redis://:***@``)."""
-    return _SECRET.sub(r"\1***@", text)
-
-
 def create_app(settings: Settings | None = None, *, keyring: Keyring | None = None,
                callbacks: bool = True, callback_backoff_s: float = 1.0) -> FastAPI:
     settings = settings or load_settings()

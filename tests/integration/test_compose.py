@@ -1,8 +1,10 @@
-"""docker-compose.yml and the Dockerfile agree with each other and with the ``inferq`` CLI.
+"""docker-compose.yml and the Dockerfile agree with each other and with the ``inferq`` CLI,
+and Prometheus's config (deploy/prometheus/prometheus.yml) scrapes what compose runs.
 
 The structural checks need only PyYAML. The ``docker-compose config`` checks need the
 docker-compose binary (no Docker engine): they skip on a laptop without it and fail in CI,
-whose .ci/run installs it.
+whose .ci/run installs it. ``promtool check config`` runs where promtool is installed
+(Debian's prometheus package) and skips elsewhere: the structure checks stand in for it.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE_FILE = ROOT / "docker-compose.yml"
 DOCKERFILE = ROOT / "Dockerfile"
+PROMETHEUS_CONFIG = ROOT / "deploy" / "prometheus" / "prometheus.yml"
 PASSWORD_VAR = "INFERQ_REDIS_PASSWORD"
 PASSWORD_MESSAGE = f"set {PASSWORD_VAR}"
 WORKER_SERVICES = ("worker", "worker-cpu")
@@ -168,6 +171,81 @@ def test_build_targets_are_dockerfile_stages(services):
         build = svc.get("build")
         if isinstance(build, dict) and "target" in build:
             assert build["target"] in stages, f"{name}: no stage {build['target']!r}"
+
+
+# --- (a2) Prometheus scrapes the API and every worker replica ------------------------------
+
+
+@pytest.fixture(scope="module")
+def prometheus() -> dict[str, Any]:
+    data = yaml.safe_load(PROMETHEUS_CONFIG.read_text())
+    assert isinstance(data, dict) and isinstance(data.get("scrape_configs"), list)
+    return data
+
+
+def _scrape_jobs(prometheus: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    names = [job["job_name"] for job in prometheus["scrape_configs"]]
+    assert len(names) == len(set(names)), f"duplicate job_name: {names}"
+    return {job["job_name"]: job for job in prometheus["scrape_configs"]}
+
+
+def _dns_sd(job: dict[str, Any]) -> dict[str, int]:
+    """{name: port} of a job's DNS service discovery."""
+    found = {}
+    for sd in job.get("dns_sd_configs") or []:
+        assert sd.get("type", "SRV") == "A", "A records: compose gives no SRV records"
+        for name in sd["names"]:
+            found[name] = sd["port"]
+    return found
+
+
+def test_prometheus_service_mounts_the_config(services):
+    prom = services["prometheus"]
+    assert str(prom["image"]).startswith("prom/prometheus")
+    assert "profiles" not in prom, "prometheus must start by default"
+    assert "container_name" not in prom
+    mount = next(str(v) for v in prom["volumes"]
+                 if str(v).startswith("./deploy/prometheus/prometheus.yml:"))
+    assert f"--config.file={mount.split(':')[1]}" in _command(prom)
+    assert all(str(p).startswith("127.0.0.1:") for p in prom.get("ports", [])), \
+        "Prometheus is unauthenticated: publish it on loopback only"
+
+
+def test_prometheus_config_structure(prometheus):
+    assert re.fullmatch(r"\d+[smh]", prometheus["global"]["scrape_interval"])
+    for name, job in _scrape_jobs(prometheus).items():
+        kinds = [k for k in ("static_configs", "dns_sd_configs") if job.get(k)]
+        assert len(kinds) == 1, f"{name}: one way of finding targets, got {kinds}"
+        assert str(job.get("metrics_path", "/metrics")).startswith("/")
+        for port in _dns_sd(job).values():
+            assert isinstance(port, int) and 0 < port < 65536
+
+
+def test_prometheus_scrapes_every_worker_replica(services, prometheus):
+    worker = _scrape_jobs(prometheus)["inferq-worker"]
+    assert "static_configs" not in worker, "a fixed list misses scaled replicas"
+    found = _dns_sd(worker)
+    assert {"worker", "tasks.worker"} <= set(found)
+    for name in WORKER_SERVICES:
+        port = int(services[name]["environment"]["INFERQ_METRICS_PORT"])
+        assert found[name] == port, f"{name}: scraped on {found[name]}, serves on {port}"
+
+
+def test_prometheus_scrapes_the_api(services, prometheus):
+    api = _scrape_jobs(prometheus)["inferq-api"]
+    command = _command(services["api"])
+    assert _dns_sd(api) == {"api": int(command[command.index("--port") + 1])}
+    assert api.get("metrics_path", "/metrics") == "/metrics"
+
+
+def test_promtool_accepts_the_prometheus_config():
+    exe = shutil.which("promtool")
+    if exe is None:
+        pytest.skip("promtool is not on PATH (apt-get install prometheus); structure "
+                    "checked above")
+    result = subprocess.run([exe, "check", "config", str(PROMETHEUS_CONFIG)],
+                            capture_output=True, text=True, timeout=60, check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
 
 
 # --- (b) docker-compose accepts the file ----------------------------------------------
