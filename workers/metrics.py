@@ -8,6 +8,8 @@ Names and units follow Prometheus conventions (``_seconds``, ``_total``).
 from __future__ import annotations
 
 import logging
+import math
+from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
@@ -42,6 +44,9 @@ class WorkerMetrics:
         self.dead_letters = Counter("inferq_dead_letters", "Jobs or rows dead-lettered: "
                                     "not run again after killing their worker",
                                     ["model"], registry=r)
+        self.drift_score = Gauge("inferq_input_drift", "Population Stability Index of recent "
+                                 "inputs vs the model's reference data (over 0.25: drift)",
+                                 ["model", "version"], registry=r)
         self.loaded = Gauge("inferq_model_loaded", "1 for each model version this worker "
                             "serves", ["model", "version", "variant", "device"], registry=r)
 
@@ -57,6 +62,15 @@ class WorkerMetrics:
         labels = (manifest.name, manifest.variant, self.device)
         self.batch_rows.labels(*labels).observe(rows)
         self.inference.labels(*labels).observe(seconds)
+
+    def watch_drift(self, manifest: Manifest, score: Callable[[], float | None]) -> None:
+        """The drift gauge of a model version reads ``score()`` at each scrape (NaN until
+        enough rows were seen)."""
+        def read() -> float:
+            value = score()
+            return math.nan if value is None else value
+
+        self.drift_score.labels(manifest.name, str(manifest.version)).set_function(read)
 
     def redelivered(self, model: str) -> None:
         self.retries.labels(model).inc()

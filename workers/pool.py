@@ -7,10 +7,13 @@ import threading
 import time
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from shared.repository import ModelRef, ModelRepository, ModelVersion
 from shared.settings import Settings
 from workers import faults
 from workers.batcher import Batcher
+from workers.drift import DriftMonitor
 from workers.metrics import WorkerMetrics
 from workers.runtime import Runtime, load_runtime
 
@@ -48,6 +51,12 @@ class Served:
     batcher: Batcher
     stats: BatchStats
     runtime: Runtime
+    drift: DriftMonitor | None = None
+
+    def observe(self, inputs: dict[str, np.ndarray]) -> None:
+        """Numeric inputs of a message, for drift (text is observed by its runtime)."""
+        if self.drift is not None and self.drift.kind == "histograms" and inputs:
+            self.drift.observe(next(iter(inputs.values())))
 
     def snapshot(self) -> dict[str, float]:
         extra = getattr(self.runtime, "stats", None)
@@ -104,7 +113,16 @@ class ModelPool:
                           on_batch=on_batch, transient_retries=s.task_max_retries)
         self.metrics.model_loaded(manifest)
         batcher.start()
-        return Served(version, batcher, stats, runtime)
+        drift = DriftMonitor.from_reference(manifest.reference_stats)
+        if drift is not None:
+            self.metrics.watch_drift(manifest, drift.score)
+            if drift.kind == "token_lengths":
+                runtime.on_lengths = drift.observe  # type: ignore[attr-defined]
+        return Served(version, batcher, stats, runtime, drift)
+
+    def drift_states(self) -> dict[str, dict[str, object]]:
+        """Each served version's drift counts (``workers/drift.py``), for ``inferq drift``."""
+        return {key: s.drift.state() for key, s in self._served.items() if s.drift is not None}
 
     def stats(self) -> dict[str, dict[str, float]]:
         return {key: served.snapshot() for key, served in self._served.items()}

@@ -9,6 +9,7 @@ truncated, and the row says so (``truncated``), never silently.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -40,6 +41,7 @@ class TextRuntime:
         self.output_names = [s.name for s in version.manifest.outputs]
         self.group_rows = group_rows
         self.stats = PaddingStats()
+        self.on_lengths: Callable[[np.ndarray], None] | None = None  # drift (workers/pool.py)
 
     def run(self, inputs: dict[str, Any]) -> dict[str, np.ndarray]:
         texts = [str(t) for t in inputs[self.version.manifest.inputs[0].name]]
@@ -61,6 +63,8 @@ class TextRuntime:
                 outputs[name][rows] = value
         self.stats.record(int(lengths.sum()), padded, int(lengths.max()) * len(texts),
                           int(truncated.sum()))
+        if self.on_lengths is not None:
+            self.on_lengths(lengths)
         outputs["_truncated"] = truncated
         return outputs
 

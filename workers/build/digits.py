@@ -21,6 +21,7 @@ from torch import nn
 
 from shared.repository import ModelRepository, ModelVersion
 from shared.schemas import Manifest, Preprocessing, TensorSpec
+from workers.drift import histogram_reference
 
 logger = logging.getLogger(__name__)
 
@@ -151,11 +152,9 @@ def split(seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray
 
 
 def reference_stats(x: np.ndarray) -> dict[str, object]:
-    """Per-pixel mean and std of the training inputs, for drift monitoring."""
-    flat = x.reshape(len(x), -1)
-    return {"kind": "features", "rows": len(x),
-            "mean": [round(float(v), 4) for v in flat.mean(axis=0)],
-            "std": [round(float(v), 4) for v in flat.std(axis=0)]}
+    """Per-pixel histograms (decile edges), mean and std of the training inputs, for
+    drift monitoring (``workers/drift.py``)."""
+    return histogram_reference(x)
 
 
 def build_digits(repo_root: Path, *, seed: int = 0, epochs: int | None = None) -> ModelVersion:
