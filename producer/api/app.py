@@ -29,7 +29,7 @@ from producer.api.limits import BodyLimit, QueueDepth
 from producer.api.schemas import ModelView, Problem
 from producer.api.store import ApiStore
 from producer.client import Client
-from shared.errors import InputError, InvalidModelName, JobNotFound, ModelNotFound
+from shared.errors import InputError, InvalidModelName, JobNotFound, ModelNotFound, Unavailable
 from shared.repository import ModelVersion
 from shared.settings import Settings, load_settings, scrub
 
@@ -122,6 +122,14 @@ def _errors(app: FastAPI) -> None:
         logger.warning("result store error on %s: %s", request.url.path, scrub(str(exc)))
         return _problem(503, "the result store is unavailable "
                         f"({type(exc).__name__}); retry later", {"Retry-After": "5"})
+
+    @app.exception_handler(Unavailable)
+    async def unavailable(request: Request, exc: Unavailable) -> JSONResponse:
+        # The SDK's message names hosts and ports: logged here, not told to API clients.
+        logger.warning("unavailable on %s: %s", request.url.path, scrub(str(exc)))
+        what = "the broker" if "broker" in str(exc) else "the result store"
+        return _problem(503, f"{what} is unavailable; nothing was enqueued, retry later",
+                        {"Retry-After": "5"})
 
     @app.exception_handler(OperationalError)
     async def broker_down(request: Request, exc: OperationalError) -> JSONResponse:
