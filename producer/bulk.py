@@ -51,6 +51,7 @@ def chunk_id(batch_id: str, index: int) -> str:
 # sent again; should the first copy run after all, the result is the same.
 LOST_AFTER_S = 10.0
 MAX_RESENDS = 3  # per chunk; the wait after each doubles
+CLAIMED_CHECKS = 3  # looks at a claimed, unfinished head chunk before it is sent again
 
 # Longest the result store may stay unreachable while collecting, without a stall timeout.
 STORE_OUTAGE_S = 120.0
@@ -67,6 +68,7 @@ class _Pending:
     meta: dict | None = None
     sent_at: float = 0.0
     resends: int = 0
+    claimed_seen: int = 0  # checks that found it claimed by a worker, still unfinished
     stale: str | None = None  # date_done of a failure already answered by a resend
 
 
@@ -227,10 +229,19 @@ class Pipeline:
                 or head.resends >= MAX_RESENDS or not any(p.meta is not None for p in window)):
             return
         head.sent_at = now  # look again no sooner than the (doubled) wait from now
-        if claims.states([head.job_id])[0] is not None:
-            return  # a worker has it
-        self._resend(head, producer, f"unclaimed {LOST_AFTER_S:.0f} s after it was sent "
-                     "while later chunks finished")
+        if claims.states([head.job_id])[0] is None:
+            self._resend(head, producer, f"unclaimed {LOST_AFTER_S:.0f} s after it was sent "
+                         "while later chunks finished")
+            return
+        # Claimed: a worker has it, or had it and died, and its redelivered copy was then
+        # lost in the same BRPOP window. A chunk still unfinished after CLAIMED_CHECKS
+        # looks while later chunks finish is sent again; a rerun is harmless.
+        head.claimed_seen += 1
+        if head.claimed_seen >= CLAIMED_CHECKS:
+            head.claimed_seen = 0
+            self._resend(head, producer, f"claimed but unfinished {CLAIMED_CHECKS} checks "
+                         f"({CLAIMED_CHECKS * LOST_AFTER_S:.0f} s or more) while later chunks "
+                         "finished")
 
     def _check_stall(self, since: float, head: _Pending) -> None:
         if self.stall_timeout is not None and time.monotonic() - since > self.stall_timeout:

@@ -15,7 +15,7 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 
-from producer import autoscale, cli_dead, cli_models
+from producer import autoscale, cli_dead, cli_drift, cli_models, top
 from shared.errors import InferqError
 from shared.settings import Settings, load_settings, scrub
 
@@ -33,9 +33,15 @@ def _say(message: str) -> None:
     err.print(message, soft_wrap=True, highlight=False, markup=False)
 
 
-def _setup_logging(level: str) -> None:
-    logging.basicConfig(level=level.upper(), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+def _setup_logging(level: str) -> bool:
+    """Log to stderr as text, or one JSON object a line with INFERQ_LOG_FORMAT=json
+    (docs/logs.md). -> whether JSON, so `inferq api` routes uvicorn's loggers here too."""
+    from shared.logs import handler
+
+    log_format = load_settings().log_format
+    logging.basicConfig(level=level.upper(), handlers=[handler(log_format)])
+    logging.captureWarnings(log_format == "json")  # warnings as JSON lines too
+    return log_format == "json"
 
 
 def _workers(module: str) -> Any:
@@ -128,6 +134,12 @@ def worker(
     models: Annotated[str | None, typer.Option(help="comma list; default: every model")] = None,
     concurrency: Annotated[int | None, typer.Option(help="task threads")] = None,
     hostname: Annotated[str | None, typer.Option(help="node name, e.g. gpu0@%h")] = None,
+    gpus: Annotated[str | None, typer.Option(help="all, none or indices such as 0,2: one "
+                                             "worker process per GPU (docs/gpu.md)")] = None,
+    processes: Annotated[int | None, typer.Option(min=1, help="with --gpus, when no GPU is "
+                                                  "used: CPU worker processes (1)")] = None,
+    dry_run: Annotated[bool, typer.Option(help="with --gpus: print the worker processes, "
+                                          "start none")] = False,
     log_level: str = "INFO",
 ) -> None:
     """Run a batching worker on the models' queues (needs INFERQ_BROKER_URL)."""
@@ -136,6 +148,19 @@ def worker(
     if settings.embedded:
         raise InferqError("INFERQ_BROKER_URL: set it (redis://… or amqp://…) to run a "
                           "standalone worker; `inferq demo` runs the embedded default")
+    if gpus is not None:  # a supervisor of worker processes; it never imports torch/ORT
+        launcher = _workers("launcher")
+        children = launcher.children_for(gpus, settings, models=models, hostname=hostname,
+                                         concurrency=concurrency, processes=processes,
+                                         log_level=log_level)
+        if dry_run:
+            for child in children:
+                typer.echo(child.describe())
+            return
+        raise typer.Exit(launcher.Supervisor(children).run())
+    if processes is not None or dry_run:
+        raise InferqError("--processes and --dry-run go with --gpus, e.g. "
+                          "`inferq worker --gpus none --processes 2`")
     main = _workers("main")
     names = [m.strip() for m in models.split(",")] if models else None
     raise typer.Exit(main.run_worker(settings, names, concurrency=concurrency,
@@ -169,11 +194,13 @@ def api(
     except ImportError as exc:
         raise InferqError(f"this command needs the api extra ({exc}); install it with: "
                           "pip install 'inferq[api]'") from None
-    _setup_logging(log_level)
+    json_logs = _setup_logging(log_level)
     application = create_app(load_settings())
     # Keep-alive past clients' usual 5 s idle expiry, so a request never races the close.
+    # JSON logs: no uvicorn log config, so its loggers propagate to the JSON handler.
     uvicorn.run(application, host=host, port=port, log_level=log_level.lower(),
-                proxy_headers=True, access_log=False, timeout_keep_alive=75)
+                proxy_headers=True, access_log=False, timeout_keep_alive=75,
+                log_config=None if json_logs else uvicorn.config.LOGGING_CONFIG)
 
 
 @app.command("api-key")
@@ -219,7 +246,9 @@ def main() -> None:
 
 cli_models.register(app, models_app)
 cli_dead.register(app)
+cli_drift.register(app)
 app.command("autoscale")(autoscale.command)
+app.command("top")(top.command)
 
 if __name__ == "__main__":
     os.environ.setdefault("PYTHONUNBUFFERED", "1")

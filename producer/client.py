@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import threading
+import logging
 import time
 import uuid
-from collections import OrderedDict
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -13,6 +12,7 @@ import numpy as np
 from celery import Celery
 
 from producer.coalesce import Coalescer
+from producer.inflight import LOST_AFTER_S, MAX_RESENDS, InFlight, Sent
 from producer.store import ResultStore, is_final, status_of
 from shared.celery_app import INFER_TASK, check_priority, make_app, model_queue
 from shared.errors import InputError
@@ -24,7 +24,8 @@ from shared.validation import as_row, check_rows, check_text_rows
 if TYPE_CHECKING:
     from producer.bulk import BatchHandle
 
-REPLYING_MAX = 100_000  # reply-channel jobs remembered until waited for
+logger = logging.getLogger(__name__)
+
 MODEL_TTL = 5.0  # seconds a resolved manifest is reused (the worker re-reads as often)
 
 # Publishing retries while the broker is away (~25 s), then fails naming the job.
@@ -50,9 +51,7 @@ class Client:
         self.reply_channel = (f"inferq-reply-{uuid.uuid4().hex}"
                               if self.store.claims.supported else None)
         self.coalescer = Coalescer(self, PUBLISH_RETRY, reply_to=self.reply_channel)
-        # Jobs sent with the reply channel and not waited for yet.
-        self._replying: OrderedDict[str, None] = OrderedDict()
-        self._replying_lock = threading.Lock()
+        self.inflight = InFlight()  # single jobs not waited for yet (producer/inflight.py)
         self._replies_ready = False
         self._models: dict[str, tuple[float, ModelVersion]] = {}
 
@@ -101,14 +100,12 @@ class Client:
         if self.settings.coalesce:  # concurrent submits share a message
             self._listen_for_replies()
             self.coalescer.publish(ref, job_id, inputs, priority, deadline)
-            if self.coalescer.reply_to is not None:
-                with self._replying_lock:
-                    self._replying[job_id] = None
-                    while len(self._replying) > REPLYING_MAX:  # submitted, never waited
-                        self._replying.popitem(last=False)
+            replying = self.coalescer.reply_to is not None
         else:
             self.store.mark_queued(job_id, {"model": ref.name, "submitted_at": time.time()})
             self.publish(ref, job_id, inputs, priority=priority, deadline=deadline)
+            replying = False
+        self.inflight.add(job_id, ref, inputs, priority, deadline, replying)
         return Job(self, job_id, ref.name)
 
     def submit_many(self, model: str, rows: Any, *, chunk_rows: int | None = None,
@@ -131,11 +128,39 @@ class Client:
         return to_result(job_id, self.store.fetch(job_id))
 
     def wait(self, job_id: str, timeout: float | None = 30.0) -> JobResult:
-        with self._replying_lock:
-            replying = self._replying.pop(job_id, False) is None
-        if replying:
-            return to_result(job_id, self.store.wait_reply(job_id, timeout))
-        return to_result(job_id, self.store.wait(job_id, timeout))
+        """Block until the job ends (or ``timeout`` s pass: TimeoutError). A job this
+        client sent that looks lost meanwhile is sent again (``producer/inflight.py``)."""
+        sent = self.inflight.pop(job_id)
+        if sent is None:
+            return to_result(job_id, self.store.wait(job_id, timeout))
+        end = None if timeout is None else time.monotonic() + timeout
+        replying, resends = sent.replying, 0
+        while True:
+            piece = LOST_AFTER_S * 2 ** resends
+            left = None if end is None else max(0.0, end - time.monotonic())
+            try:
+                span = piece if left is None else min(piece, left)
+                meta = (self.store.wait_reply(job_id, span) if replying
+                        else self.store.wait(job_id, span))
+                self.inflight.finished(sent)
+                return to_result(job_id, meta)
+            except TimeoutError:
+                if left is not None and left <= piece:
+                    raise TimeoutError(f"job {job_id} not finished after {timeout} s (status "
+                                       f"{self.get(job_id).status.value})") from None
+            if resends < MAX_RESENDS and self._passed_by(sent):
+                logger.warning("job %s unfinished after %.0f s while a job sent after it "
+                               "finished: sending it again", job_id, piece)
+                self.publish(sent.ref, job_id, sent.inputs, priority=sent.priority,
+                             deadline=sent.deadline)
+                self.inflight.resent += 1
+                replying, resends = False, resends + 1  # its result comes on its key
+
+    def _passed_by(self, sent: Sent) -> bool:
+        """Has a job sent after ``sent`` finished? (Then ``sent`` was not just queued.)"""
+        if self.inflight.finished_seq > sent.seq:
+            return True
+        return any(is_final(m) for m in self.store.fetch_many(self.inflight.later(sent)))
 
     def _listen_for_replies(self) -> None:
         """Before the first job goes out with the reply channel, be subscribed to it."""

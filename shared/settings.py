@@ -10,7 +10,7 @@ import os
 import re
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -57,6 +57,8 @@ class Settings(BaseSettings):
                            "share a broker message (producer/coalesce.py)")
     metrics_port: int = Field(0, ge=0, le=65535, description="worker: serve Prometheus "
                               "metrics on this port; 0 = off")
+    log_format: Literal["text", "json"] = Field("text", description="log lines as text, or "
+                                                "one JSON object each (docs/logs.md)")
     concurrency: int = Field(32, ge=1, description="task threads per worker process")
     ort_threads: int = Field(0, ge=0, description="ONNX Runtime intra-op threads; 0 = cores")
     device: str = Field("cpu", pattern=r"^(cpu|cuda(:\d+)?)$",

@@ -29,6 +29,9 @@ from functools import partial
 from typing import Any
 
 import numpy as np
+from celery.exceptions import Reject
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from shared.dead_letters import dead_letters_key
 from workers.batcher import Outcome
@@ -36,6 +39,8 @@ from workers.pool import ModelPool, Served
 
 logger = logging.getLogger(__name__)
 
+STORE_DOWN = (RedisConnectionError, RedisTimeoutError)
+GIVE_BACK_PAUSE_S = 1.0  # before handing a message back while the result store is away
 BLAME_LIMIT = 2  # deaths while running a row before it is dead-lettered
 DEAD_LETTERS_KEPT = 10_000  # newest entries kept in the dead-letter list
 
@@ -126,6 +131,16 @@ class Deliveries:
         pipe.execute()
         logger.error("dead-lettered: %s", {k: v for k, v in entry.items() if k != "inputs"})
 
+
+
+def give_back(exc: Exception, message_id: str) -> Reject:
+    """The result store is away before a job could be claimed or counted: the message goes
+    back to the broker (it comes back as a redelivery) instead of failing the job for it.
+    Paused first, so a long outage is not a hot loop."""
+    logger.warning("message %s: the result store is unavailable (%s); handing it back to "
+                   "the broker", message_id, exc)
+    time.sleep(GIVE_BACK_PAUSE_S)
+    return Reject(exc, requeue=True)
 
 
 def dead_row_reason(delivery: Delivery, row: int) -> str:

@@ -27,7 +27,14 @@ from shared.celery_app import INFER_MANY_TASK
 from shared.claims import EXPIRED_STATE, Claims, redis_of
 from shared.errors import DeadLettered, InferqError
 from workers.batcher import Outcome
-from workers.deliveries import Deliveries, Delivery, dead_letter_message, run_suspect
+from workers.deliveries import (
+    STORE_DOWN,
+    Deliveries,
+    Delivery,
+    dead_letter_message,
+    give_back,
+    run_suspect,
+)
 from workers.pool import ModelPool
 
 logger = logging.getLogger(__name__)
@@ -88,7 +95,9 @@ def store_many(app: Celery, items: list[tuple[str, str, Any]], reply_to: str | N
             if time.monotonic() + pause > give_up:
                 raise
             logger.warning("storing %d results failed (%s); retrying in %.1f s", len(items),
-                           exc, pause)
+                           exc, pause, extra={"event": "store_retry",
+                                              "job_ids": [i[0] for i in items],
+                                              "retry_in_s": round(pause, 3)})
             time.sleep(pause)
 
 
@@ -110,13 +119,21 @@ def register_many(app: Celery, pool: ModelPool, claims: Claims,
                    version: int | None = None, variant: str | None = None,
                    reply_to: str | None = None) -> None:
         started = time.time()
-        taken = claims.take_many([j["id"] for j in jobs])
+        try:
+            taken = claims.take_many([j["id"] for j in jobs])
+            delivery = None if deliveries is None else deliveries.redelivery(self.request)
+        except STORE_DOWN as exc:
+            raise give_back(exc, self.request.id) from exc
         runnable = [j for j, ok in zip(jobs, taken, strict=True) if ok]
         if len(runnable) < len(jobs):
             for _ in range(len(jobs) - len(runnable)):
                 pool.metrics.job(model, "cancelled", None, started)
             logger.info("message %s: %d of %d jobs cancelled before they ran; skipped",
-                        self.request.id, len(jobs) - len(runnable), len(jobs))
+                        self.request.id, len(jobs) - len(runnable), len(jobs),
+                        extra={"event": "jobs_skipped", "message_id": self.request.id,
+                               "model": model, "worker": self.request.hostname,
+                               "job_ids": [j["id"] for j, ok in zip(jobs, taken, strict=True)
+                                           if not ok]})
         expired = [j for j in runnable if j.get("deadline") is not None
                    and started > j["deadline"]]
         if expired:
@@ -124,7 +141,6 @@ def register_many(app: Celery, pool: ModelPool, claims: Claims,
             store_expired(app, [(j["id"], j["deadline"]) for j in expired], reply_to)
             for job in expired:
                 pool.metrics.job(model, "expired", job.get("submitted_at"), started)
-        delivery = None if deliveries is None else deliveries.redelivery(self.request)
         if delivery is not None:
             assert deliveries is not None
             pool.metrics.redelivered(model)
@@ -138,12 +154,21 @@ def register_many(app: Celery, pool: ModelPool, claims: Claims,
             run_jobs(runnable, model, version, variant, started, self.request.hostname,
                      reply_to, delivery)
         except Exception as exc:  # every job still unanswered gets this error, not silence
-            logger.exception("message %s: %d jobs failed", self.request.id, len(runnable))
+            logger.exception("message %s: %d jobs failed", self.request.id, len(runnable),
+                             extra={"event": "message_failed", "message_id": self.request.id,
+                                    "model": model, "version": version,
+                                    "worker": self.request.hostname,
+                                    "job_ids": [j["id"] for j in runnable],
+                                    "duration_s": round(time.time() - started, 6)})
             try:
                 store_many(app, [(j["id"], states.FAILURE, exc) for j in runnable], reply_to)
             except Exception:  # not even the failures can be stored: run it all again
                 logger.exception("message %s: storing the failures failed; requeued",
-                                 self.request.id)
+                                 self.request.id, extra={
+                                     "event": "message_requeued",
+                                     "message_id": self.request.id, "model": model,
+                                     "worker": self.request.hostname,
+                                     "job_ids": [j["id"] for j in runnable]})
                 raise Reject(exc, requeue=True) from exc
 
     def run_jobs(runnable: list[dict[str, Any]], model: str, version: int | None,
@@ -163,6 +188,7 @@ def register_many(app: Celery, pool: ModelPool, claims: Claims,
             if checked:
                 names = checked[0][1].keys()
                 merged = {k: np.concatenate([c[1][k] for c in checked]) for k in names}
+                served.observe(merged)
                 if delivery is None:
                     future = served.batcher.submit(merged, ticket)
         if checked:

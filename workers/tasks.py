@@ -19,7 +19,13 @@ from shared.schemas import Manifest
 from shared.validation import check_rows
 from workers import rejects
 from workers.batcher import Outcome
-from workers.deliveries import Deliveries, dead_letter_message, run_suspect
+from workers.deliveries import (
+    STORE_DOWN,
+    Deliveries,
+    dead_letter_message,
+    give_back,
+    run_suspect,
+)
 from workers.many import register_many, store_expired
 from workers.metrics import WorkerMetrics
 from workers.pool import ModelPool, Served
@@ -152,15 +158,21 @@ def register_tasks(app: Celery, pool: ModelPool) -> None:
               ) -> dict[str, Any]:
         started = time.time()
         job_id = self.request.id
-        if not claims.take(job_id):
-            logger.info("job %s model %s: cancelled before it ran; skipped", job_id, model)
+        try:
+            taken = claims.take(job_id)
+            delivery = None if deliveries is None else deliveries.redelivery(self.request)
+        except STORE_DOWN as exc:
+            raise give_back(exc, job_id) from exc
+        if not taken:
+            logger.info("job %s model %s: cancelled before it ran; skipped", job_id, model,
+                        extra={"event": "job_skipped", "job_id": job_id, "model": model,
+                               "worker": self.request.hostname})
             pool.metrics.job(model, "cancelled", None, started)
             raise Ignore()  # acked; the cancel already stored the job's final state
         if deadline is not None and started > deadline:
             store_expired(app, [(job_id, deadline)])
             pool.metrics.job(model, "expired", submitted_at, started)
             raise Ignore()
-        delivery = None if deliveries is None else deliveries.redelivery(self.request)
         if delivery is not None:
             assert deliveries is not None
             pool.metrics.redelivered(model)
@@ -175,6 +187,7 @@ def register_tasks(app: Celery, pool: ModelPool) -> None:
             except InferqError:
                 pool.metrics.job(model, "failed", submitted_at, started)
                 raise
+            served.observe(data)
             if delivery is None:
                 future = served.batcher.submit(data, ticket)
         if delivery is None:
@@ -185,7 +198,13 @@ def register_tasks(app: Celery, pool: ModelPool) -> None:
                 "jobs": [job_id], "rows": [int(labels[keep[i]])]})
         if errors or outcome.errors:
             logger.info("job %s model %s: %d of %d rows failed", job_id,
-                        served.version.key, len(errors) + len(outcome.errors), len(labels))
+                        served.version.key, len(errors) + len(outcome.errors), len(labels),
+                        extra={"event": "rows_failed", "job_id": job_id,
+                               "model": served.version.manifest.name,
+                               "version": served.version.manifest.version,
+                               "worker": self.request.hostname, "rows": len(labels),
+                               "failed_rows": len(errors) + len(outcome.errors),
+                               "duration_s": round(time.time() - started, 6)})
         result = finish(served, outcome, keep, labels, errors, submitted_at, started,
                         self.request.hostname, pool.metrics)
         if deliveries is not None and delivery is not None:
@@ -198,3 +217,8 @@ def register_tasks(app: Celery, pool: ModelPool) -> None:
     def inferq_stats(state: Any) -> dict[str, Any]:
         """Model calls and rows per model version in this worker process."""
         return pool.stats()
+
+    @inspect_command(name="inferq_drift")
+    def inferq_drift(state: Any) -> dict[str, Any]:
+        """Input drift counts per model version in this worker process (workers/drift.py)."""
+        return pool.drift_states()

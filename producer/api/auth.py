@@ -28,6 +28,7 @@ class Principal:
     key_id: str
     rate_per_s: int | None = None  # None: the server's default
     callback_secret: str = ""
+    client: str | None = None  # the caller's address in this request, for the audit log
 
 
 def hash_key(key: str) -> str:

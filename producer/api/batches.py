@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import logging
 import math
 import shutil
 import time
@@ -26,7 +25,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import ValidationError
 
 from producer.api.auth import Principal
-from producer.api.context import FAST_PUBLISH, Api, Who, api_of, not_found
+from producer.api.context import FAST_PUBLISH, Api, Who, api_of, audit, not_found
 from producer.api.schemas import BatchRequest, BatchView, CallbackInfo, Problem
 from producer.bulk import chunk_id, publish_chunk
 from producer.chunks import Chunk, merge
@@ -36,7 +35,6 @@ from producer.store import is_final, result_value
 from shared import claims
 from shared.schemas import RowError
 
-logger = logging.getLogger("inferq.audit")
 router = APIRouter(prefix="/v1", tags=["batches"])
 NDJSON = "application/x-ndjson"
 _MGET = 256
@@ -155,8 +153,8 @@ def _publish(api: Api, who: Principal, batch_id: str, model: str, callback_url: 
                            chunks=math.ceil(rows / chunk_rows), bad=bad_counts)
     if callback_url is not None:
         api.store.add_callback(f"batch:{batch_id}", time.time())
-    logger.info("submit batch=%s tenant=%s key=%s model=%s rows=%d refused=%d", batch_id,
-                who.tenant, who.key_id, model, rows, sum(bad_counts.values()))
+    audit("submit", who, batch_id=batch_id, model=model, rows=rows,
+          refused=sum(bad_counts.values()))
 
 
 def _send(api: Api, ref: Any, input_name: str, batch_id: str, chunk: Chunk, producer: Any,
@@ -293,7 +291,8 @@ def cancel_batch(batch_id: str, request: Request, who: Who) -> BatchView:
     api.store.update_batch(batch_id, cancelled_at=time.time())
     for first in range(0, len(open_ids), _MGET):
         api.store.cancel(open_ids[first:first + _MGET])
-    logger.info("cancel batch=%s tenant=%s key=%s", batch_id, who.tenant, who.key_id)
+    audit("cancel", who, batch_id=batch_id, model=batch.record["model"], rows=batch.total,
+          open_chunks=len(open_ids))
     return batch_view(api, batch_id, who)
 
 

@@ -3,6 +3,8 @@ plus the dependencies that authenticate a request and apply its tenant's rate li
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 import time
 from dataclasses import dataclass, field
 from typing import Annotated, Any
@@ -20,6 +22,9 @@ from producer.client import Client
 from producer.coalesce import Coalescer
 from shared.repository import ModelRef, ModelVersion
 from shared.settings import Settings
+
+AUDIT = logging.getLogger("inferq.audit")
+_AUDIT_NAMES = {"job_id": "job", "batch_id": "batch", "key_id": "key"}  # in the text line
 
 # Publishing from a request fails fast: a broker outage answers 503, not a hung request.
 FAST_PUBLISH = {"max_retries": 2, "interval_start": 0.1, "interval_step": 0.2,
@@ -91,18 +96,36 @@ def authenticate(request: Request, credentials: Annotated[
     """Bearer key -> tenant (401 without one), then the tenant's rate limit (429)."""
     api = api_of(request)
     who = api.keyring.authenticate(credentials.credentials.strip()) if credentials else None
+    client = request.client.host if request.client else None
     if who is None:
+        audit("auth_refused", None, client=client, method=request.method,
+              path=request.url.path, reason="unknown_key" if credentials else "no_key")
         raise HTTPException(401, "missing or unknown API key: send 'Authorization: Bearer "
                             "<key>'", headers={"WWW-Authenticate": "Bearer"})
     rate = api.settings.api_rate_per_s if who.rate_per_s is None else who.rate_per_s
     if rate and api.store.hit(who.tenant, time.time()) > rate:
         raise HTTPException(429, f"tenant {who.tenant!r} is over its rate limit of {rate} "
                             "requests/s", headers={"Retry-After": "1"})
+    who = dataclasses.replace(who, client=client)
     request.state.principal = who
     return who
 
 
 Who = Annotated[Principal, Depends(authenticate)]
+
+
+def audit(event: str, who: Principal | None, **fields: Any) -> None:
+    """One INFO line on ``inferq.audit``: what was done (``event``), to what (``job_id``,
+    ``batch_id``, ``model``, ``rows``), by whom (tenant, key id, never the key; address).
+    The text line reads ``submit job=… tenant=… key=… model=… rows=… client=…``; the
+    same fields go to JSON logs as they are."""
+    ids: dict[str, Any] = {k: fields.pop(k) for k in ("job_id", "batch_id") if k in fields}
+    if who is not None:
+        ids.update(tenant=who.tenant, key_id=who.key_id)
+        fields.setdefault("client", who.client)
+    line = {**ids, **fields}
+    AUDIT.info(event + "".join(f" {_AUDIT_NAMES.get(k, k)}=%s" for k in line),
+               *line.values(), extra={"event": event, **line})
 
 
 def not_found(kind: str, ident: str) -> HTTPException:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import re
 import time
 import uuid
@@ -14,7 +13,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 
 from producer.api.auth import Principal
-from producer.api.context import Api, Who, api_of, not_found
+from producer.api.context import Api, Who, api_of, audit, not_found
 from producer.api.notify import RECHECK_S
 from producer.api.schemas import (
     Accepted,
@@ -30,7 +29,6 @@ from shared import claims
 from shared.errors import InputError
 from shared.schemas import FINAL_STATUSES, JobStatus, RowError
 
-logger = logging.getLogger("inferq.audit")
 router = APIRouter(prefix="/v1", tags=["jobs"])
 
 _WAIT = re.compile(r"^(\d+(?:\.\d+)?)(ms|s)?$")
@@ -133,8 +131,7 @@ def _enqueue(api: Api, who: Principal, model: str, body: JobRequest) -> str:
     except Exception:
         api.store.drop_job(job_id)
         raise
-    logger.info("submit job=%s tenant=%s key=%s model=%s rows=%d", job_id, who.tenant,
-                who.key_id, model, rows)
+    audit("submit", who, job_id=job_id, model=model, rows=rows)
     return job_id
 
 
@@ -192,7 +189,7 @@ def _cancel(api: Api, job_id: str, who: Principal) -> JobView:
         raise HTTPException(409, f"job {job_id} already {view.status.value}")
     if not api.store.cancel([job_id])[0]:
         raise HTTPException(409, f"job {job_id} is running; it can no longer be cancelled")
-    logger.info("cancel job=%s tenant=%s key=%s", job_id, who.tenant, who.key_id)
+    audit("cancel", who, job_id=job_id, model=view.model)
     return job_view(api, job_id, who)
 
 

@@ -71,3 +71,30 @@ def test_a_chunk_lost_from_the_queue_is_sent_again(redis_env, start_worker, digi
     np.testing.assert_array_equal(np.concatenate([p.outputs["label"] for p in results]),
                                   digits["label"][:2000])
     assert handle.pipeline.resent == 1
+
+
+def test_a_lost_single_job_is_sent_again_while_waited_for(redis_env, start_worker, digits,
+                                                          monkeypatch):
+    """The same BRPOP window for a single job: its message is deleted from the queue; a job
+    sent after it finishes, so the waiting client sends the lost one again."""
+    import time
+
+    import redis
+
+    from producer import client as client_module
+
+    monkeypatch.setattr(client_module, "LOST_AFTER_S", 1.0)
+    client = client_for(redis_env)
+    lost = client.submit("digits", digits["x"][7])
+    later = client.submit("digits", digits["x"][8])
+    r = redis.Redis.from_url(redis_env["INFERQ_BROKER_URL"])
+    queue = redis_env["INFERQ_QUEUE_PREFIX"] + "infer.digits"
+    victim = next(raw for raw in r.lrange(queue, 0, -1) if lost.id.encode() in raw)
+    assert r.lrem(queue, 1, victim) == 1
+    start_worker(redis_env)
+    assert int(later.result(timeout=30)["label"][0]) == int(digits["label"][8])
+    started = time.monotonic()
+    assert int(lost.result(timeout=30)["label"][0]) == int(digits["label"][7])
+    assert client.inflight.resent == 1
+    print(f"\nthe lost job was sent again and answered {time.monotonic() - started:.1f} s "
+          "into its wait")
