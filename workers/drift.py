@@ -24,7 +24,7 @@ import numpy as np
 
 DRIFT_THRESHOLD = 0.25
 WATCH_THRESHOLD = 0.1
-SAMPLE_ROWS = 64  # numeric rows observed per message at most
+SAMPLE_ROWS = 16  # numeric rows observed per message at most
 MIN_ROWS = 200  # no score before this many rows were seen
 _EPS = 1e-4  # share given to an empty bin (PSI is undefined at 0)
 

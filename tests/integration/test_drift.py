@@ -38,7 +38,7 @@ def test_drift_is_reported_when_inputs_change(redis_env, start_worker):
     client = client_for(env)
     _, x_test, _, _ = split(0)
     assert np.isnan(gauge(port))  # nothing seen yet
-    client.submit_many("digits", x_test, chunk_rows=32).results(60)
+    client.submit_many("digits", x_test, chunk_rows=16).results(60)  # all rows observed
     calm = drift_report(env)
     assert calm["verdict"] == "ok" and calm["score"] < WATCH_THRESHOLD, calm
     assert gauge(port) < WATCH_THRESHOLD

@@ -9,6 +9,7 @@ import pytest
 from workers.build.digits import split
 from workers.drift import (
     DRIFT_THRESHOLD,
+    SAMPLE_ROWS,
     WATCH_THRESHOLD,
     DriftMonitor,
     histogram_reference,
@@ -72,7 +73,7 @@ def test_large_messages_are_sampled(digits_split) -> None:
     x_train, x_test = digits_split
     monitor = monitor_for(x_train)
     monitor.observe(np.tile(x_test, (4, 1, 1, 1)))  # one 1,440-row message
-    assert monitor.rows == 64
+    assert monitor.rows == SAMPLE_ROWS == 16
 
 
 def test_workers_states_add_up_in_the_report(digits_split) -> None:
