@@ -11,6 +11,7 @@ rows get an error, every other row gets its output.
 from __future__ import annotations
 
 import logging
+import os
 import random
 import re
 import threading
@@ -81,7 +82,8 @@ def _rows_of(inputs: Inputs) -> int:
 class Batcher:
     def __init__(self, run: RunFn, *, name: str, max_batch_rows: int, max_delay_ms: float,
                  on_batch: Callable[[int, float], None] | None = None,
-                 transient_retries: int = 3):
+                 transient_retries: int = 3,
+                 device_lost: Callable[[BaseException], bool] = lambda exc: False):
         if max_batch_rows < 1:
             raise ValueError(f"max_batch_rows must be >= 1, got {max_batch_rows}")
         if max_delay_ms < 0:
@@ -92,6 +94,7 @@ class Batcher:
         self.max_delay = max_delay_ms / 1000.0
         self._on_batch = on_batch
         self.transient_retries = transient_retries
+        self.device_lost = device_lost  # an error after which the process must exit
         self._queue: deque[_Part] = deque()
         self._queued_rows = 0
         self._announced = 0
@@ -271,6 +274,8 @@ class Batcher:
             logger.error("%s", exc)
             return None, {i: f"{type(exc).__name__}: {exc}" for i in range(rows)}
         except Exception as exc:
+            if self.device_lost(exc):
+                self._exit_for_device(exc)
             if rows == 1:
                 return self._run_one_retrying(inputs, exc)
         mid = rows // 2
@@ -278,6 +283,15 @@ class Batcher:
         right, right_err = self._run_bisect({k: v[mid:] for k, v in inputs.items()}, rows - mid)
         errors = {**left_err, **{i + mid: m for i, m in right_err.items()}}
         return _join(left, mid, right, rows - mid), errors
+
+    def _exit_for_device(self, exc: Exception) -> None:
+        """The device is gone or broken: every later call would fail too. Exit non-zero
+        without acking, so the broker hands this worker's messages to others (and the
+        launcher, compose or Kubernetes restarts it)."""
+        logger.critical("model %s: the device failed (%s: %s); exiting so its messages "
+                        "are redelivered elsewhere", self.name, type(exc).__name__, exc)
+        logging.shutdown()
+        os._exit(EXIT_DEVICE_LOST)
 
     def _run_one_retrying(self, inputs: Inputs, exc: Exception
                           ) -> tuple[Outputs | None, dict[int, str]]:
@@ -339,6 +353,19 @@ def _stack_rows(parts: list[tuple[Outputs | None, dict[int, str], int, int]]) ->
 _TRANSIENT = re.compile(r"out of memory|failed to allocate|resource exhausted|"
                         r"CUDA error|CUDA_ERROR|CUBLAS_STATUS|CUDNN_STATUS|device busy",
                         re.IGNORECASE)
+
+
+EXIT_DEVICE_LOST = 75  # the worker's exit status when its device failed
+_DEVICE_LOST = re.compile(r"illegal memory access|device-side assert|unspecified launch "
+                          r"failure|no CUDA-capable device|CUDA driver version|"
+                          r"device(?: has been)? (?:lost|removed)|ECC error|"
+                          r"cudaErrorDevicesUnavailable|CUDA_ERROR_(?:LAUNCH_FAILED|"
+                          r"ILLEGAL_ADDRESS|NO_DEVICE|ECC_UNCORRECTABLE)", re.IGNORECASE)
+
+
+def is_device_lost(exc: BaseException) -> bool:
+    """An error that leaves a GPU unusable for this process (unlike out of memory)."""
+    return bool(_DEVICE_LOST.search(str(exc)))
 
 
 def is_transient(exc: BaseException) -> bool:

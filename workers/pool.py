@@ -12,7 +12,7 @@ import numpy as np
 from shared.repository import ModelRef, ModelRepository, ModelVersion
 from shared.settings import Settings
 from workers import faults
-from workers.batcher import Batcher
+from workers.batcher import Batcher, is_device_lost
 from workers.drift import DriftMonitor
 from workers.metrics import WorkerMetrics
 from workers.runtime import Runtime, load_runtime
@@ -110,7 +110,9 @@ class ModelPool:
 
         batcher = Batcher(faults.wrap(runtime.run, s.fault_injection), name=version.key,
                           max_batch_rows=s.max_batch_rows, max_delay_ms=s.max_delay_ms,
-                          on_batch=on_batch, transient_retries=s.task_max_retries)
+                          on_batch=on_batch, transient_retries=s.task_max_retries,
+                          device_lost=is_device_lost if s.device.startswith("cuda")
+                          else lambda exc: False)
         self.metrics.model_loaded(manifest)
         batcher.start()
         drift = DriftMonitor.from_reference(manifest.reference_stats)

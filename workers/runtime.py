@@ -30,13 +30,18 @@ class Runtime(Protocol):
 
 
 def providers_for(device: str) -> list[str]:
-    """CUDA when this process was given a GPU and ORT has it, CPU otherwise (logged)."""
+    """CUDA (TensorRT first when present) when this process was given a GPU and ORT has
+    it, CPU otherwise (logged)."""
     import onnxruntime as ort
 
     available = ort.get_available_providers()
     if device.startswith("cuda"):
         if "CUDAExecutionProvider" in available:
-            return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+            # TensorRT first when this build has it: ORT gives it the subgraphs it can
+            # run and the rest to CUDA, then CPU.
+            trt = ["TensorrtExecutionProvider"] if "TensorrtExecutionProvider" in available \
+                else []
+            return [*trt, "CUDAExecutionProvider", "CPUExecutionProvider"]
         logger.warning("device %s asked for, but this onnxruntime has no CUDA provider "
                        "(providers: %s); running on the CPU", device, available)
     return ["CPUExecutionProvider"]

@@ -37,3 +37,13 @@ def test_device_setting_is_checked(bad: str) -> None:
 
     with pytest.raises(ConfigError, match="INFERQ_DEVICE"):
         load_settings(device=bad)
+
+
+def test_tensorrt_first_when_present(monkeypatch) -> None:
+    import onnxruntime as ort
+
+    monkeypatch.setattr(ort, "get_available_providers", lambda: [
+        "TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"])
+    assert providers_for("cuda:0") == ["TensorrtExecutionProvider", "CUDAExecutionProvider",
+                                       "CPUExecutionProvider"]
+    assert providers_for("cpu") == ["CPUExecutionProvider"]
