@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from celery import Celery
 
-from producer.coalesce import Coalescer
+from producer.coalesce import Coalescer, not_sent
 from producer.inflight import LOST_AFTER_S, MAX_RESENDS, InFlight, Sent
 from producer.store import ResultStore, is_final, status_of
 from shared.celery_app import INFER_TASK, check_priority, make_app, model_queue
@@ -102,8 +102,15 @@ class Client:
             self.coalescer.publish(ref, job_id, inputs, priority, deadline)
             replying = self.coalescer.reply_to is not None
         else:
-            self.store.mark_queued(job_id, {"model": ref.name, "submitted_at": time.time()})
-            self.publish(ref, job_id, inputs, priority=priority, deadline=deadline)
+            try:
+                self.store.mark_queued(job_id, {"model": ref.name,
+                                                "submitted_at": time.time()})
+                self.publish(ref, job_id, inputs, priority=priority, deadline=deadline)
+            except Exception as exc:
+                error = not_sent(f"job {job_id} (model {ref.name})", self, exc)
+                if error is exc:
+                    raise
+                raise error from exc
             replying = False
         self.inflight.add(job_id, ref, inputs, priority, deadline, replying)
         return Job(self, job_id, ref.name)

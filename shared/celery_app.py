@@ -75,8 +75,13 @@ def make_app(settings: Settings) -> Celery:
         # a job runs; Celery's STARTED record would be a second write per job.
         task_track_started=settings.embedded,
         result_expires=settings.result_expires,
+        # A result-store outage is waited out (~60-90 s on average), as store_many does:
+        # Celery's default budget (10 retries from 10 ms, full jitter) is ~10 s and can be
+        # under 5 s, after which a job that ran is stored as failed.
         result_backend_always_retry=True,
-        result_backend_max_retries=10,
+        result_backend_max_retries=20,
+        result_backend_base_sleep_between_retries_ms=200,
+        result_backend_max_sleep_between_retries_ms=10_000,
         broker_connection_retry_on_startup=True,
         task_default_queue=queue_name(settings, "default"),
         worker_hijack_root_logger=False,

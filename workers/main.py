@@ -23,6 +23,29 @@ from workers.tasks import register_tasks
 logger = logging.getLogger(__name__)
 
 
+def _survive_restore_without_connection() -> None:
+    """kombu 5.7's Redis transport can crash the worker ("Unrecoverable error:
+    AttributeError: 'NoneType' object has no attribute 'hostname'") when the broker drops
+    while it closes a channel: restoring the channel's unacked messages then needs a
+    connection that is gone. Those messages stay recorded as unacked in Redis and the
+    visibility sweep of any worker restores them, so the worker logs it and goes on."""
+    from kombu.transport import redis as kombu_redis
+
+    original = kombu_redis.QoS.restore_unacked
+    if getattr(original, "_inferq", False):
+        return
+
+    def restore_unacked(self: Any, client: Any = None) -> None:
+        try:
+            original(self, client)
+        except AttributeError as exc:
+            logger.warning("could not restore unacked messages while closing a channel "
+                           "(%s); the visibility sweep will", exc)
+
+    restore_unacked._inferq = True  # type: ignore[attr-defined]
+    kombu_redis.QoS.restore_unacked = restore_unacked  # type: ignore[method-assign]
+
+
 def prepare(settings: Settings, models: list[str] | None, app: Celery | None = None
             ) -> tuple[Celery, ModelPool, list[str]]:
     """Build the app, load and warm every served model before consuming anything."""
@@ -33,6 +56,7 @@ def prepare(settings: Settings, models: list[str] | None, app: Celery | None = N
             f"INFERQ_MODEL_REPO: no models in {settings.model_repo.resolve()}; "
             "build them with `inferq models build` or pass --models")
     app = app or make_app(settings)
+    _survive_restore_without_connection()
     # Celery logs every success at INFO with the result's repr: with numpy outputs that
     # formatting cost more worker CPU than a small model call. Failures still log.
     logging.getLogger("celery.app.trace").setLevel(logging.WARNING)

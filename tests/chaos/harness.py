@@ -28,11 +28,9 @@ def broker_name(env: dict[str, str]) -> str:
     return "rabbitmq" if env["INFERQ_BROKER_URL"].startswith("amqp") else "redis"
 
 
-def worker_env(env: dict[str, str], log: Path, faults: str = "", **extra: str
-               ) -> dict[str, str]:
+def worker_env(env: dict[str, str], log: Path, faults: str = "") -> dict[str, str]:
     """``env`` for a worker that logs its model calls to ``log``, with ``faults``."""
-    return {**env, "INFERQ_FAULT_INJECTION": faults, "INFERQ_FAULT_LOG": str(log),
-            **{f"INFERQ_{k.upper()}": v for k, v in extra.items()}}
+    return {**env, "INFERQ_FAULT_INJECTION": faults, "INFERQ_FAULT_LOG": str(log)}
 
 
 def tiled(digits: dict[str, np.ndarray], rows: int) -> tuple[np.ndarray, np.ndarray]:
@@ -73,6 +71,8 @@ def settle(row: Row, parts: list[ChunkResult], rows: int, log: Path, fault_over:
     ok = int(sum(int(p.ok.sum()) for p in parts))
     row.lost = rows - ok - expected_errors
     row.twice = executions(log) - ok
+    if row.lost:
+        row.recovery_s = None  # it never recovered
     return answered
 
 
@@ -87,12 +87,21 @@ def assert_every_row_once(parts: list[ChunkResult], answered: np.ndarray,
     np.testing.assert_array_equal(np.concatenate([p.outputs["label"] for p in parts]), labels)
 
 
+def _lines(log: Path, pid: int) -> list[str]:
+    if not log.exists():
+        return []
+    prefix = f"{pid} "
+    return [line for line in log.read_text().splitlines() if line.startswith(prefix)]
+
+
 def calls(log: Path, pid: int) -> int:
     """Model calls that returned in process ``pid`` so far."""
-    if not log.exists():
-        return 0
-    prefix = f"{pid} "
-    return sum(1 for line in log.read_text().splitlines() if line.startswith(prefix))
+    return len(_lines(log, pid))
+
+
+def rows_run(log: Path, pid: int) -> int:
+    """Rows run by the model calls that returned in process ``pid`` so far."""
+    return sum(int(line.split()[1]) for line in _lines(log, pid))
 
 
 def await_next_call(log: Path, pid: int, timeout: float = 10.0) -> None:
@@ -191,11 +200,10 @@ def await_results(client, job_ids: list[str], timeout: float) -> dict[str, dict]
     return final
 
 
-def settle_jobs(row: Row, jobs: dict[str, int], final: dict[str, dict], labels: np.ndarray,
-                log: Path, fault_over: float | None) -> list[str]:
-    """Fill in ``row`` from one-row jobs' records; -> the problems found, one per job."""
-    if fault_over is not None:
-        row.recovery_s = time.monotonic() - fault_over
+def job_problems(jobs: dict[str, int], final: dict[str, dict], labels: np.ndarray
+                 ) -> list[str]:
+    """One line per one-row job without a successful result equal to the in-process
+    model's (``jobs``: job id -> row; ``final``: the records ``await_results`` found)."""
     problems = []
     for job_id, i in jobs.items():
         meta = final.get(job_id)
@@ -205,6 +213,17 @@ def settle_jobs(row: Row, jobs: dict[str, int], final: dict[str, dict], labels: 
             problems.append(f"job {job_id} (row {i}): {meta.get('status')} {meta.get('result')!r}")
         elif int(meta["result"]["outputs"]["label"][0]) != labels[i]:
             problems.append(f"job {job_id} (row {i}): label differs from the in-process model")
+    return problems
+
+
+def settle_jobs(row: Row, jobs: dict[str, int], final: dict[str, dict], labels: np.ndarray,
+                log: Path, fault_over: float | None) -> list[str]:
+    """Fill in ``row`` from one-row jobs' records; -> ``job_problems``."""
+    if fault_over is not None:
+        row.recovery_s = time.monotonic() - fault_over
+    problems = job_problems(jobs, final, labels)
     row.lost = len(problems)
     row.twice = executions(log) - (len(jobs) - len(problems))
+    if row.lost:
+        row.recovery_s = None  # it never recovered
     return problems

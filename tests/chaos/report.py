@@ -4,7 +4,9 @@ Columns: the fault injected, the broker, jobs (job ids the producer got back), r
 lost rows (rows with no result, or an error the fault did not call for), rows executed
 more than once (row executions beyond one per answered row, counted from the workers'
 model-call log, ``INFERQ_FAULT_LOG``), and the recovery time: seconds from the end of
-the last fault (a kill, or the service coming back) until every row had its result.
+the last fault (a kill, or the service coming back) until every row had its result ("-"
+when rows were lost, or the fault has no end, as a poison row). A last column says how
+the test ended.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ class Row:
     twice: int | None = None
     recovery_s: float | None = None
     outcome: str = "unfinished"
+    note: str = ""  # what else happened, e.g. a worker that had to be restarted
 
     def cells(self) -> tuple[str, ...]:
         def show(value: object) -> str:
@@ -33,7 +36,8 @@ class Row:
             return f"{value:.1f}" if isinstance(value, float) else str(value)
 
         return (self.fault, self.broker, show(self.jobs), show(self.rows), show(self.lost),
-                show(self.twice), show(self.recovery_s), self.outcome)
+                show(self.twice), show(self.recovery_s),
+                f"{self.outcome} ({self.note})" if self.note else self.outcome)
 
 
 def table(rows: list[Row]) -> list[str]:

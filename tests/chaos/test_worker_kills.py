@@ -15,6 +15,7 @@ from tests.chaos.harness import (
     await_next_call,
     broker_name,
     collect,
+    rows_run,
     settle,
     tiled,
     worker_env,
@@ -67,9 +68,11 @@ def test_sigterm_mid_job_finishes_or_returns_in_flight_work(broker_env, start_wo
 
     def stop_at(n: int) -> None:
         if n == 8:
+            before = rows_run(fault_log, first.pid)
             first.proc.send_signal(signal.SIGTERM)  # warm shutdown
             first.proc.wait(timeout=30)
             stopped.append(time.monotonic())
+            row.note = f"{rows_run(fault_log, first.pid) - before} rows run after SIGTERM"
             start_worker(env, "--concurrency", "4", "--hostname", "second@%h")
 
     parts = collect(handle.iter_results(timeout=STALL_S), stop_at)
@@ -81,10 +84,12 @@ def test_sigterm_mid_job_finishes_or_returns_in_flight_work(broker_env, start_wo
 
 def _kill_one_every(period: float, kills: int, workers: list, restart, done: threading.Event,
                     log: list[float]) -> None:
-    """SIGKILL workers[0], workers[1], workers[0]... every ``period`` s, each replaced at
-    once, until ``kills`` or the job is done; ``log`` gets each kill's time."""
+    """SIGKILL workers[0], workers[1], workers[0]... at ``period``, 2 ``period``... s
+    (restarts included), each replaced at once, until ``kills`` or the job is done;
+    ``log`` gets each kill's time."""
+    start = time.monotonic()
     for k in range(kills):
-        if done.wait(period):
+        if done.wait(max(0.0, start + (k + 1) * period - time.monotonic())):
             return
         slot = k % len(workers)
         workers[slot].kill(signal.SIGKILL)
@@ -120,6 +125,9 @@ def _kill_every_2s(env_for_row, start_worker, digits, fault_log, chaos_report, *
     assert_every_row_once(parts, answered, labels)
 
 
+# Redis only here (its visibility timeout makes it the slower to recover); the soak
+# below runs both brokers.
+@pytest.mark.parametrize("broker_env", ["redis"], indirect=True)
 @pytest.mark.timeout(180)
 def test_one_of_two_workers_killed_every_2s(broker_env, start_worker, digits, fault_log,
                                             chaos_report):
@@ -133,4 +141,4 @@ def test_soak_one_of_two_workers_killed_every_2s_for_2_minutes(broker_env, start
                                                                digits, fault_log,
                                                                chaos_report):
     _kill_every_2s(broker_env, start_worker, digits, fault_log, chaos_report, rows=200_000,
-                   kills=60, row_ms=1.2, label="soak: SIGKILL 1 of 2 workers every 2 s for 2 min")
+                   kills=60, row_ms=1.4, label="soak: SIGKILL 1 of 2 workers every 2 s for 2 min")
