@@ -10,7 +10,7 @@ $(BIN)/.installed: pyproject.toml
 	$(BIN)/pip install -q -e ".[all]"
 	touch $@
 
-.PHONY: install demo test test-all lint bench
+.PHONY: install demo test test-all lint bench chaos
 install: $(BIN)/.installed
 
 demo: install  ## score the bundled digits through the embedded queue (no broker needed)
@@ -28,3 +28,6 @@ lint: install
 
 bench: install  ## measure limit, naive baseline, bulk, online and memory (BENCH_ARGS=--quick)
 	$(BIN)/python -m bench run $(BENCH_ARGS)
+
+chaos: install  ## fault injection into real processes, with a summary table (CHAOS_ARGS=--fast)
+	$(BIN)/python -m tests.chaos $(CHAOS_ARGS)

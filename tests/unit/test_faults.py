@@ -68,3 +68,23 @@ def test_exit_on_does_nothing_to_rows_that_do_not_match() -> None:
     run = faults.wrap(model, "exit_on=-9,delay_ms=0")
     out = run({"x": np.array([[1.0, -9.0]], np.float32)})
     np.testing.assert_array_equal(out["y"], [-8.0])
+
+
+def test_the_fault_log_records_each_call_that_returned(tmp_path) -> None:
+    import os
+
+    log = tmp_path / "calls.log"
+    run = faults.wrap(model, "raise_on=-7", log_path=str(log))
+    run({"x": np.ones((3, 2), np.float32)})
+    run({"x": np.ones((1, 2), np.float32)})
+    with pytest.raises(ValueError):
+        run({"x": np.full((2, 2), -7.0, np.float32)})  # raised: not logged
+    assert log.read_text().splitlines() == [f"{os.getpid()} 3", f"{os.getpid()} 1"]
+
+
+def test_row_delay_grows_with_the_rows_of_a_call(monkeypatch) -> None:
+    slept: list[float] = []
+    monkeypatch.setattr(faults.time, "sleep", slept.append)
+    run = faults.wrap(model, "row_delay_ms=2,delay_ms=1")
+    run({"x": np.ones((5, 2), np.float32)})
+    assert slept == [pytest.approx(0.011)]
