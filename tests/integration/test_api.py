@@ -295,6 +295,42 @@ async def test_another_tenants_batch_reads_as_missing(api, digits):
     assert view["status"] == "queued" and view["cancelled"] == 0
 
 
+async def test_tenants_stay_apart_under_concurrent_load(redis_env, worker, api, digits):
+    """Two tenants submit 60 jobs and 4 batches each at once while the worker runs them;
+    every cross-tenant read, wait or cancel is a 404, every own read is right."""
+    async def tenant(headers: dict[str, str]) -> tuple[list[str], list[str]]:
+        jobs = await asyncio.gather(*(api.post("/v1/models/digits/jobs", headers=headers,
+                                               json={"inputs": rows(digits, i)})
+                                      for i in range(60)))
+        batches = await asyncio.gather(*(api.post(
+            "/v1/batches", headers=headers,
+            json={"model": "digits", "rows": rows(digits, slice(i, i + 5))})
+            for i in range(4)))
+        assert all(r.status_code == 202 for r in [*jobs, *batches])
+        return [r.json()["id"] for r in jobs], [r.json()["id"] for r in batches]
+
+    (a_jobs, a_batches), (b_jobs, b_batches) = await asyncio.gather(tenant(A), tenant(B))
+
+    async def cross(headers: dict[str, str], jobs: list[str], batches: list[str]) -> None:
+        reads = await asyncio.gather(
+            *(api.get(f"/v1/jobs/{j}", headers=headers, params={"wait": "1s"}) for j in jobs),
+            *(api.get(f"/v1/batches/{b}", headers=headers) for b in batches),
+            *(api.get(f"/v1/batches/{b}/results", headers=headers) for b in batches),
+            *(api.delete(f"/v1/jobs/{j}", headers=headers) for j in jobs[:10]))
+        assert {r.status_code for r in reads} == {404}
+
+    await asyncio.gather(cross(B, a_jobs, a_batches), cross(A, b_jobs, b_batches))
+    for headers, jobs, batches in ((A, a_jobs, a_batches), (B, b_jobs, b_batches)):
+        views = await asyncio.gather(*(api.get(f"/v1/jobs/{j}", headers=headers,
+                                               params={"wait": "20s"}) for j in jobs))
+        assert [v.json()["status"] for v in views] == ["succeeded"] * 60
+        labels = [v.json()["outputs"]["label"][0] for v in views]
+        assert labels == [int(v) for v in digits["label"][:60]]
+        for b in batches:
+            view = (await api.get(f"/v1/batches/{b}", headers=headers)).json()
+            assert view["total"] == 5
+
+
 # -- limits ----------------------------------------------------------------------------------
 async def test_a_body_over_the_limit_gets_413(redis_env, digits):
     async with serve(redis_env, api_max_body_bytes=4096) as api:
