@@ -16,6 +16,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -275,3 +276,15 @@ def start_api(tmp_path: Path) -> Iterator:
             return api
 
         yield start
+
+
+def wait_until(probe: Any, timeout: float, what: str, pause: float = 0.05) -> Any:
+    """Poll ``probe`` (state in another process: nothing to wait on) until truthy."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = probe()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{what}: not within {timeout} s")
+        time.sleep(pause)

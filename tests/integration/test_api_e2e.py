@@ -28,7 +28,7 @@ import numpy as np
 import pytest
 
 from producer import signing
-from tests.conftest import free_port, stopped_after
+from tests.conftest import free_port, stopped_after, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -45,18 +45,6 @@ LIMITS = httpx.Limits(max_connections=64, max_keepalive_connections=64, keepaliv
 def api_env(env: dict[str, str], **extra: str) -> dict[str, str]:
     return {**env, "INFERQ_API_KEYS": KEYS, "INFERQ_CALLBACK_SECRET": SECRET,
             "INFERQ_CALLBACK_ALLOW_PRIVATE": "true", **extra}
-
-
-def wait_until(probe: Any, timeout: float, what: str, pause: float = 0.05) -> Any:
-    """Poll ``probe`` (state in another process: nothing to wait on) until truthy."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = probe()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{what}: not within {timeout} s")
-        time.sleep(pause)
 
 
 # -- 1. many single-row jobs -------------------------------------------------------------

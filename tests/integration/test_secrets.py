@@ -13,7 +13,6 @@ import logging
 import os
 import shutil
 import subprocess
-import time
 import traceback
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -26,7 +25,7 @@ import numpy as np
 import pytest
 
 from shared.settings import load_settings, scrub
-from tests.conftest import client_for, free_port, run_cli, stop_process
+from tests.conftest import client_for, free_port, run_cli, stop_process, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -52,7 +51,7 @@ class PasswordRedis:
                 stdout=out, stderr=subprocess.STDOUT)
         probe = redis.Redis(port=self.port, password=self.password, socket_timeout=1)
         try:
-            wait_for(lambda: self._up(probe), 15, f"redis-server on port {self.port}")
+            wait_until(lambda: self._up(probe), 15, f"redis-server on port {self.port}")
         finally:
             probe.close()
 
@@ -68,18 +67,6 @@ class PasswordRedis:
         if self.proc is not None:
             stop_process(self.proc)
         self.proc = None
-
-
-def wait_for(probe: Callable[[], Any], timeout: float, what: str) -> Any:
-    """Poll state in another process (nothing to wait on) until truthy, or fail."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = probe()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{what}: not within {timeout} s")
-        time.sleep(0.05)
 
 
 @pytest.fixture
@@ -154,7 +141,7 @@ def test_worker_log_and_metrics_never_show_the_password(env, own_redis, start_wo
     assert "inferq_jobs_total" in before
 
     own_redis.stop()
-    wait_for(lambda: "Cannot connect to" in worker.log.read_text(errors="replace"), 30,
+    wait_until(lambda: "Cannot connect to" in worker.log.read_text(errors="replace"), 30,
              "the worker logging that the broker is gone")
     after = scrape(port)
     worker.stop()
