@@ -164,8 +164,9 @@ class Client:
                 replying, resends = False, resends + 1  # its result comes on its key
 
     def _passed_by(self, sent: Sent) -> bool:
-        """Has a job sent after ``sent`` finished? (Then ``sent`` was not just queued.)"""
-        if self.inflight.finished_seq > sent.seq:
+        """Has a job of its priority sent after ``sent`` finished? (Then ``sent`` was not
+        just queued behind others.)"""
+        if self.inflight.passed(sent):
             return True
         return any(is_final(m) for m in self.store.fetch_many(self.inflight.later(sent)))
 

@@ -4,8 +4,8 @@ sent again.
 kombu's Redis transport pops a message before it records it as unacked: a worker killed
 in that instant drops it (a poison row that kills workers while they fetch a burst of
 redelivered messages makes that likelier). While ``Client.wait`` waits, a job still
-unfinished after ``LOST_AFTER_S`` (doubling each time) while a job this producer sent
-after it has finished looks lost, and is sent again with the same id: should both
+unfinished after ``LOST_AFTER_S`` (doubling each time) while a job of the same priority
+this producer sent after it has finished looks lost, and is sent again with the same id: should both
 copies run, the result is the same (one result per job id). The bulk pipeline does the
 same for its chunks (``producer/bulk.py``).
 """
@@ -42,7 +42,9 @@ class InFlight:
         self._jobs: OrderedDict[str, Sent] = OrderedDict()
         self._lock = threading.Lock()
         self._seq = itertools.count()
-        self.finished_seq = -1  # the newest job (in send order) seen finished
+        # per priority, the newest job (in send order) seen finished: a high job passing
+        # a normal one says nothing about the normal one
+        self.finished_seq: dict[str, int] = {}
         self.resent = 0
 
     def add(self, job_id: str, ref: ModelRef, inputs: dict[str, Any], priority: str,
@@ -59,14 +61,22 @@ class InFlight:
 
     def finished(self, sent: Sent) -> None:
         with self._lock:
-            self.finished_seq = max(self.finished_seq, sent.seq)
+            seen = self.finished_seq.get(sent.priority, -1)
+            self.finished_seq[sent.priority] = max(seen, sent.seq)
+
+    def passed(self, sent: Sent) -> bool:
+        """Was a job of the same priority sent after ``sent`` seen finished?"""
+        with self._lock:
+            return self.finished_seq.get(sent.priority, -1) > sent.seq
 
     def later(self, sent: Sent) -> list[str]:
-        """Up to LATER_PROBED jobs sent after ``sent`` and not waited for yet."""
+        """Up to LATER_PROBED jobs of the same priority sent after ``sent``, not waited for
+        yet."""
         with self._lock:
             found: list[str] = []
             for job_id, other in reversed(self._jobs.items()):
                 if other.seq <= sent.seq or len(found) >= LATER_PROBED:
                     break
-                found.append(job_id)
+                if other.priority == sent.priority:
+                    found.append(job_id)
             return found
