@@ -134,10 +134,10 @@ def register_many(app: Celery, pool: ModelPool, claims: Claims,
                                "model": model, "worker": self.request.hostname,
                                "job_ids": [j["id"] for j, ok in zip(jobs, taken, strict=True)
                                            if not ok]})
-        expired = [j for j in runnable if j.get("deadline") is not None
-                   and started > j["deadline"]]
+        late = [j.get("deadline") is not None and started > j["deadline"] for j in runnable]
+        expired = [j for j, past in zip(runnable, late, strict=True) if past]
         if expired:
-            runnable = [j for j in runnable if j not in expired]
+            runnable = [j for j, past in zip(runnable, late, strict=True) if not past]
             store_expired(app, [(j["id"], j["deadline"]) for j in expired], reply_to)
             for job in expired:
                 pool.metrics.job(model, "expired", job.get("submitted_at"), started)

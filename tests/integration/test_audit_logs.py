@@ -11,7 +11,6 @@ import contextlib
 import json
 import logging
 import re
-import time
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
@@ -22,6 +21,7 @@ from producer.api.app import create_app
 from producer.api.auth import hash_key
 from shared.logs import JsonFormatter
 from shared.settings import load_settings
+from tests.conftest import wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.anyio]
 
@@ -186,12 +186,9 @@ def test_served_with_json_logs_every_log_line_is_json(redis_env, start_api, star
         assert r.status_code == 200 and r.json()["status"] == "succeeded", r.text
         assert http.get("/v1/jobs/x", headers={"Authorization": "Bearer nope"}
                         ).status_code == 401
-    deadline = time.monotonic() + 10
-    while True:  # the log file is written by another process: read until the lines are in
-        api_log = server.log.read_text()
-        if api_log.count('"inferq.audit"') >= 2 or time.monotonic() > deadline:
-            break
-        time.sleep(0.1)
+    # the log file is written by another process: read until the lines are in
+    api_log = wait_until(lambda: (text := server.log.read_text()).count('"inferq.audit"') >= 2
+                         and text, 10, "two audit lines in the API log")
     lines = [line for line in api_log.splitlines() if line.strip()]
     assert lines and all(line.startswith("{") for line in lines), api_log[-3000:]
     parsed = json_lines(api_log)

@@ -4,6 +4,7 @@ result; a bad job or a cancelled one inside a shared message does not touch the 
 from __future__ import annotations
 
 import threading
+import time
 import uuid
 
 import numpy as np
@@ -54,6 +55,10 @@ def test_a_bad_or_cancelled_job_in_a_shared_message_fails_alone(redis_env, start
     rows = [digits["x"][0], np.zeros(5, np.float32), digits["x"][2], digits["x"][3]]
     jobs = [{"id": j, "inputs": {"image": r[None]}, "submitted_at": 0.0}
             for j, r in zip(ids, rows, strict=True)]
+    jobs[2]["deadline"] = time.time() + 600  # still ahead: runs
+    late = uuid.uuid4().hex
+    jobs.append({"id": late, "inputs": {"image": rows[0][None]}, "submitted_at": 0.0,
+                 "deadline": time.time() - 1})  # passed: not run, its neighbours are
     for j in ids:
         client.store.mark_queued(j, {"model": "digits"})
     assert client.store.cancel([ids[3]]) == [True]  # cancelled before any worker saw it
@@ -70,3 +75,4 @@ def test_a_bad_or_cancelled_job_in_a_shared_message_fails_alone(redis_env, start
     assert bad.status is JobStatus.failed and bad.error is not None
     assert "'image'" in bad.error and "shape" in bad.error, bad.error
     assert client.get(ids[3]).status is JobStatus.cancelled
+    assert client.wait(late, timeout=30).status is JobStatus.expired
