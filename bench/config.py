@@ -30,7 +30,7 @@ class Sizes:
 
 
 QUICK = Sizes(limit_rows={"digits": 60_000, "minilm": 256},
-              bulk_rows={"digits": 100_000, "minilm": 2_000},
+              bulk_rows={"digits": 400_000, "minilm": 2_000},
               naive_rows={"digits": 2_000, "minilm": 300},
               online_seconds=2.0, score_rows=200_000)
 FULL = Sizes(limit_rows={"digits": 400_000, "minilm": 1_024},

@@ -44,7 +44,7 @@ def _meta(env: BenchEnv, client: Any, names: list[str], quick: bool) -> dict[str
     return {
         "started_utc": datetime.now(UTC).isoformat(timespec="seconds"),
         "quick": quick, "models": {n: MODELS[n] for n in names},
-        "ort_threads": env.ort_threads, "chunk_rows": s.chunk_rows,
+        "ort_threads": env.ort_threads, "chunk_rows": s.chunk_rows,  # None: per model (each bulk row)
         "max_batch_rows": s.max_batch_rows, "max_delay_ms": s.max_delay_ms,
         "worker_concurrency": s.concurrency, "max_in_flight": s.max_in_flight,
         "naive_worker": "celery -P threads -c 4 --prefetch-multiplier 1, json",
@@ -81,8 +81,9 @@ def run_all(names: list[str], *, quick: bool, json_path: Path | None) -> int:
         client = Client(load_settings(**env.settings_overrides()))
         ctx = Context(env, QUICK if quick else FULL, client, store, workdir, rows)
         meta = _meta(env, client, names, quick)
+        chunks = client.settings.chunk_rows or "per model"
         say(f"bench: {'quick' if quick else 'full'} run of {', '.join(names)}; "
-            f"{env.ort_threads} ORT thread(s); chunk {client.settings.chunk_rows} rows")
+            f"{env.ort_threads} ORT thread(s); chunk rows {chunks}")
         for name in names:
             ref, base = MODELS[name], data.base_rows(name)
             run_limit(ctx, name, ref, base)

@@ -21,6 +21,7 @@ from bench.memory import score_subprocess
 from bench.modes import Measured, inferq_bulk, inferq_call, naive_bulk, naive_call, online
 from bench.procs import WorkerProcess
 from bench.report import Row
+from producer.chunks import chunk_rows_for
 
 TIMEOUT = 120.0  # seconds any one result may take before the run fails
 
@@ -78,7 +79,8 @@ def run_inferq(ctx: Context, name: str, ref: str, base: np.ndarray) -> None:
         rows = data.tiled(base, ctx.sizes.bulk_rows[name])
         with cpu_cores(sources, ctx.redis) as cpu:
             m = inferq_bulk(ctx.client, ref, rows, TIMEOUT)
-        chunk_rows = ctx.client.settings.chunk_rows
+        manifest = ctx.client.model(ref)[0].manifest
+        chunk_rows = chunk_rows_for(manifest, ctx.client.settings.chunk_rows)
         ctx.rows.append(_row("bulk", ref, m, cpu, rss_mb=worker.peak_rss_mb(),
                              extra={"chunk_rows": chunk_rows}))
         say(f"{ref} bulk: {m.rows_per_s:,.0f} rows/s ({m.rows:,} rows, chunks of "

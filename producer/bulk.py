@@ -29,7 +29,7 @@ from celery.exceptions import BackendStoreError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from producer.chunks import Chunk, ChunkResult, array_chunks, merge
+from producer.chunks import Chunk, ChunkResult, array_chunks, chunk_rows_for, merge
 from producer.client import Client
 from producer.coalesce import not_sent
 from producer.store import is_final, result_value
@@ -285,13 +285,15 @@ class BatchHandle:
         return self.pipeline.batch_id
 
     @classmethod
-    def start(cls, client: Client, model: str, rows: np.ndarray, chunk_rows: int,
+    def start(cls, client: Client, model: str, rows: np.ndarray, chunk_rows: int | None,
               batch_id: str | None = None, *, priority: str = "normal",
               deadline: float | None = None) -> BatchHandle:
+        """``chunk_rows`` None: sized for the model (``chunk_rows_for``)."""
         pipeline = Pipeline(client, model, batch_id or uuid.uuid4().hex,
                             max_in_flight=10**9, priority=priority, deadline=deadline)
-        spec = pipeline.version.manifest.input()
-        chunks = list(array_chunks(spec, rows, chunk_rows))
+        manifest = pipeline.version.manifest
+        chunks = list(array_chunks(manifest.input(), rows,
+                                   chunk_rows_for(manifest, chunk_rows)))
         return cls(pipeline, chunks)
 
     def iter_results(self, timeout: float | None = None) -> Iterator[ChunkResult]:

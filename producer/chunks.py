@@ -7,8 +7,30 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from shared.schemas import RowError, TensorSpec
+from shared.schemas import Manifest, RowError, TensorSpec
 from shared.validation import check_rows
+
+# Bulk chunk size when INFERQ_CHUNK_ROWS is unset: about CHUNK_BYTES of decoded input per
+# message, a power of two between MIN and MAX rows. Each message costs the producer and the
+# worker ~2-3 ms of CPU whatever its size (Celery, kombu, claim, result, ack); at 1 MiB a
+# fast model's chunk runs long enough to hide it (digits: 4,096 rows, ~14 ms of model
+# time; 1,024-row chunks held bulk digits to ~0.6x of the raw model, 4,096 to ~0.8x).
+# Text rows have no fixed size: TEXT_CHUNK_ROWS. docs/design.md, "Chunk size".
+CHUNK_BYTES = 1 << 20
+MIN_CHUNK_ROWS, MAX_CHUNK_ROWS, TEXT_CHUNK_ROWS = 16, 16_384, 1024
+
+
+def chunk_rows_for(manifest: Manifest, configured: int | None = None) -> int:
+    """Rows per bulk message for this model: ``configured`` when given, else sized by the
+    bytes of one input row (see CHUNK_BYTES)."""
+    if configured:
+        return configured
+    if any(spec.dtype == "string" for spec in manifest.inputs):
+        return TEXT_CHUNK_ROWS
+    row_bytes = sum(int(np.prod([max(d, 1) for d in spec.row_shape], dtype=np.int64))
+                    * spec.np_dtype.itemsize for spec in manifest.inputs)
+    rows = max(1, CHUNK_BYTES // max(row_bytes, 1))
+    return min(MAX_CHUNK_ROWS, max(MIN_CHUNK_ROWS, 1 << (rows.bit_length() - 1)))
 
 
 @dataclass

@@ -49,7 +49,9 @@ class Settings(BaseSettings):
     visibility_timeout: int = Field(
         3600, ge=1, description="Redis broker: seconds before an unacked message is redelivered"
     )
-    chunk_rows: int = Field(1024, ge=1, le=1_000_000, description="rows per message in bulk jobs")
+    chunk_rows: int | None = Field(None, ge=1, le=1_000_000, description=(
+        "rows per message in bulk jobs; unset: about 1 MiB of input per message, per model "
+        "(digits 4,096, text 1,024)"))
     max_in_flight: int = Field(64, ge=1, description="bulk chunks outstanding at once per producer")
     max_batch_rows: int = Field(256, ge=1, description="rows per model call")
     max_delay_ms: float = Field(5.0, ge=0, description="longest a row waits for batch-mates")

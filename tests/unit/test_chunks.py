@@ -7,8 +7,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from producer.chunks import Chunk, array_chunks, merge
-from shared.schemas import TensorSpec
+from producer.chunks import Chunk, array_chunks, chunk_rows_for, merge
+from shared.schemas import Manifest, TensorSpec
 
 IMAGE = TensorSpec(name="image", dtype="float32", shape=[-1, 1, 8, 8])
 OUTPUTS = [TensorSpec(name="probabilities", dtype="float32", shape=[-1, 10]),
@@ -132,3 +132,25 @@ def test_merge_a_chunk_with_no_valid_rows() -> None:
     assert res.outputs["probabilities"].dtype == np.float32
     assert res.outputs["probabilities"].shape == (3, 10)
     assert not res.outputs["label"].any() and not res.outputs["probabilities"].any()
+
+
+def manifest_taking(*inputs: TensorSpec) -> Manifest:
+    return Manifest(name="m", version=1, inputs=list(inputs), outputs=OUTPUTS)
+
+
+@pytest.mark.parametrize(("spec", "rows"), [
+    (IMAGE, 4096),  # 256 bytes a row -> 1 MiB
+    (TensorSpec(name="x", dtype="float32", shape=[-1, 10]), 16_384),  # capped
+    (TensorSpec(name="x", dtype="uint8", shape=[-1, 3, 224, 224]), 16),  # at least 16
+    (TensorSpec(name="x", dtype="float32", shape=[-1, 3, 100]), 512),  # 1200 B: floor 2**k
+    (TensorSpec(name="x", dtype="float32", shape=[-1, -1, 64]), 4096),  # dynamic axis as 1
+    (TensorSpec(name="text", dtype="string", shape=[-1]), 1024),
+])
+def test_chunk_rows_follow_the_bytes_of_a_row(spec: TensorSpec, rows: int) -> None:
+    assert chunk_rows_for(manifest_taking(spec)) == rows
+
+
+def test_chunk_rows_count_every_input_and_a_setting_wins() -> None:
+    two = manifest_taking(IMAGE, TensorSpec(name="mask", dtype="float32", shape=[-1, 1, 8, 8]))
+    assert chunk_rows_for(two) == 2048
+    assert chunk_rows_for(two, 300) == 300
