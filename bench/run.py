@@ -44,7 +44,7 @@ def _meta(env: BenchEnv, client: Any, names: list[str], quick: bool) -> dict[str
     return {
         "started_utc": datetime.now(UTC).isoformat(timespec="seconds"),
         "quick": quick, "models": {n: MODELS[n] for n in names},
-        "ort_threads": env.ort_threads, "chunk_rows": s.chunk_rows,  # None: per model (each bulk row)
+        "ort_threads": env.ort_threads, "chunk_rows": s.chunk_rows,  # None: per model
         "max_batch_rows": s.max_batch_rows, "max_delay_ms": s.max_delay_ms,
         "worker_concurrency": s.concurrency, "max_in_flight": s.max_in_flight,
         "naive_worker": "celery -P threads -c 4 --prefetch-multiplier 1, json",

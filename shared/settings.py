@@ -53,7 +53,9 @@ class Settings(BaseSettings):
         "rows per message in bulk jobs; unset: about 1 MiB of input per message, per model "
         "(digits 4,096, text 1,024)"))
     max_in_flight: int = Field(64, ge=1, description="bulk chunks outstanding at once per producer")
-    max_batch_rows: int = Field(256, ge=1, description="rows per model call")
+    # 512: bulk digits ran ~5% faster than at 256 (fewer GIL hand-backs per row, the raw
+    # model itself is as fast at either); online batches rarely reach it.
+    max_batch_rows: int = Field(512, ge=1, description="rows per model call")
     max_delay_ms: float = Field(5.0, ge=0, description="longest a row waits for batch-mates")
     coalesce: bool = Field(True, description="concurrent single-job submits of one process "
                            "share a broker message (producer/coalesce.py)")

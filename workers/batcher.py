@@ -323,14 +323,12 @@ class Batcher:
         if len(ordered) > 1 and all(p[3] == 1 for p in ordered):
             job.future.set_result(_stack_rows(ordered))
             return
-        merged: Outputs | None = None
         all_errors: dict[int, str] = {}
         done = 0
-        for out, err, _, n in ordered:
-            merged = _join(merged, done, out, n) if done else (
-                None if out is None else dict(out))
+        for _, err, _, n in ordered:
             all_errors.update({done + i: m for i, m in err.items()})
             done += n
+        merged = _concat([(out, n) for out, _, _, n in ordered])
         job.future.set_result(Outcome(merged, all_errors,
                                       [b for _, _, b, _ in ordered if b]))
 
@@ -372,6 +370,19 @@ def is_transient(exc: BaseException) -> bool:
     """Worth running again as it is: the device ran out of memory or hiccuped. Anything
     else (bad input, a model bug) would fail the same way again."""
     return isinstance(exc, MemoryError | TransientError) or bool(_TRANSIENT.search(str(exc)))
+
+
+def _concat(blocks: list[tuple[Outputs | None, int]]) -> Outputs | None:
+    """Row blocks in order, in one copy; a failed block (None) becomes zeros shaped like
+    the others (None when every block failed)."""
+    like = next((out for out, _ in blocks if out is not None), None)
+    if like is None:
+        return None
+    if len(blocks) == 1:
+        return dict(like)
+    return {k: np.concatenate([
+        out[k] if out is not None else np.zeros((n, *v.shape[1:]), v.dtype)
+        for out, n in blocks]) for k, v in like.items()}
 
 
 def _join(left: Outputs | None, left_rows: int, right: Outputs | None,

@@ -26,7 +26,7 @@ def test_defaults() -> None:
     assert s.home == Path.home() / ".inferq"
     assert s.model_repo == Path("models")
     assert s.queue_prefix == ""
-    assert s.max_batch_rows == 256
+    assert s.max_batch_rows == 512
     assert s.max_delay_ms == 5.0
     assert s.chunk_rows is None  # per model: producer.chunks.chunk_rows_for
     assert s.max_in_flight == 64
