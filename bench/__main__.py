@@ -1,4 +1,5 @@
-"""``python -m bench run [--quick] [--models digits,minilm] [--json PATH]``."""
+"""``python -m bench run [--quick] [--models digits,minilm] [--json PATH]``;
+``python -m bench soak [--minutes 10]`` (worker memory over a long mixed run)."""
 
 from __future__ import annotations
 
@@ -21,6 +22,10 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--json", type=Path, default=None,
                      help="where to write the results (default bench/results/<UTC time>.json)")
     run.add_argument("--log-level", default="WARNING")
+    soak = sub.add_parser("soak", help="worker RSS over a long run of bulk + online traffic")
+    soak.add_argument("--minutes", type=float, default=10.0)
+    soak.add_argument("--json", type=Path, default=None, help="write the RSS samples here")
+    soak.add_argument("--log-level", default="WARNING")
     return parser
 
 
@@ -28,6 +33,10 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.command == "soak":
+        from bench.soak import soak
+
+        return soak(args.minutes, json_path=args.json)
     names = [m.strip() for m in args.models.split(",") if m.strip()]
     unknown = sorted(set(names) - set(MODELS))
     if unknown or not names:
