@@ -98,8 +98,9 @@ def _finished(env: dict[str, str], batch_id: str, chunks: int = 40) -> int:
 
 def test_interrupt_and_resume_does_not_redo_finished_chunks(redis_env, start_worker, digits,
                                                             tmp_path):
-    # One 250-row chunk per model call, each 60 ms late: ~2.4 s to interrupt in.
-    start_worker({**redis_env, "INFERQ_FAULT_INJECTION": "delay_ms=60",
+    # One 250-row chunk per model call, each 150 ms late: ~6 s to interrupt in (at 60 ms
+    # the whole run sometimes ended before the watcher saw 8 chunks, inside the full suite).
+    start_worker({**redis_env, "INFERQ_FAULT_INJECTION": "delay_ms=150",
                   "INFERQ_MAX_BATCH_ROWS": "250"}, "--concurrency", "2")
     src = tmp_path / "x.npy"
     np.save(src, digits["x"])
