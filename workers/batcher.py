@@ -282,7 +282,7 @@ class Batcher:
         left, left_err = self._run_bisect({k: v[:mid] for k, v in inputs.items()}, mid)
         right, right_err = self._run_bisect({k: v[mid:] for k, v in inputs.items()}, rows - mid)
         errors = {**left_err, **{i + mid: m for i, m in right_err.items()}}
-        return _join(left, mid, right, rows - mid), errors
+        return _concat([(left, mid), (right, rows - mid)]), errors
 
     def _exit_for_device(self, exc: Exception) -> None:
         """The device is gone or broken: every later call would fail too. Exit non-zero
@@ -383,16 +383,3 @@ def _concat(blocks: list[tuple[Outputs | None, int]]) -> Outputs | None:
     return {k: np.concatenate([
         out[k] if out is not None else np.zeros((n, *v.shape[1:]), v.dtype)
         for out, n in blocks]) for k, v in like.items()}
-
-
-def _join(left: Outputs | None, left_rows: int, right: Outputs | None,
-          right_rows: int) -> Outputs | None:
-    """Concatenate two row blocks; a failed block (None) becomes zeros shaped like the other."""
-    if left is None and right is None:
-        return None
-    if left is None:
-        assert right is not None
-        left = {k: np.zeros((left_rows, *v.shape[1:]), v.dtype) for k, v in right.items()}
-    if right is None:
-        right = {k: np.zeros((right_rows, *v.shape[1:]), v.dtype) for k, v in left.items()}
-    return {k: np.concatenate([left[k], right[k]]) for k in left}

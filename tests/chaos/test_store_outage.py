@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import threading
 import time
+from typing import Any
 
 import pytest
 
@@ -22,12 +23,25 @@ from tests.chaos.harness import (
     tiled,
     worker_env,
 )
-from tests.conftest import client_for
+from tests.conftest import client_for, wait_until
 
 pytestmark = [pytest.mark.chaos, pytest.mark.integration]
 
 OUTAGE_S = 5.0
 SINGLES = 10  # one-row jobs queued behind the bulk job, waited for across the outage
+
+
+def _restart_and_settle(store: Any, down_s: float, row: Any, client: Any,
+                        jobs: dict[str, int], labels: Any, fault_log: Any,
+                        timeout: float) -> None:
+    """The store (already stopped) stays down ``down_s``, comes back, and every job must
+    end with its own result."""
+    time.sleep(down_s)  # the outage itself
+    store.start()
+    back = time.monotonic()
+    final = await_results(client, list(jobs), timeout=timeout)
+    problems = settle_jobs(row, jobs, final, labels, fault_log, back)
+    assert not problems, f"{len(problems)} jobs lost, e.g. {problems[:3]}"
 
 
 @pytest.mark.timeout(150)
@@ -102,12 +116,7 @@ def test_jobs_taken_while_the_result_store_is_down_are_not_lost(redis_env, start
     row.jobs = row.rows = len(jobs)
     store.stop()
     start_worker(worker_env(env, fault_log), "--concurrency", "4")  # takes them all now
-    time.sleep(OUTAGE_S)  # the outage itself
-    store.start()
-    back = time.monotonic()
-    final = await_results(client, list(jobs), timeout=10)
-    problems = settle_jobs(row, jobs, final, labels, fault_log, back)
-    assert not problems, f"{len(problems)} jobs lost, e.g. {problems[:3]}"
+    _restart_and_settle(store, OUTAGE_S, row, client, jobs, labels, fault_log, timeout=10)
 
 
 # Past Celery's default store retry budget (~10 s, 20.5 s at most); shared/celery_app.py
@@ -129,14 +138,8 @@ def test_single_jobs_finishing_in_a_30s_store_outage_keep_their_results(
     client = client_for(env)  # one inferq.infer message per job: Celery stores the result
     jobs = {client.submit("digits", x[i]).id: i for i in range(len(x))}
     row.jobs = row.rows = len(jobs)
-    deadline = time.monotonic() + 20
-    while None in client.store.claims.states(list(jobs)):  # claimed: their model call runs
-        assert time.monotonic() < deadline, "the worker did not take the jobs"
-        time.sleep(0.02)  # another process's progress: nothing to wait on
+    wait_until(lambda: None not in client.store.claims.states(list(jobs)), 20,
+               "the worker claiming every job (its model call runs)", pause=0.02)
     store.stop()  # the model call (1 s) ends inside the outage
-    time.sleep(LONG_OUTAGE_S)  # the outage itself
-    store.start()
-    back = time.monotonic()
-    final = await_results(client, list(jobs), timeout=20)
-    problems = settle_jobs(row, jobs, final, labels, fault_log, back)
-    assert not problems, f"{len(problems)} jobs lost, e.g. {problems[:3]}"
+    _restart_and_settle(store, LONG_OUTAGE_S, row, client, jobs, labels, fault_log,
+                        timeout=20)

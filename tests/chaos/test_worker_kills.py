@@ -6,6 +6,7 @@ from __future__ import annotations
 import signal
 import threading
 import time
+from typing import Any
 
 import pytest
 
@@ -29,15 +30,24 @@ pytestmark = [pytest.mark.chaos, pytest.mark.integration]
 SLOW = "row_delay_ms=0.16"
 
 
-@pytest.mark.timeout(150)
-def test_sigkill_mid_batch_loses_nothing(broker_env, start_worker, digits, fault_log,
-                                         chaos_report):
-    row = chaos_report("SIGKILL a worker mid-batch", broker_name(broker_env))
+def _bulk_on_one_slow_worker(broker_env: dict[str, str], start_worker: Any, digits: Any,
+                             fault_log: Any, row: Any) -> tuple[Any, ...]:
+    """20,000 rows in 500-row chunks sent to one slow worker named first@:
+    (rows, labels, the worker env, the worker, the batch handle)."""
     x, labels = tiled(digits, 20_000)
     env = worker_env(broker_env, fault_log, SLOW)
     first = start_worker(env, "--concurrency", "4", "--hostname", "first@%h")
     handle = client_for(broker_env).submit_many("digits", x, chunk_rows=500)
     row.jobs, row.rows = len(handle.chunks), len(x)
+    return x, labels, env, first, handle
+
+
+@pytest.mark.timeout(150)
+def test_sigkill_mid_batch_loses_nothing(broker_env, start_worker, digits, fault_log,
+                                         chaos_report):
+    row = chaos_report("SIGKILL a worker mid-batch", broker_name(broker_env))
+    x, labels, env, first, handle = _bulk_on_one_slow_worker(broker_env, start_worker,
+                                                             digits, fault_log, row)
     killed: list[float] = []
 
     def kill_at(n: int) -> None:
@@ -59,11 +69,8 @@ def test_sigkill_mid_batch_loses_nothing(broker_env, start_worker, digits, fault
 def test_sigterm_mid_job_finishes_or_returns_in_flight_work(broker_env, start_worker, digits,
                                                            fault_log, chaos_report):
     row = chaos_report("SIGTERM a worker mid-job", broker_name(broker_env))
-    x, labels = tiled(digits, 20_000)
-    env = worker_env(broker_env, fault_log, SLOW)
-    first = start_worker(env, "--concurrency", "4", "--hostname", "first@%h")
-    handle = client_for(broker_env).submit_many("digits", x, chunk_rows=500)
-    row.jobs, row.rows = len(handle.chunks), len(x)
+    x, labels, env, first, handle = _bulk_on_one_slow_worker(broker_env, start_worker,
+                                                             digits, fault_log, row)
     stopped: list[float] = []
 
     def stop_at(n: int) -> None:
@@ -110,7 +117,8 @@ def _kill_every_2s(env_for_row, start_worker, digits, fault_log, chaos_report, *
     workers = [restart("w0-0@%h"), restart("w1-0@%h")]
     handle = client_for(env_for_row).submit_many("digits", x, chunk_rows=250)
     row.jobs, row.rows = len(handle.chunks), len(x)
-    done, kill_times = threading.Event(), []
+    done = threading.Event()
+    kill_times: list[float] = []
     killer = threading.Thread(target=_kill_one_every,
                               args=(2.0, kills, workers, restart, done, kill_times))
     killer.start()

@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -15,7 +14,7 @@ import pytest
 import redis
 
 from producer.bulk import chunk_id
-from tests.conftest import ROOT, run_cli
+from tests.conftest import ROOT, run_cli, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -111,11 +110,13 @@ def test_interrupt_and_resume_does_not_redo_finished_chunks(redis_env, start_wor
     proc = subprocess.Popen([sys.executable, "-m", "producer.cli", *args], env=env, cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     state = out.with_name(out.name + ".inferq.json")
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and proc.poll() is None:
-        if state.exists() and _finished(redis_env, json.loads(state.read_text())["batch_id"]) >= 8:
-            break
-        time.sleep(0.05)  # watching another process: nothing to wait on but the store
+
+    def eight_finished() -> bool:
+        assert proc.poll() is None, f"the run ended before it was interrupted: {proc.stderr}"
+        return state.exists() and _finished(
+            redis_env, json.loads(state.read_text())["batch_id"]) >= 8
+
+    wait_until(eight_finished, 60, "8 chunks finished")
     os.kill(proc.pid, signal.SIGINT)  # what Ctrl-C sends
     _, stderr = proc.communicate(timeout=30)
     assert proc.returncode == 130, stderr

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tests.conftest import client_for
+from tests.conftest import client_for, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -43,7 +43,6 @@ def test_a_chunk_lost_from_the_queue_is_sent_again(redis_env, start_worker, digi
     worker SIGKILLed in between loses it. Simulated by deleting one chunk's message: the
     pipeline sees it unclaimed while later chunks finish, and sends it again."""
     import threading
-    import time
 
     import redis
 
@@ -57,10 +56,7 @@ def test_a_chunk_lost_from_the_queue_is_sent_again(redis_env, start_worker, digi
     collector.start()  # publishes all 8 chunks, then waits: no worker yet
     r = redis.Redis.from_url(redis_env["INFERQ_BROKER_URL"])
     queue = redis_env["INFERQ_QUEUE_PREFIX"] + "infer.digits"
-    deadline = time.monotonic() + 30
-    while r.llen(queue) < 8:  # another thread's publishing: no event to wait on
-        assert time.monotonic() < deadline, "the chunks were not published"
-        time.sleep(0.05)
+    wait_until(lambda: r.llen(queue) >= 8, 30, "the 8 chunks published")
     lost = f"{handle.batch_id}-0000002".encode()
     victim = next(raw for raw in r.lrange(queue, 0, -1) if lost in raw)
     assert r.lrem(queue, 1, victim) == 1
