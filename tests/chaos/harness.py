@@ -20,6 +20,7 @@ import numpy as np
 
 from producer.chunks import ChunkResult
 from tests.chaos.report import Row
+from tests.conftest import wait_until
 
 STALL_S = 60.0  # longest wait for the next chunk's result before a test gives up
 
@@ -107,10 +108,8 @@ def rows_run(log: Path, pid: int) -> int:
 def await_next_call(log: Path, pid: int, timeout: float = 10.0) -> None:
     """Until process ``pid`` finishes one more model call: then it is inside the next."""
     seen = calls(log, pid)
-    deadline = time.monotonic() + timeout
-    while calls(log, pid) == seen:
-        assert time.monotonic() < deadline, f"worker {pid} made no model call in {timeout} s"
-        time.sleep(0.005)  # another process's file: no event to wait on
+    wait_until(lambda: calls(log, pid) != seen, timeout, f"worker {pid} making a model call",
+               pause=0.005)
 
 
 class Background:

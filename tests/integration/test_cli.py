@@ -97,9 +97,8 @@ def _finished(env: dict[str, str], batch_id: str, chunks: int = 40) -> int:
 
 def test_interrupt_and_resume_does_not_redo_finished_chunks(redis_env, start_worker, digits,
                                                             tmp_path):
-    # One 250-row chunk per model call, each 150 ms late: ~6 s to interrupt in (at 60 ms
-    # the whole run sometimes ended before the watcher saw 8 chunks, inside the full suite).
-    start_worker({**redis_env, "INFERQ_FAULT_INJECTION": "delay_ms=150",
+    # One 250-row chunk per model call, each 60 ms late: ~2.4 s to interrupt in.
+    start_worker({**redis_env, "INFERQ_FAULT_INJECTION": "delay_ms=60",
                   "INFERQ_MAX_BATCH_ROWS": "250"}, "--concurrency", "2")
     src = tmp_path / "x.npy"
     np.save(src, digits["x"])
@@ -107,8 +106,12 @@ def test_interrupt_and_resume_does_not_redo_finished_chunks(redis_env, start_wor
     args = ["score", "--model", "digits", "-i", str(src), "-o", str(out), "--chunk-rows",
             "250", "--stall-timeout", "60"]
     env = {**os.environ, **redis_env, "PYTHONPATH": str(ROOT)}
+    # SIGINT as a terminal leaves it: a suite started in the background (`cmd &` in a
+    # script, as CI may) has it ignored, and a child inherits that (the run then ignored
+    # the interrupt and finished with 0).
     proc = subprocess.Popen([sys.executable, "-m", "producer.cli", *args], env=env, cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     state = out.with_name(out.name + ".inferq.json")
 
     def eight_finished() -> bool:
