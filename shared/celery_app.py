@@ -18,6 +18,8 @@ INFER_MANY_TASK = "inferq.infer_many"  # several jobs in one message (producer/c
 
 
 PRIORITIES = ("high", "normal")  # a worker takes from a model's high queue first
+HIGH_SUFFIX = ".high"
+RELIABLE_REDIS = "shared.redis_transport:Transport"
 
 
 def check_priority(priority: str) -> str:
@@ -31,7 +33,7 @@ def queue_name(settings: Settings, model: str, priority: str = "normal") -> str:
     """Two queues per model (normal, and ``.high``), so workers choose what they serve
     and high-priority work skips the backlog; see docs/reliability.md."""
     name = f"{settings.queue_prefix}infer.{model}"
-    return f"{name}.high" if priority == "high" else name
+    return name + HIGH_SUFFIX if priority == "high" else name
 
 
 def model_queue(settings: Settings, model: str, priority: str = "normal") -> Queue:
@@ -94,13 +96,20 @@ def make_app(settings: Settings) -> Celery:
             # it must exceed the longest task. The restore sweep runs often enough
             # for that bound to hold (kombu's default sweep is ~100 s).
             "visibility_timeout": vt,
-            "unacked_restore_interval": max(1, min(10, vt // 4)),
+            "unacked_restore_interval": max(1, min(2, vt // 4)),
             "unacked_restore_throttle": 1,
             # RabbitMQ: wait for the broker to confirm each publish.
             "confirm_publish": True,
         },
         result_backend_transport_options={"visibility_timeout": vt},
     )
+    if settings.reliable_fetch and (settings.broker_url or "").startswith(("redis://",
+                                                                          "rediss://")):
+        # No loss window between taking a message and recording it as unacked, and a dead
+        # consumer's messages back in seconds (shared/redis_transport.py).
+        app.conf.broker_transport = RELIABLE_REDIS
+        app.conf.broker_transport_options.update(
+            priority_suffix=HIGH_SUFFIX, owner_dead_after=settings.consumer_dead_after)
     if settings.embedded:
         # The in-memory transport is polled (every 1 s by default): poll often instead.
         app.conf.broker_transport_options["polling_interval"] = 0.002

@@ -49,6 +49,12 @@ class Settings(BaseSettings):
     visibility_timeout: int = Field(
         3600, ge=1, description="Redis broker: seconds before an unacked message is redelivered"
     )
+    reliable_fetch: bool = Field(True, description="Redis broker: fetch with inferq's "
+                                 "transport (no loss window, dead consumers' messages back "
+                                 "in seconds); false: kombu's own BRPOP fetch")
+    consumer_dead_after: float = Field(10.0, ge=1, description="Redis broker: seconds without "
+                                       "a worker's heartbeat before its unacked messages go "
+                                       "back on their queues")
     chunk_rows: int | None = Field(None, ge=1, le=1_000_000, description=(
         "rows per message in bulk jobs; unset: about 1 MiB of input per message, per model "
         "(digits 4,096, text 1,024)"))

@@ -41,7 +41,7 @@ def test_hand_crafted_messages_are_dead_lettered_and_the_worker_survives(
                               "too-big"}
     assert "no such task: 'inferq.no_such_task'" in reasons["unknown-task"]
     assert "wrong arguments" in reasons["wrong-signature"]
-    assert "untrusted content of type pickle" in reasons["foreign-serializer"]
+    assert "application/x-python-serialize' is not accepted" in reasons["foreign-serializer"]
     assert "200000" in reasons["too-big"] or "INFERQ_MAX_MESSAGE_BYTES" in reasons["too-big"]
     print("\n" + "\n".join(f"{k}: {v}" for k, v in sorted(reasons.items())))
     assert worker.proc.poll() is None  # still running

@@ -1,0 +1,430 @@
+"""kombu's Redis transport with a reliable fetch: no message is lost between taking it
+off a queue and recording it as unacked.
+
+kombu's own transport pops a message with ``BRPOP`` and records it as unacked in a
+second round trip; a worker killed between the two loses the message (about one kill in
+seven under load, measured). Here one Lua script moves the message from the first
+non-empty queue (high-priority queues first) into kombu's unacked records, so a message
+is always either on a queue or recorded. Redis cannot block inside a script, so idle
+consumers block on a *wake marker* per queue (a one-element list that every publish and
+every restore pushes) and fetch when it fires, as BullMQ's workers do; while messages
+flow, consumers fetch back to back without blocking. A marker lost to a crash costs at
+most ``brpop_timeout`` (1 s): a consumer fetches after every wait, woken or not.
+
+Each consuming channel is an *owner*: the fetch records which owner holds each message,
+and a heartbeat thread keeps the owner's time fresh. The restore sweep (kombu's
+``restore_visible``, which every worker runs every few seconds) first marks every message
+of an owner silent for ``owner_dead_after`` seconds as overdue, so a killed worker's
+messages come back in seconds, not after the visibility timeout. Acks, restores and the
+visibility timeout itself work as in kombu, so Celery's acks-late and
+``reject_on_worker_lost`` keep their meaning.
+
+A queue entry that is not a kombu message (not JSON, no properties) is moved to the
+``_inferq.garbage`` list and handed to the consumer as a refused message (header
+``inferq_refused``), which the worker dead-letters; nothing a producer puts on a queue can
+stop a worker. Design notes: docs/design.md ("Reliable fetch on Redis").
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import socket
+import threading
+import uuid
+from queue import Empty
+from time import monotonic, time
+from typing import Any
+
+from kombu.transport import redis as kombu_redis
+from kombu.transport import virtual
+from kombu.utils.encoding import bytes_to_str
+from kombu.utils.json import dumps, loads
+from redis.exceptions import NoScriptError
+
+logger = logging.getLogger(__name__)
+
+OWNER_KEY = "_inferq.owner"  # hash: delivery tag -> owner holding it
+CONSUMERS_KEY = "_inferq.consumers"  # sorted set: owner -> last heartbeat (server time)
+GARBAGE_KEY = "_inferq.garbage"  # list: raw queue entries that were not messages
+GARBAGE_KEPT = 10_000
+WAKE_PREFIX = "_inferq.wake."
+REFUSED_HEADER = "inferq_refused"  # on a stand-in message for an entry that was garbage
+
+
+def wake_key(queue: str) -> str:
+    return WAKE_PREFIX + queue
+
+
+# KEYS: unacked hash, unacked index, owner hash, consumers, then for each queue (in the
+# order to try) its priority lists followed by its wake marker.
+# ARGV: now (client clock, as kombu's index uses), owner, delivery tag, lists per queue.
+# -> {queue index (0-based), entry} or nil. The entry is recorded as kombu records an
+# unacked message, ``[message, exchange, routing key]``, with the anonymous exchange and
+# the queue as routing key, so a restore puts it back on the queue it came from.
+FETCH = """
+local per = tonumber(ARGV[4]) + 1
+local nq = (#KEYS - 4) / per
+local function ready(q)
+  for p = 1, per - 1 do
+    if redis.call('LLEN', KEYS[4 + q * per + p]) > 0 then return true end
+  end
+  return false
+end
+for q = 0, nq - 1 do
+  for p = 1, per - 1 do
+    local item = redis.call('RPOP', KEYS[4 + q * per + p])
+    if item then
+      local queue = string.sub(KEYS[4 + q * per + per], string.len(ARGV[5]) + 1)
+      redis.call('ZADD', KEYS[2], ARGV[1], ARGV[3])
+      redis.call('HSET', KEYS[1], ARGV[3],
+                 '[' .. item .. ',"",' .. cjson.encode(queue) .. ']')
+      redis.call('HSET', KEYS[3], ARGV[3], ARGV[2])
+      local t = redis.call('TIME')
+      redis.call('ZADD', KEYS[4], tonumber(t[1]) + tonumber(t[2]) / 1e6, ARGV[2])
+      -- whatever is left wakes the next sleeping consumer
+      for r = 0, nq - 1 do
+        local wake = KEYS[4 + r * per + per]
+        if redis.call('LLEN', wake) == 0 and ready(r) then
+          redis.call('LPUSH', wake, '1')
+        end
+      end
+      return {q, item}
+    end
+  end
+end
+return nil
+"""
+
+# KEYS: consumers, owner hash, unacked index. ARGV: seconds of silence that mean dead.
+# Every message of a dead owner gets index score 0, so the visibility sweep that follows
+# restores it at once. -> number of messages marked.
+SWEEP_DEAD = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1e6
+local dead = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now - tonumber(ARGV[1]))
+if #dead == 0 then return 0 end
+local gone = {}
+for _, owner in ipairs(dead) do
+  gone[owner] = true
+  redis.call('ZREM', KEYS[1], owner)
+end
+local held = redis.call('HGETALL', KEYS[2])
+local marked = 0
+for i = 1, #held, 2 do
+  if gone[held[i + 1]] and redis.call('ZSCORE', KEYS[3], held[i]) then
+    redis.call('ZADD', KEYS[3], 0, held[i])
+    marked = marked + 1
+  end
+end
+return marked
+"""
+
+# KEYS: consumers. ARGV: owners. Server time, so hosts' clocks need not agree.
+BEAT = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1e6
+for _, owner in ipairs(ARGV) do redis.call('ZADD', KEYS[1], now, owner) end
+"""
+
+_FETCH_SHA = hashlib.sha1(FETCH.encode()).hexdigest()
+
+
+class Heartbeat:
+    """A daemon thread that keeps one owner's time fresh in the consumers set."""
+
+    def __init__(self, channel: Channel, interval: float):
+        self.owner = channel.owner
+        self.interval = interval
+        self._client = channel.Client(connection_pool=channel.pool)
+        self._beat = self._client.register_script(BEAT)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="inferq-heartbeat",
+                                        daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self._beat(keys=[CONSUMERS_KEY], args=[self.owner])
+            except Exception as exc:  # the broker is away: the next beat tries again
+                logger.debug("heartbeat of %s failed: %s", self.owner, exc)
+            self._stop.wait(self.interval)
+
+    def stop(self) -> None:
+        self._stop.set()
+
+
+class QoS(kombu_redis.QoS):
+    """kombu's ack emulation; a message fetched by :data:`FETCH` is already recorded."""
+
+    def append(self, message: Any, delivery_tag: str) -> None:
+        if delivery_tag in self.channel.recorded:
+            virtual.QoS.append(self, message, delivery_tag)  # in memory only
+        else:
+            super().append(message, delivery_tag)
+
+    def _remove_from_indices(self, delivery_tag: str, pipe: Any = None) -> Any:
+        return super()._remove_from_indices(delivery_tag, pipe).hdel(OWNER_KEY, delivery_tag)
+
+    def restore_visible(self, start: int = 0, num: int = 10, interval: int = 10) -> None:
+        if not (self._vrestore_count % (interval or 1)):
+            with self.channel.conn_or_acquire() as client:
+                marked = client.register_script(SWEEP_DEAD)(
+                    keys=[CONSUMERS_KEY, OWNER_KEY, self.unacked_index_key],
+                    args=[self.channel.owner_dead_after])
+            if marked:
+                logger.warning("restoring %d messages of consumers silent for over %s s",
+                               marked, self.channel.owner_dead_after)
+        super().restore_visible(start, num, interval)
+
+    def restore_by_tag(self, tag: str, client: Any = None, leftmost: bool = False) -> None:
+        """kombu's, but a record that is not a message (garbage fetched by a consumer that
+        died before it could refuse it) is kept in the garbage list instead of raising."""
+
+        def restore_transaction(pipe: Any) -> None:
+            raw = pipe.hget(self.unacked_key, tag)
+            pipe.multi()
+            self._remove_from_indices(tag, pipe)
+            if not raw:
+                return
+            try:
+                message, exchange, routing_key = loads(bytes_to_str(raw))
+                valid = _is_message(message)
+            except (ValueError, TypeError):
+                valid = False
+            if not valid:
+                pipe.lpush(GARBAGE_KEY, raw).ltrim(GARBAGE_KEY, 0, GARBAGE_KEPT - 1)
+                return
+            self.channel._do_restore_message(message, exchange, routing_key, pipe, leftmost)
+
+        with self.channel.conn_or_acquire(client) as client:
+            client.transaction(restore_transaction, self.unacked_key)
+
+
+def _is_message(payload: Any) -> bool:
+    """The envelope kombu's virtual Message needs (its body is checked when decoded)."""
+    if not isinstance(payload, dict):
+        return False
+    props = payload.get("properties")
+    return (isinstance(props, dict) and isinstance(props.get("delivery_info"), dict)
+            and isinstance(payload.get("headers", {}), dict | None)
+            and isinstance(payload.get("body", ""), str | None))
+
+
+class Channel(kombu_redis.Channel):
+    """A Redis channel whose consumers fetch with :data:`FETCH` (no loss window)."""
+
+    QoS = QoS
+    #: queues whose name ends so are tried before the others (inferq's ``.high``)
+    priority_suffix = ""
+    #: seconds without a heartbeat after which an owner's messages are restored
+    owner_dead_after = 10.0
+    from_transport_options = (  # type: ignore[assignment]
+        *kombu_redis.Channel.from_transport_options, "priority_suffix", "owner_dead_after")
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        if self.global_keyprefix:
+            raise ValueError("inferq's Redis transport does not support global_keyprefix; "
+                             "use INFERQ_QUEUE_PREFIX or another database")
+        self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:12]}"
+        self.recorded: set[str] = set()  # tags FETCH recorded, until QoS.append sees them
+        self._fetch_next = True  # else wait on the wake markers first
+        self._fetching: list[str] | None = None  # the queues of the fetch in flight
+        self._eval = False  # the script cache lost FETCH: send the script itself once
+        self._heartbeat: Heartbeat | None = None
+        self._no_ack_queues: set[str] = set()
+        self._plain = False  # the BRPOP in flight is kombu's own (a no-ack consumer)
+
+    # -- consuming -----------------------------------------------------------------------
+    def _ordered_queues(self) -> list[str]:
+        queues = self._queue_cycle.consume(len(self.active_queues))
+        if self.priority_suffix:
+            queues = sorted(queues, key=lambda q: not q.endswith(self.priority_suffix))
+        return queues
+
+    def _fetch_keys(self, queues: list[str]) -> list[str]:
+        keys = [self.unacked_key, self.unacked_index_key, OWNER_KEY, CONSUMERS_KEY]
+        for queue in queues:
+            keys += [self._q_for_pri(queue, pri) for pri in self.priority_steps]
+            keys.append(wake_key(queue))
+        return keys
+
+    def _fetch_args(self, tag: str) -> list[Any]:
+        return [time(), self.owner, tag, len(self.priority_steps), WAKE_PREFIX]
+
+    def basic_consume(self, queue: str, no_ack: bool, *args: Any, **kwargs: Any) -> Any:
+        if no_ack:  # nothing to record: kombu's BRPOP loses nothing that matters
+            self._no_ack_queues.add(queue)
+        return super().basic_consume(queue, no_ack, *args, **kwargs)
+
+    def _start_heartbeat(self) -> None:
+        if self._heartbeat is None:
+            self._heartbeat = Heartbeat(self, max(0.2, self.owner_dead_after / 5))
+
+    def _brpop_start(self, timeout: float | None = None) -> None:
+        self._plain = bool(self._no_ack_queues.intersection(self.active_queues))
+        if self._plain:
+            super()._brpop_start(timeout)
+            return
+        queues = self._ordered_queues()
+        if not queues:
+            return
+        self._start_heartbeat()
+        if self._fetch_next:
+            keys = self._fetch_keys(queues)
+            tag = uuid.uuid4().hex
+            script = ("EVAL", FETCH) if self._eval else ("EVALSHA", _FETCH_SHA)
+            command: list[Any] = [*script, len(keys), *keys, *self._fetch_args(tag)]
+            self._fetching = [tag, *queues]
+        else:
+            command = ["BRPOP", *[wake_key(q) for q in queues],
+                       timeout if timeout is not None else (self.brpop_timeout or 1)]
+            self._fetching = None
+        self._in_poll = self.client.connection
+        self._brpop_sent_at = monotonic()  # type: ignore[assignment]
+        self.client.connection.send_command(*command)
+
+    def _brpop_read(self, **options: Any) -> bool:
+        if self._plain:
+            return bool(super()._brpop_read(**options))
+        fetching, self._fetching = self._fetching, None
+        try:
+            try:
+                reply = self.client.parse_response(
+                    self.client.connection, "EVALSHA" if fetching else "BRPOP", **options)
+            except self.connection_errors:
+                self.client.connection.disconnect()
+                raise
+            except NoScriptError:
+                self._eval = True
+                raise Empty() from None
+            except self.ResponseError:
+                logger.exception("fetching from Redis failed")
+                self._fetch_next = False
+                raise Empty() from None
+            if fetching is None:  # woken by a marker, or the wait timed out: fetch now
+                self._fetch_next = True
+                raise Empty()
+            self._eval = False
+            if not reply:
+                self._fetch_next = False
+                raise Empty()
+            self._fetch_next = True
+            tag, queues = fetching[0], fetching[1:]
+            queue = queues[int(reply[0])]
+            self._queue_cycle.rotate(queue)
+            self._deliver_fetched(reply[1], tag, queue)
+            return True
+        finally:
+            self._in_poll = None  # type: ignore[assignment]
+            self._flush_brpop_reauth()
+
+    def _deliver_fetched(self, raw: bytes, tag: str, queue: str) -> None:
+        """Hand a recorded message to its consumer; an entry that is not one is refused."""
+        try:
+            payload = loads(bytes_to_str(raw))
+            valid = _is_message(payload)
+        except (ValueError, TypeError):
+            valid = False
+        if not valid:
+            self._refuse(raw, tag, queue, "the queue entry is not a kombu message (JSON "
+                         "with properties and delivery_info)")
+            return
+        payload["properties"]["delivery_tag"] = tag
+        self.recorded.add(tag)
+        try:
+            self.connection._deliver(payload, queue)
+        except Exception as exc:
+            if tag in self.qos._delivered:
+                raise  # the consumer holds it: acked, rejected or restored as usual
+            self._refuse(raw, tag, queue, f"kombu cannot read the message: "
+                         f"{type(exc).__name__}: {exc}")
+        finally:
+            self.recorded.discard(tag)
+
+    def _refuse(self, raw: bytes, tag: str, queue: str, reason: str) -> None:
+        """Keep a garbage entry in the garbage list, drop its record, and give the consumer
+        a stand-in message saying so (the worker dead-letters it and acks)."""
+        logger.error("queue %s: refused an entry of %d bytes: %s", queue, len(raw), reason)
+        with self.conn_or_acquire() as client:
+            pipe = client.pipeline()
+            pipe.lpush(GARBAGE_KEY, raw).ltrim(GARBAGE_KEY, 0, GARBAGE_KEPT - 1)
+            self.qos._remove_from_indices(tag, pipe).execute()
+        stand_in = {
+            "body": "", "content-type": "application/x-inferq-refused",
+            "content-encoding": "binary",
+            "headers": {REFUSED_HEADER: reason, "inferq_raw_bytes": len(raw),
+                        "inferq_kept_in": GARBAGE_KEY},
+            "properties": {"delivery_tag": tag, "body_encoding": None,
+                           "delivery_info": {"exchange": "", "routing_key": queue}},
+        }
+        self.recorded.add(tag)
+        try:
+            self.connection._deliver(stand_in, queue)
+        finally:
+            self.recorded.discard(tag)
+
+    def basic_get(self, queue: str, no_ack: bool = False, **kwargs: Any) -> Any:
+        """Synchronous get: through :data:`FETCH` too, unless nothing is acked."""
+        if no_ack:
+            return super().basic_get(queue, no_ack, **kwargs)
+        self._start_heartbeat()
+        tag = uuid.uuid4().hex
+        keys = self._fetch_keys([queue])
+        with self.conn_or_acquire() as client:
+            reply = client.register_script(FETCH)(keys=keys, args=self._fetch_args(tag))
+        if not reply:
+            return None
+        payload = loads(bytes_to_str(reply[1]))
+        payload["properties"]["delivery_tag"] = tag
+        message = self.Message(payload, channel=self)
+        self.recorded.add(tag)
+        try:
+            self.qos.append(message, tag)
+        finally:
+            self.recorded.discard(tag)
+        return message
+
+    # -- publishing: every message, and every restored one, wakes a consumer -------------
+    def _put(self, queue: str, message: Any, **kwargs: Any) -> None:
+        batch = kwargs.get("_publish_batch")
+        wake = wake_key(queue)
+        if batch is not None:
+            super()._put(queue, message, **kwargs)
+            batch.add("lpush", wake, "1")
+            batch.add("ltrim", wake, 0, 0)
+            return
+        key = self._q_for_pri(queue, self._get_message_priority(message, reverse=False))
+        with self.conn_or_acquire() as client, client.pipeline(transaction=False) as pipe:
+            pipe.lpush(key, dumps(message))
+            if self._expires and queue in self._expires:
+                for pri in self.priority_steps:
+                    pipe.pexpire(self._q_for_pri(queue, pri), self._expires[queue])
+            pipe.lpush(wake, "1").ltrim(wake, 0, 0)
+            pipe.execute()
+
+    def _do_restore_message(self, payload: Any, exchange: str, routing_key: str, pipe: Any,
+                            leftmost: bool = False) -> None:
+        super()._do_restore_message(payload, exchange, routing_key, pipe, leftmost)
+        for queue in self._lookup(exchange, routing_key):
+            pipe.lpush(wake_key(queue), "1").ltrim(wake_key(queue), 0, 0)
+
+    def _purge(self, queue: str) -> int:
+        with self.conn_or_acquire() as client:
+            client.delete(wake_key(queue))
+        return int(super()._purge(queue))
+
+    def close(self) -> None:
+        if self._heartbeat is not None:
+            self._heartbeat.stop()  # its owner is swept once silent; restore goes first
+        super().close()
+
+
+class Transport(kombu_redis.Transport):
+    """``broker_transport = "shared.redis_transport:Transport"`` with a redis:// URL."""
+
+    Channel = Channel
+    driver_name = "redis"
