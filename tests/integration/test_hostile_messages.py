@@ -3,10 +3,15 @@ worker keeps serving."""
 
 from __future__ import annotations
 
+import json
+import uuid
+from typing import Any
+
 import numpy as np
 import pytest
 import redis
 
+from shared import codec
 from shared.celery_app import INFER_TASK, model_queue
 from shared.dead_letters import read_dead_letters
 from tests.conftest import client_for, wait_until
@@ -47,3 +52,83 @@ def test_hand_crafted_messages_are_dead_lettered_and_the_worker_survives(
     assert worker.proc.poll() is None  # still running
     again = client.submit("digits", digits["x"][4])
     assert int(again.result(timeout=30)["label"][0]) == int(digits["label"][4])
+
+
+# -- messages written at the broker level, as any host that can reach the broker could ---
+
+def _publish_raw(client: Any, queue: Any, body: bytes, content_type: str,
+                 headers: dict[str, Any]) -> None:
+    """One message as it would arrive from a foreign producer: body bytes as given."""
+    with client.app.connection_for_write() as conn:
+        producer = conn.Producer()
+        producer.publish(body, exchange=queue.exchange, routing_key=queue.routing_key,
+                         declare=[queue], content_type=content_type,
+                         content_encoding="binary", headers=headers, retry=False)
+
+
+def _task_headers(task: str = INFER_TASK, **extra: Any) -> dict[str, Any]:
+    return {"task": task, "id": f"hostile-{uuid.uuid4().hex[:8]}", "lang": "py", **extra}
+
+
+def _crafted(client: Any) -> list[tuple[str, bytes, str, dict[str, Any]]]:
+    """(what, body, content type, headers) of each hand-made message."""
+    good_body = codec.dumps([[], {"model": "digits", "inputs": {"image": [[0.0] * 64]}}, {}])
+    return [
+        ("empty body", b"", codec.CONTENT_TYPE, _task_headers()),
+        ("truncated body", good_body[:7], codec.CONTENT_TYPE, _task_headers()),
+        ("not msgpack", b"\xc1\xff\x00garbage", codec.CONTENT_TYPE, _task_headers()),
+        ("body not [args, kwargs, embed]", codec.dumps({"a": 1}), codec.CONTENT_TYPE,
+         _task_headers()),
+        ("Celery built-in", json.dumps([[[1, 2]], {}, {}]).encode(), "application/json",
+         _task_headers("celery.accumulate")),
+        ("wrong header type", good_body, codec.CONTENT_TYPE,
+         _task_headers(timelimit="soon", retries="3")),
+        ("eta", good_body, codec.CONTENT_TYPE,
+         _task_headers(eta="2030-01-01T00:00:00+00:00")),
+        ("callback", codec.dumps([[], {"model": "digits", "inputs": {"image": [[0.0] * 64]}},
+                                  {"callbacks": [{"task": "celery.accumulate"}]}]),
+         codec.CONTENT_TYPE, _task_headers()),
+        ("no task header", good_body, codec.CONTENT_TYPE, {"id": "x"}),
+        ("text content", b"hello", "text/plain", _task_headers()),
+    ]
+
+
+def test_malformed_messages_never_stop_a_worker(broker_env, start_worker, digits):
+    """Each message is refused before Celery's strategy runs it, dead-lettered with a
+    reason, and the same worker goes on serving (before: an empty body made every worker
+    that took it exit, and ``celery.accumulate`` ran)."""
+    worker = start_worker(broker_env)
+    client = client_for(broker_env)
+    queue = model_queue(client.settings, "digits")
+    crafted = _crafted(client)
+    for _, body, content_type, headers in crafted:
+        _publish_raw(client, queue, body, content_type, headers)
+    garbage = 0
+    if broker_env["INFERQ_BROKER_URL"].startswith("redis"):
+        r = redis.Redis.from_url(broker_env["INFERQ_BROKER_URL"])
+        for entry in (b"", b"not json", b"[1, 2]", b'{"properties": 3}',
+                      json.dumps({"body": "@@@", "properties": {"delivery_info": {}},
+                                  "headers": {}, "content-type": "application/json",
+                                  "properties_": 1}).encode()):
+            r.lpush(queue.name, entry)  # straight into the list, not even kombu's envelope
+            garbage += 1
+    good = client.submit("digits", digits["x"][5])
+    assert int(good.result(timeout=30)["label"][0]) == int(digits["label"][5])
+    store = redis.Redis.from_url(broker_env["INFERQ_RESULT_BACKEND"])
+    expected = len(crafted) + garbage
+    entries = wait_until(lambda: (found := read_dead_letters(
+        store, broker_env["INFERQ_QUEUE_PREFIX"], limit=100)) and len(found) >= expected
+        and found, 30, f"{expected} dead letters")
+    print("\n" + "\n".join(sorted(str(e["reason"]) for e in entries)))
+    reasons = " | ".join(str(e["reason"]) for e in entries)
+    for needle in ("the message body is empty", "no such task: 'celery.accumulate'",
+                   "headers['retries'] must be int", "headers['eta'] must be absent",
+                   "callbacks, errbacks", "headers['task'] is missing",
+                   "'text/plain' is not accepted", "cannot decode the message"):
+        assert needle in reasons, needle
+    if garbage:
+        assert reasons.count("not a kombu message") >= 4
+    assert worker.proc.poll() is None
+    assert "Unrecoverable error" not in worker.log.read_text(errors="replace")
+    again = client.submit("digits", digits["x"][6])
+    assert int(again.result(timeout=30)["label"][0]) == int(digits["label"][6])
