@@ -2,15 +2,21 @@
 
 A first delivery costs nothing here. A message the broker hands out again (its worker died,
 or was stopped, before acking it: ``delivery_info['redelivered']`` on Redis and RabbitMQ)
-is *suspect*: it is counted (``inferq-deliveries-<message id>``, a hash, with a history
+is *suspect*: it is recorded (``inferq-deliveries-<message id>``, a hash, with a history
 list of who took it when) and its rows run one at a time, each model call preceded by
 writing the row's index as the hash's ``cursor`` (removed after the call; the batcher
 runs such a row alone, never beside another call). If that worker dies too, the next
 delivery finds the cursor and blames that row. A row blamed ``BLAME_LIMIT`` times is not
 run again: it fails alone, with an error saying so, and goes to the dead-letter list
-with its history; every other row of the message gets its result. A message delivered
-more than ``INFERQ_MAX_DELIVERIES`` times (a crash outside the model call, several killer
-rows) is dead-lettered whole: each of its jobs fails with the reason.
+with its history; every other row of the message gets its result. A message whose worker
+died ``INFERQ_MAX_DELIVERIES`` - 1 times while it ran (a crash outside the model call,
+several killer rows) is dead-lettered whole: each of its jobs fails with the reason.
+
+A suspect delivery counts toward that limit only once its first row starts: a worker
+killed while the message still waited for its turn (suspect rows run one at a time, so
+after a kill most of the returned messages wait) did not die of it. Deliveries that never
+got to run are capped separately, at ``TAKEN_FACTOR`` times the limit, so a message that
+kills its worker before any row runs (while being decoded, say) still ends.
 
 Blaming twice, not once, keeps a worker killed from outside (a deploy, the OOM killer)
 while it ran a suspect row from failing that innocent row.
@@ -42,12 +48,14 @@ logger = logging.getLogger(__name__)
 STORE_DOWN = (RedisConnectionError, RedisTimeoutError)
 GIVE_BACK_PAUSE_S = 1.0  # before handing a message back while the result store is away
 BLAME_LIMIT = 2  # deaths while running a row before it is dead-lettered
+TAKEN_FACTOR = 4  # deliveries taken (started or not) per allowed delivery
 DEAD_LETTERS_KEPT = 10_000  # newest entries kept in the dead-letter list
 
-# One round trip per redelivery: count it, turn a cursor left by a dead worker into blame,
-# append to the history, and read it all back.
+# One round trip per redelivery: count it as taken, turn a cursor left by a dead worker
+# into blame, append to the history, and read it all back. ``n`` (deliveries whose rows
+# started) is counted by ``Deliveries.running``.
 _RECORD = """
-local n = redis.call('HINCRBY', KEYS[1], 'n', 1)
+redis.call('HINCRBY', KEYS[1], 'taken', 1)
 local cursor = redis.call('HGET', KEYS[1], 'cursor')
 if cursor then
   redis.call('HINCRBY', KEYS[1], 'blame:' .. cursor, 1)
@@ -69,9 +77,11 @@ class Delivery:
     """What is known about a redelivered message."""
 
     message_id: str
-    count: int  # this delivery's number: 2 for the first redelivery
+    count: int  # this delivery's number: 2 for the first redelivery that runs rows
+    taken: int  # redeliveries taken so far, this one included, whether rows ran or not
     blamed: dict[int, int] = field(default_factory=dict)  # row -> deaths while it ran
     history: list[str] = field(default_factory=list)  # "host pid time" per redelivery
+    started: bool = False  # a row of this delivery began (counted in ``n``)
 
     def dead_rows(self) -> set[int]:
         return {row for row, deaths in self.blamed.items() if deaths >= BLAME_LIMIT}
@@ -93,18 +103,23 @@ class Deliveries:
         fields, history = self._record(keys=[key, key + "-history"], args=[who, self.expires])
         values = dict(zip(fields[::2], fields[1::2], strict=True))
         blamed = {int(k[6:]): int(v) for k, v in values.items() if k.startswith(b"blame:")}
-        delivery = Delivery(message_id, int(values[b"n"]) + 1, blamed,
-                            [h.decode() for h in history])
+        delivery = Delivery(message_id, int(values.get(b"n", 0)) + 2, int(values[b"taken"]),
+                            blamed, [h.decode() for h in history])
         logger.warning("message %s delivered again (delivery %d; rows blamed for worker "
                        "deaths: %s)", message_id, delivery.count, blamed or "none")
         return delivery
 
     @contextmanager
-    def running(self, message_id: str, row: int) -> Iterator[None]:
+    def running(self, delivery: Delivery, row: int) -> Iterator[None]:
         """Around a suspect row's model call: should this process die inside, the next
-        delivery blames ``row``."""
-        key = delivery_key(message_id)
-        self.redis.hset(key, "cursor", row)
+        delivery blames ``row``; the delivery's first row counts it in ``n``."""
+        key = delivery_key(delivery.message_id)
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.hset(key, "cursor", row)
+        if not delivery.started:
+            pipe.hincrby(key, "n", 1)
+            delivery.started = True
+        pipe.execute()
         yield
         self.redis.hdel(key, "cursor")
 
@@ -121,7 +136,8 @@ class Deliveries:
         return self.record(request.id, request.hostname)
 
     def too_many(self, delivery: Delivery) -> bool:
-        return delivery.count > self.max_deliveries
+        return (delivery.count > self.max_deliveries
+                or delivery.taken > TAKEN_FACTOR * self.max_deliveries)
 
     def dead_letter(self, entry: dict[str, Any]) -> None:
         """Append an entry (JSON: what, why, history) to the dead-letter list."""
@@ -149,6 +165,10 @@ def dead_row_reason(delivery: Delivery, row: int) -> str:
 
 
 def too_many_reason(delivery: Delivery, limit: int) -> str:
+    if delivery.count <= limit:  # the cap on deliveries taken but never run
+        return (f"message {delivery.message_id} was taken {delivery.taken + 1} times "
+                f"(over {TAKEN_FACTOR} x INFERQ_MAX_DELIVERIES={limit}) and never finished: "
+                "its worker died each time; dead-lettered")
     return (f"message {delivery.message_id} was delivered {delivery.count} times "
             f"(INFERQ_MAX_DELIVERIES={limit}): its worker died each time; dead-lettered")
 
@@ -169,7 +189,7 @@ def run_suspect(deliveries: Deliveries, pool: ModelPool, served: Served,
             "inputs": {k: np.asarray(v[i]).tolist() for k, v in data.items()}})
         pool.metrics.dead_lettered(served.version.manifest.name)
     future = served.batcher.submit_alone(
-        data, skip, partial(deliveries.running, delivery.message_id))
+        data, skip, partial(deliveries.running, delivery))
     return future.result(timeout=pool.settings.visibility_timeout)
 
 
