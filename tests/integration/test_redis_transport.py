@@ -1,0 +1,144 @@
+"""The reliable Redis fetch (shared/redis_transport.py) against a real Redis.
+
+The decisive test kills a consumer process at the worst moment kombu has: inside
+``_deliver``, after the message left its queue and before the consumer's callback ran
+(where kombu's own transport records it as unacked). With kombu's transport the message
+is gone; with inferq's it is recorded, and a live consumer gets it back once the dead
+one's heartbeat is stale, long before the visibility timeout.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import subprocess
+import sys
+import textwrap
+import time
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import redis
+from kombu import Connection, Exchange, Queue
+
+from shared.celery_app import RELIABLE_REDIS
+from shared.redis_transport import GARBAGE_KEY, OWNER_KEY, wake_key
+from tests.conftest import REDIS, ROOT, need
+
+pytestmark = pytest.mark.integration
+
+DB = 13  # the test's own database: kombu's unacked records are per database
+URL = f"{REDIS}/{DB}"
+OPTIONS = {"visibility_timeout": 3600, "owner_dead_after": 1.5,
+           "unacked_restore_interval": 1, "unacked_restore_throttle": 1}
+
+# A consumer that SIGKILLs itself as the message is handed over (see the module doc).
+CHILD = textwrap.dedent("""
+    import os, signal, sys
+    from kombu import Connection, Queue
+    from kombu.transport import virtual
+    url, transport, queue = sys.argv[1:4]
+    def die(self, message, queue):
+        os.kill(os.getpid(), signal.SIGKILL)
+    virtual.Transport._deliver = die
+    with Connection(url, transport=transport or None,
+                    transport_options={"owner_dead_after": 1.5}) as conn:
+        with conn.Consumer(Queue(queue), callbacks=[lambda body, m: None]):
+            conn.drain_events(timeout=20)
+""")
+
+
+@pytest.fixture
+def store() -> Iterator[redis.Redis]:
+    need(6379, "Redis")
+    r = redis.Redis.from_url(URL)
+    yield r
+    r.flushdb()  # this test's own database only
+
+
+def _queue() -> Queue:
+    name = f"transport-{uuid.uuid4().hex[:8]}"
+    return Queue(name, Exchange(name, type="direct"), routing_key=name)
+
+
+def _publish(queue: Queue, body: Any, transport: str | None = RELIABLE_REDIS) -> None:
+    with Connection(URL, transport=transport) as conn:
+        conn.Producer().publish(body, exchange=queue.exchange, routing_key=queue.routing_key,
+                                declare=[queue], serializer="json")
+
+
+def _kill_consumer_in_deliver(queue: Queue, transport: str | None) -> None:
+    proc = subprocess.run([sys.executable, "-c", CHILD, URL, transport or "", queue.name],
+                          cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == -9, proc.stderr[-2000:]
+
+
+def _receive(queues: list[Queue], want: int, timeout: float, **options: Any
+             ) -> list[tuple[Any, bool]]:
+    """(body, redelivered) of up to ``want`` messages consumed (and acked) in order."""
+    got: list[tuple[Any, bool]] = []
+    with Connection(URL, transport=RELIABLE_REDIS,
+                    transport_options={**OPTIONS, **options}) as conn:
+
+        def on_message(body: Any, message: Any) -> None:
+            got.append((body, bool(message.delivery_info.get("redelivered"))))
+            message.ack()
+
+        with conn.Consumer(queues, callbacks=[on_message]):
+            deadline = time.monotonic() + timeout
+            while len(got) < want and time.monotonic() < deadline:
+                with contextlib.suppress(TimeoutError):
+                    conn.drain_events(timeout=0.5)
+    return got
+
+
+def test_a_consumer_killed_between_fetch_and_callback_loses_nothing(store):
+    queue = _queue()
+    _publish(queue, {"n": 1})
+    _kill_consumer_in_deliver(queue, RELIABLE_REDIS)
+    assert store.llen(queue.name) == 0
+    assert store.hlen("unacked") == 1 and store.hlen(OWNER_KEY) == 1  # recorded, owned
+    started = time.monotonic()
+    got = _receive([queue], 1, timeout=30)
+    assert got == [({"n": 1}, True)]
+    print(f"\nback after {time.monotonic() - started:.1f} s (visibility timeout 3600 s)")
+    assert store.hlen("unacked") == 0 and store.hlen(OWNER_KEY) == 0
+
+
+def test_kombus_own_fetch_loses_that_message(store):
+    """The same kill with kombu's transport: the message is neither queued nor recorded
+    (the window this transport closes)."""
+    queue = _queue()
+    _publish(queue, {"n": 2}, transport=None)
+    _kill_consumer_in_deliver(queue, None)
+    assert store.llen(queue.name) == 0
+    assert store.hlen("unacked") == 0
+
+
+def test_publishing_wakes_a_consumer_and_high_queues_go_first(store):
+    normal, high = _queue(), _queue()
+    high = Queue(normal.name + ".high", normal.exchange, routing_key=normal.name + ".high")
+    for i in range(3):
+        _publish(normal, {"normal": i})
+    _publish(high, {"high": 0})
+    assert store.llen(wake_key(normal.name)) == 1  # one marker, however many messages
+    got = [body for body, _ in _receive([normal, high], 4, 20, priority_suffix=".high")]
+    assert got[0] == {"high": 0}
+    assert got[1:] == [{"normal": 0}, {"normal": 1}, {"normal": 2}]  # FIFO
+    assert store.hlen("unacked") == 0
+
+
+def test_a_recorded_entry_that_is_not_a_message_is_kept_not_restored(store):
+    """A consumer that died holding a garbage entry: the sweep moves the entry to the
+    garbage list instead of failing on it."""
+    queue = _queue()
+    store.hset("unacked", "tag-1", "[not json")
+    store.zadd("unacked_index", {"tag-1": 0})
+    store.hset("unacked", "tag-2", json.dumps([[1, 2], "", queue.name]))
+    store.zadd("unacked_index", {"tag-2": 0})
+    assert _receive([queue], 1, timeout=3) == []
+    assert store.hlen("unacked") == 0
+    assert sorted(store.lrange(GARBAGE_KEY, 0, -1)) == sorted(
+        [b"[not json", json.dumps([[1, 2], "", queue.name]).encode()])
