@@ -57,13 +57,20 @@ def wake_key(queue: str) -> str:
     return WAKE_PREFIX + queue
 
 
+# Lua: ``now`` in seconds by the server's clock, so hosts' clocks need not agree.
+_NOW = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1e6
+"""
+
+
 # KEYS: unacked hash, unacked index, owner hash, consumers, then for each queue (in the
 # order to try) its priority lists followed by its wake marker.
 # ARGV: now (client clock, as kombu's index uses), owner, delivery tag, lists per queue.
 # -> {queue index (0-based), entry} or nil. The entry is recorded as kombu records an
 # unacked message, ``[message, exchange, routing key]``, with the anonymous exchange and
 # the queue as routing key, so a restore puts it back on the queue it came from.
-FETCH = """
+FETCH = _NOW + """
 local per = tonumber(ARGV[4]) + 1
 local nq = (#KEYS - 4) / per
 local function ready(q)
@@ -81,8 +88,7 @@ for q = 0, nq - 1 do
       redis.call('HSET', KEYS[1], ARGV[3],
                  '[' .. item .. ',"",' .. cjson.encode(queue) .. ']')
       redis.call('HSET', KEYS[3], ARGV[3], ARGV[2])
-      local t = redis.call('TIME')
-      redis.call('ZADD', KEYS[4], tonumber(t[1]) + tonumber(t[2]) / 1e6, ARGV[2])
+      redis.call('ZADD', KEYS[4], now, ARGV[2])
       -- whatever is left wakes the next sleeping consumer
       for r = 0, nq - 1 do
         local wake = KEYS[4 + r * per + per]
@@ -100,9 +106,7 @@ return nil
 # KEYS: consumers, owner hash, unacked index. ARGV: seconds of silence that mean dead.
 # Every message of a dead owner gets index score 0, so the visibility sweep that follows
 # restores it at once. -> number of messages marked.
-SWEEP_DEAD = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) + tonumber(t[2]) / 1e6
+SWEEP_DEAD = _NOW + """
 local dead = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now - tonumber(ARGV[1]))
 if #dead == 0 then return 0 end
 local gone = {}
@@ -121,10 +125,8 @@ end
 return marked
 """
 
-# KEYS: consumers. ARGV: owners. Server time, so hosts' clocks need not agree.
-BEAT = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) + tonumber(t[2]) / 1e6
+# KEYS: consumers. ARGV: owners.
+BEAT = _NOW + """
 for _, owner in ipairs(ARGV) do redis.call('ZADD', KEYS[1], now, owner) end
 """
 
