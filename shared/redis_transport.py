@@ -237,6 +237,7 @@ class Channel(kombu_redis.Channel):
         self._fetching: list[str] | None = None  # the queues of the fetch in flight
         self._eval = False  # the script cache lost FETCH: send the script itself once
         self._heartbeat: Heartbeat | None = None
+        self._fetch_script = self.client.register_script(FETCH)  # loads it when missing
         self._no_ack_queues: set[str] = set()
         self._plain = False  # the BRPOP in flight is kombu's own (a no-ack consumer)
 
@@ -297,6 +298,9 @@ class Channel(kombu_redis.Channel):
             try:
                 reply = self.client.parse_response(
                     self.client.connection, "EVALSHA" if fetching else "BRPOP", **options)
+                if fetching is None:  # woken by a marker, or the wait timed out
+                    fetching = [uuid.uuid4().hex, *self._ordered_queues()]
+                    reply = self._fetch(self.client, fetching[1:], fetching[0])
             except self.connection_errors:
                 self.client.connection.disconnect()
                 raise
@@ -307,14 +311,10 @@ class Channel(kombu_redis.Channel):
                 logger.exception("fetching from Redis failed")
                 self._fetch_next = False
                 raise Empty() from None
-            if fetching is None:  # woken by a marker, or the wait timed out: fetch now
-                self._fetch_next = True
-                raise Empty()
             self._eval = False
+            self._fetch_next = bool(reply)  # else wait on the markers
             if not reply:
-                self._fetch_next = False
                 raise Empty()
-            self._fetch_next = True
             tag, queues = fetching[0], fetching[1:]
             queue = queues[int(reply[0])]
             self._queue_cycle.rotate(queue)
@@ -323,6 +323,14 @@ class Channel(kombu_redis.Channel):
         finally:
             self._in_poll = None  # type: ignore[assignment]
             self._flush_brpop_reauth()
+
+    def _fetch(self, client: Any, queues: list[str], tag: str) -> Any:
+        """One :data:`FETCH` now, on ``client`` (a woken consumer fetches on the connection
+        it waited on: no trip through the event loop)."""
+        if not queues:
+            return None
+        return self._fetch_script(keys=self._fetch_keys(queues), args=self._fetch_args(tag),
+                                  client=client)
 
     def _deliver_fetched(self, raw: bytes, tag: str, queue: str) -> None:
         """Hand a recorded message to its consumer; an entry that is not one is refused."""
@@ -375,9 +383,8 @@ class Channel(kombu_redis.Channel):
             return super().basic_get(queue, no_ack, **kwargs)
         self._start_heartbeat()
         tag = uuid.uuid4().hex
-        keys = self._fetch_keys([queue])
         with self.conn_or_acquire() as client:
-            reply = client.register_script(FETCH)(keys=keys, args=self._fetch_args(tag))
+            reply = self._fetch(client, [queue], tag)
         if not reply:
             return None
         payload = loads(bytes_to_str(reply[1]))
