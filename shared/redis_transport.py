@@ -50,6 +50,7 @@ CONSUMERS_KEY = "_inferq.consumers"  # sorted set: owner -> last heartbeat (serv
 GARBAGE_KEY = "_inferq.garbage"  # list: raw queue entries that were not messages
 GARBAGE_KEPT = 10_000
 WAKE_PREFIX = "_inferq.wake."
+WAKE_TTL_MS = 60_000  # a marker only matters for a moment; queues come and go (replies)
 REFUSED_HEADER = "inferq_refused"  # on a stand-in message for an entry that was garbage
 
 
@@ -94,6 +95,7 @@ for q = 0, nq - 1 do
         local wake = KEYS[4 + r * per + per]
         if redis.call('LLEN', wake) == 0 and ready(r) then
           redis.call('LPUSH', wake, '1')
+          redis.call('PEXPIRE', wake, ARGV[6])
         end
       end
       return {q, item}
@@ -172,10 +174,14 @@ class QoS(kombu_redis.QoS):
 
     def restore_visible(self, start: int = 0, num: int = 10, interval: int = 10) -> None:
         if not (self._vrestore_count % (interval or 1)):
-            with self.channel.conn_or_acquire() as client:
-                marked = client.register_script(SWEEP_DEAD)(
-                    keys=[CONSUMERS_KEY, OWNER_KEY, self.unacked_index_key],
-                    args=[self.channel.owner_dead_after])
+            try:
+                with self.channel.conn_or_acquire() as client:
+                    marked = client.register_script(SWEEP_DEAD)(
+                        keys=[CONSUMERS_KEY, OWNER_KEY, self.unacked_index_key],
+                        args=[self.channel.owner_dead_after])
+            except self.channel.ResponseError:  # a full noeviction server, say
+                logger.exception("sweeping dead consumers failed; the next sweep tries again")
+                marked = 0
             if marked:
                 logger.warning("restoring %d messages of consumers silent for over %s s",
                                marked, self.channel.owner_dead_after)
@@ -203,6 +209,17 @@ class QoS(kombu_redis.QoS):
 
         with self.channel.conn_or_acquire(client) as client:
             client.transaction(restore_transaction, self.unacked_key)
+
+
+def _wake_commands(queue: str) -> list[tuple[Any, ...]]:
+    """Push ``queue``'s wake marker: one element at most, gone after a minute unused."""
+    key = wake_key(queue)
+    return [("lpush", key, "1"), ("ltrim", key, 0, 0), ("pexpire", key, WAKE_TTL_MS)]
+
+
+def _wake(pipe: Any, queue: str) -> None:
+    for command, *args in _wake_commands(queue):
+        getattr(pipe, command)(*args)
 
 
 def _is_message(payload: Any) -> bool:
@@ -256,7 +273,7 @@ class Channel(kombu_redis.Channel):
         return keys
 
     def _fetch_args(self, tag: str) -> list[Any]:
-        return [time(), self.owner, tag, len(self.priority_steps), WAKE_PREFIX]
+        return [time(), self.owner, tag, len(self.priority_steps), WAKE_PREFIX, WAKE_TTL_MS]
 
     def basic_consume(self, queue: str, no_ack: bool, *args: Any, **kwargs: Any) -> Any:
         if no_ack:  # nothing to record: kombu's BRPOP loses nothing that matters
@@ -400,11 +417,10 @@ class Channel(kombu_redis.Channel):
     # -- publishing: every message, and every restored one, wakes a consumer -------------
     def _put(self, queue: str, message: Any, **kwargs: Any) -> None:
         batch = kwargs.get("_publish_batch")
-        wake = wake_key(queue)
         if batch is not None:
             super()._put(queue, message, **kwargs)
-            batch.add("lpush", wake, "1")
-            batch.add("ltrim", wake, 0, 0)
+            for command, *args in _wake_commands(queue):
+                batch.add(command, *args)
             return
         key = self._q_for_pri(queue, self._get_message_priority(message, reverse=False))
         with self.conn_or_acquire() as client, client.pipeline(transaction=False) as pipe:
@@ -412,14 +428,14 @@ class Channel(kombu_redis.Channel):
             if self._expires and queue in self._expires:
                 for pri in self.priority_steps:
                     pipe.pexpire(self._q_for_pri(queue, pri), self._expires[queue])
-            pipe.lpush(wake, "1").ltrim(wake, 0, 0)
+            _wake(pipe, queue)
             pipe.execute()
 
     def _do_restore_message(self, payload: Any, exchange: str, routing_key: str, pipe: Any,
                             leftmost: bool = False) -> None:
         super()._do_restore_message(payload, exchange, routing_key, pipe, leftmost)
         for queue in self._lookup(exchange, routing_key):
-            pipe.lpush(wake_key(queue), "1").ltrim(wake_key(queue), 0, 0)
+            _wake(pipe, queue)
 
     def _purge(self, queue: str) -> int:
         with self.conn_or_acquire() as client:

@@ -29,8 +29,7 @@ from tests.conftest import REDIS, ROOT, need
 
 pytestmark = pytest.mark.integration
 
-DB = 13  # the test's own database: kombu's unacked records are per database
-URL = f"{REDIS}/{DB}"
+URL = f"{REDIS}/13"  # cleaned up by key (each test's own queue names), never flushed
 OPTIONS = {"visibility_timeout": 3600, "owner_dead_after": 1.5,
            "unacked_restore_interval": 1, "unacked_restore_throttle": 1}
 
@@ -50,17 +49,35 @@ CHILD = textwrap.dedent("""
 """)
 
 
+NAME = f"transport-{uuid.uuid4().hex[:8]}"  # in every key and record this module makes
+
+
 @pytest.fixture
 def store() -> Iterator[redis.Redis]:
     need(6379, "Redis")
     r = redis.Redis.from_url(URL)
     yield r
-    r.flushdb()  # this test's own database only
+    for key in r.scan_iter(match=f"*{NAME}*"):
+        r.delete(key)
+    for tag, record in r.hgetall("unacked").items():
+        if NAME.encode() in record:
+            r.hdel("unacked", tag)
+            r.zrem("unacked_index", tag)
+            r.hdel(OWNER_KEY, tag)
+    for entry in r.lrange(GARBAGE_KEY, 0, -1):
+        if NAME.encode() in entry:
+            r.lrem(GARBAGE_KEY, 0, entry)
 
 
 def _queue() -> Queue:
-    name = f"transport-{uuid.uuid4().hex[:8]}"
+    name = f"{NAME}-{uuid.uuid4().hex[:8]}"
     return Queue(name, Exchange(name, type="direct"), routing_key=name)
+
+
+def _held(store: redis.Redis, queue: Queue) -> list[bytes]:
+    """Tags of the unacked records of ``queue``'s messages."""
+    return [tag for tag, record in store.hgetall("unacked").items()
+            if queue.name.encode() in record]
 
 
 def _publish(queue: Queue, body: Any, transport: str | None = RELIABLE_REDIS) -> None:
@@ -99,12 +116,13 @@ def test_a_consumer_killed_between_fetch_and_callback_loses_nothing(store):
     _publish(queue, {"n": 1})
     _kill_consumer_in_deliver(queue, RELIABLE_REDIS)
     assert store.llen(queue.name) == 0
-    assert store.hlen("unacked") == 1 and store.hlen(OWNER_KEY) == 1  # recorded, owned
+    held = _held(store, queue)
+    assert len(held) == 1 and store.hget(OWNER_KEY, held[0])  # recorded, owned
     started = time.monotonic()
     got = _receive([queue], 1, timeout=30)
     assert got == [({"n": 1}, True)]
     print(f"\nback after {time.monotonic() - started:.1f} s (visibility timeout 3600 s)")
-    assert store.hlen("unacked") == 0 and store.hlen(OWNER_KEY) == 0
+    assert not _held(store, queue) and not store.hexists(OWNER_KEY, held[0])
 
 
 def test_kombus_own_fetch_loses_that_message(store):
@@ -114,7 +132,7 @@ def test_kombus_own_fetch_loses_that_message(store):
     _publish(queue, {"n": 2}, transport=None)
     _kill_consumer_in_deliver(queue, None)
     assert store.llen(queue.name) == 0
-    assert store.hlen("unacked") == 0
+    assert not _held(store, queue)
 
 
 def test_publishing_wakes_a_consumer_and_high_queues_go_first(store):
@@ -127,18 +145,19 @@ def test_publishing_wakes_a_consumer_and_high_queues_go_first(store):
     got = [body for body, _ in _receive([normal, high], 4, 20, priority_suffix=".high")]
     assert got[0] == {"high": 0}
     assert got[1:] == [{"normal": 0}, {"normal": 1}, {"normal": 2}]  # FIFO
-    assert store.hlen("unacked") == 0
+    assert not _held(store, normal) and not _held(store, high)
 
 
 def test_a_recorded_entry_that_is_not_a_message_is_kept_not_restored(store):
     """A consumer that died holding a garbage entry: the sweep moves the entry to the
     garbage list instead of failing on it."""
     queue = _queue()
-    store.hset("unacked", "tag-1", "[not json")
-    store.zadd("unacked_index", {"tag-1": 0})
-    store.hset("unacked", "tag-2", json.dumps([[1, 2], "", queue.name]))
-    store.zadd("unacked_index", {"tag-2": 0})
+    records = {f"{queue.name}-1": f"[not json {queue.name}",
+               f"{queue.name}-2": json.dumps([[1, 2], "", queue.name])}
+    for tag, record in records.items():
+        store.hset("unacked", tag, record)
+        store.zadd("unacked_index", {tag: 0})
     assert _receive([queue], 1, timeout=3) == []
-    assert store.hlen("unacked") == 0
-    assert sorted(store.lrange(GARBAGE_KEY, 0, -1)) == sorted(
-        [b"[not json", json.dumps([[1, 2], "", queue.name]).encode()])
+    assert not any(store.hexists("unacked", tag) for tag in records)
+    kept = set(store.lrange(GARBAGE_KEY, 0, -1))
+    assert {r.encode() for r in records.values()} <= kept
