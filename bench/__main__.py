@@ -1,5 +1,6 @@
 """``python -m bench run [--quick] [--models digits,minilm] [--json PATH]``;
-``python -m bench soak [--minutes 10]`` (worker memory over a long mixed run)."""
+``python -m bench soak [--minutes 10]`` (worker memory over a long mixed run);
+``python -m bench fetch`` (inferq's Redis transport against kombu's)."""
 
 from __future__ import annotations
 
@@ -26,6 +27,10 @@ def _parser() -> argparse.ArgumentParser:
     soak.add_argument("--minutes", type=float, default=10.0)
     soak.add_argument("--json", type=Path, default=None, help="write the RSS samples here")
     soak.add_argument("--log-level", default="WARNING")
+    fetch = sub.add_parser("fetch", help="inferq's reliable Redis fetch against kombu's")
+    fetch.add_argument("--messages", type=int, default=20_000)
+    fetch.add_argument("--rounds", type=int, default=3)
+    fetch.add_argument("--log-level", default="WARNING")
     return parser
 
 
@@ -33,6 +38,10 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.command == "fetch":
+        from bench.fetch import fetch
+
+        return fetch(args.messages, args.rounds)
     if args.command == "soak":
         from bench.soak import soak
 

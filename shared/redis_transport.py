@@ -105,6 +105,17 @@ end
 return nil
 """
 
+# KEYS: the queue's list, its wake marker. ARGV: the message, the marker's TTL (ms).
+# Only a push onto an empty list wakes anyone: while a list holds messages, an idle
+# consumer has either been woken already or will be by the fetch that empties it less.
+PUT = """
+if redis.call('LPUSH', KEYS[1], ARGV[1]) == 1 then
+  redis.call('LPUSH', KEYS[2], '1')
+  redis.call('LTRIM', KEYS[2], 0, 0)
+  redis.call('PEXPIRE', KEYS[2], ARGV[2])
+end
+"""
+
 # KEYS: consumers, owner hash, unacked index. ARGV: seconds of silence that mean dead.
 # Every message of a dead owner gets index score 0, so the visibility sweep that follows
 # restores it at once. -> number of messages marked.
@@ -255,6 +266,7 @@ class Channel(kombu_redis.Channel):
         self._eval = False  # the script cache lost FETCH: send the script itself once
         self._heartbeat: Heartbeat | None = None
         self._fetch_script = self.client.register_script(FETCH)  # loads it when missing
+        self._put_script = self.client.register_script(PUT)
         self._no_ack_queues: set[str] = set()
         self._plain = False  # the BRPOP in flight is kombu's own (a no-ack consumer)
 
@@ -422,14 +434,16 @@ class Channel(kombu_redis.Channel):
             for command, *args in _wake_commands(queue):
                 batch.add(command, *args)
             return
+        if self._expires and queue in self._expires:  # rare (reply queues): kombu's way
+            super()._put(queue, message, **kwargs)
+            with self.conn_or_acquire() as client, client.pipeline() as pipe:
+                _wake(pipe, queue)
+                pipe.execute()
+            return
         key = self._q_for_pri(queue, self._get_message_priority(message, reverse=False))
-        with self.conn_or_acquire() as client, client.pipeline(transaction=False) as pipe:
-            pipe.lpush(key, dumps(message))
-            if self._expires and queue in self._expires:
-                for pri in self.priority_steps:
-                    pipe.pexpire(self._q_for_pri(queue, pri), self._expires[queue])
-            _wake(pipe, queue)
-            pipe.execute()
+        with self.conn_or_acquire() as client:  # one command, as kombu's bare LPUSH
+            self._put_script(keys=[key, wake_key(queue)], args=[dumps(message), WAKE_TTL_MS],
+                             client=client)
 
     def _do_restore_message(self, payload: Any, exchange: str, routing_key: str, pipe: Any,
                             leftmost: bool = False) -> None:
