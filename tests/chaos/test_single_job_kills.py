@@ -39,12 +39,15 @@ KEY = "chaos-key"
 
 
 class HttpPoster:
-    """Threads posting one-row jobs to ``inferq api`` (no ``?wait``) until stopped."""
+    """Threads posting one-row jobs to ``inferq api`` (no ``?wait``) until stopped; a 429
+    (the backlog is over the API's queue limit) is retried after its Retry-After, as a
+    client should."""
 
     def __init__(self, url: str, x: np.ndarray, first: int, threads: int = 2):
         self.url, self.x, self._next = url, x, first
         self.jobs: dict[str, int] = {}
         self.failed: list[str] = []
+        self.throttled = 0
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._threads = [threading.Thread(target=self._run, daemon=True)
@@ -59,6 +62,12 @@ class HttpPoster:
                 if i >= len(self.x):
                     return
                 r = http.post("/v1/models/digits/jobs", json={"inputs": self.x[i].tolist()})
+                while r.status_code == 429 and not self._stop.is_set():
+                    self.throttled += 1
+                    self._stop.wait(float(r.headers.get("retry-after", "1")))
+                    r = http.post("/v1/models/digits/jobs", json={"inputs": self.x[i].tolist()})
+                if r.status_code == 429:
+                    return
                 with self._lock:
                     if r.status_code == 202:
                         self.jobs[r.json()["id"]] = i
@@ -128,13 +137,13 @@ def _single_jobs_under_kills(broker_env: dict[str, str], start_worker: Any, star
     assert not http.failed, http.failed[:3]
     jobs = {**sdk.jobs, **http.jobs}
     row.jobs, row.rows = len(jobs) + len(handle.chunks), len(jobs) + len(bulk_x)
-    final = await_results(client, list(jobs), timeout=90)
+    final = await_results(client, list(jobs), timeout=90 + 2 * kills)
     collector.join(120)
     problems = job_problems(jobs, final, labels)
     answered = settle(row, bulk_parts, len(bulk_x), fault_log, kill_times[-1])
     row.lost = (row.lost or 0) + len(problems)
     row.note = (f"{len(sdk.jobs)} SDK + {len(http.jobs)} HTTP jobs, "
-                f"{len(handle.chunks)} bulk chunks")
+                f"{len(handle.chunks)} bulk chunks, {http.throttled} 429s retried")
     if row.lost:
         row.recovery_s = None
     assert not problems, f"{len(problems)} of {len(jobs)} jobs: {problems[:5]}"
