@@ -144,6 +144,7 @@ for _, owner in ipairs(ARGV) do redis.call('ZADD', KEYS[1], now, owner) end
 """
 
 _FETCH_SHA = hashlib.sha1(FETCH.encode()).hexdigest()
+_PUT_SHA = hashlib.sha1(PUT.encode()).hexdigest()
 
 
 class Heartbeat:
@@ -266,7 +267,6 @@ class Channel(kombu_redis.Channel):
         self._eval = False  # the script cache lost FETCH: send the script itself once
         self._heartbeat: Heartbeat | None = None
         self._fetch_script = self.client.register_script(FETCH)  # loads it when missing
-        self._put_script = self.client.register_script(PUT)
         self._no_ack_queues: set[str] = set()
         self._plain = False  # the BRPOP in flight is kombu's own (a no-ack consumer)
 
@@ -441,9 +441,13 @@ class Channel(kombu_redis.Channel):
                 pipe.execute()
             return
         key = self._q_for_pri(queue, self._get_message_priority(message, reverse=False))
+        command = ("EVALSHA", _PUT_SHA, 2, key, wake_key(queue), dumps(message), WAKE_TTL_MS)
         with self.conn_or_acquire() as client:  # one command, as kombu's bare LPUSH
-            self._put_script(keys=[key, wake_key(queue)], args=[dumps(message), WAKE_TTL_MS],
-                             client=client)
+            try:
+                client.execute_command(*command)
+            except NoScriptError:
+                client.script_load(PUT)
+                client.execute_command(*command)
 
     def _do_restore_message(self, payload: Any, exchange: str, routing_key: str, pipe: Any,
                             leftmost: bool = False) -> None:
