@@ -245,6 +245,9 @@ def _json_value(spec: TensorSpec, line: str) -> Any:
     except ValueError as exc:
         raise ValueError(f"not valid JSON ({exc}); expected a JSON list of {row_width(spec)} "
                          f"numbers or an object with key {spec.name!r}") from None
+    except RecursionError:
+        raise ValueError(f"JSON nested too deeply; expected a JSON list of {row_width(spec)} "
+                         "numbers") from None
     if isinstance(value, dict):
         for key in (spec.name, "input"):
             if key in value:

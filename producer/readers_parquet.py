@@ -55,23 +55,37 @@ def parquet_chunks(path: Path, spec: TensorSpec, chunk_rows: int,
     except (OSError, pa.ArrowException) as exc:
         raise InputError(f"input file {path}: not a readable parquet file ({exc})") from None
     is_list, columns = _parquet_layout(path, pf.schema_arrow, spec)
-    return _parquet_iter(pf, spec, chunk_rows, skip, is_list, columns)
+    return _parquet_iter(path, pf, spec, chunk_rows, skip, is_list, columns)
 
 
-def _parquet_iter(pf: pq.ParquetFile, spec: TensorSpec, chunk_rows: int,
+def _parquet_iter(path: Path, pf: pq.ParquetFile, spec: TensorSpec, chunk_rows: int,
                   skip: frozenset[int], is_list: bool, columns: list[str]) -> Iterator[Chunk]:
+    """The chunks; data that cannot be read (a valid footer, a corrupted middle) raises
+    InputError naming the rows where reading stopped."""
     pieces = _parquet_pieces(pf, columns, chunk_rows, skip)
+    read = 0
     with pf:
-        for index, (rows, parts) in enumerate(_rechunk(pieces, chunk_rows)):
-            start = index * chunk_rows
-            if index in skip:
-                yield empty_chunk(spec, index, start, rows)
-                continue
-            table = pa.Table.from_batches([p for p in parts if not isinstance(p, int)])
-            if is_list:
-                yield _parse_list_column(spec, index, start, table.column(0))
-            else:
-                yield _parse_columns(spec, index, start, table)
+        try:
+            for chunk in _parquet_chunks(pieces, spec, chunk_rows, skip, is_list):
+                read += chunk.rows
+                yield chunk
+        except (OSError, pa.ArrowException) as exc:
+            raise InputError(f"input file {path}: the data after row {read} cannot be read "
+                             f"(corrupted or truncated parquet: {exc})") from None
+
+
+def _parquet_chunks(pieces: Iterator[pa.RecordBatch | int], spec: TensorSpec,
+                    chunk_rows: int, skip: frozenset[int], is_list: bool) -> Iterator[Chunk]:
+    for index, (rows, parts) in enumerate(_rechunk(pieces, chunk_rows)):
+        start = index * chunk_rows
+        if index in skip:
+            yield empty_chunk(spec, index, start, rows)
+            continue
+        table = pa.Table.from_batches([p for p in parts if not isinstance(p, int)])
+        if is_list:
+            yield _parse_list_column(spec, index, start, table.column(0))
+        else:
+            yield _parse_columns(spec, index, start, table)
 
 
 def _parquet_pieces(pf: pq.ParquetFile, columns: list[str], chunk_rows: int,

@@ -68,6 +68,8 @@ def _json_text(spec: TensorSpec, line: str) -> Any:
         value = json.loads(line)
     except json.JSONDecodeError as exc:
         return _Unreadable(f"not valid JSON ({exc.msg})")
+    except RecursionError:
+        return _Unreadable("JSON nested too deeply")
     if isinstance(value, dict):
         for key in (spec.name, "text"):
             if key in value:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 import time
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
@@ -88,7 +89,21 @@ def _problem(status: int, detail: str, headers: Mapping[str, str] | None = None,
     return JSONResponse(body, status_code=status, headers=dict(headers or {}))
 
 
+def public_text(settings: Settings, text: str) -> str:
+    """``text`` without this server's paths: an uploaded file becomes "the uploaded file",
+    the model repository "the model repository" (clients see neither)."""
+    uploads = settings.home / "api-uploads"
+    for folder in {str(uploads), str(uploads.resolve())}:
+        text = re.sub(re.escape(folder) + r"/[\w.-]+", "the uploaded file", text)
+    for folder in {str(settings.model_repo.resolve()), str(settings.model_repo)}:
+        text = text.replace(folder, "the model repository")
+    return text
+
+
 def _errors(app: FastAPI) -> None:
+    def public(request: Request, text: str) -> str:
+        return public_text(api_of(request).settings, text)
+
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
         return _problem(exc.status_code, str(exc.detail), exc.headers)
@@ -103,11 +118,11 @@ def _errors(app: FastAPI) -> None:
 
     @app.exception_handler(InputError)
     async def bad_input(request: Request, exc: InputError) -> JSONResponse:
-        return _problem(422, str(exc), row=exc.row, field=exc.field)
+        return _problem(422, public(request, str(exc)), row=exc.row, field=exc.field)
 
     @app.exception_handler(ModelNotFound)
     async def no_model(request: Request, exc: ModelNotFound) -> JSONResponse:
-        return _problem(404, str(exc), field="model")
+        return _problem(404, public(request, str(exc)), field="model")
 
     @app.exception_handler(InvalidModelName)
     async def bad_model(request: Request, exc: InvalidModelName) -> JSONResponse:
@@ -201,6 +216,10 @@ def _broker_ok(api: Api) -> None:
                                interval_max=0.5, timeout=2)  # not kombu's 2 s pause
 
 
+# Label values come from fixed sets only: anyone, key or not, can send any method.
+METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+
+
 def _measure(app: FastAPI, api: Api) -> None:
     @app.middleware("http")
     async def count(request: Request, call_next: Any) -> Any:
@@ -213,6 +232,7 @@ def _measure(app: FastAPI, api: Api) -> None:
         finally:
             route = request.scope.get("route")
             path = getattr(route, "path", "unmatched")
-            api.metrics.requests.labels(request.method, path, str(status)).inc()
-            api.metrics.request_seconds.labels(request.method, path).observe(
+            method = request.method if request.method in METHODS else "other"
+            api.metrics.requests.labels(method, path, str(status)).inc()
+            api.metrics.request_seconds.labels(method, path).observe(
                 time.perf_counter() - started)

@@ -40,26 +40,34 @@ class BodyLimit:
             await _too_large(send, self.limit)
             return
         seen = 0
-        started = False
+        over = False  # the body went over: whatever the app answers, the client gets 413
+        answered = False
 
         async def limited_receive() -> dict:
-            nonlocal seen
+            nonlocal seen, over
             message = await receive()
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 if seen > self.limit:
+                    over = True
                     raise TooLarge()
             return message
 
-        async def tracking_send(message: dict) -> None:
-            nonlocal started
-            started = started or message["type"] == "http.response.start"
+        async def guarded_send(message: dict) -> None:
+            nonlocal answered
+            if over:  # the app turned TooLarge into its own answer (FastAPI: a 400)
+                if not answered:
+                    answered = True
+                    await _too_large(send, self.limit)
+                return
+            answered = answered or message["type"] == "http.response.start"
             await send(message)
 
         try:
-            await self.app(scope, limited_receive, tracking_send)
+            await self.app(scope, limited_receive, guarded_send)
         except* TooLarge:  # except*: middleware task groups wrap it in an ExceptionGroup
-            if not started:
+            if not answered:
+                answered = True
                 await _too_large(send, self.limit)
 
 
