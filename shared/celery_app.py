@@ -98,6 +98,9 @@ def make_app(settings: Settings) -> Celery:
             "visibility_timeout": vt,
             "unacked_restore_interval": max(1, min(2, vt // 4)),
             "unacked_restore_throttle": 1,
+            # kombu's restore sweep holds a lock; a worker killed inside it would stop
+            # every restore for the lock's life (kombu's default: 300 s).
+            "unacked_mutex_expire": 15,
             # RabbitMQ: wait for the broker to confirm each publish.
             "confirm_publish": True,
         },

@@ -37,6 +37,7 @@ from queue import Empty
 from time import monotonic, time
 from typing import Any
 
+import redis
 from kombu.transport import redis as kombu_redis
 from kombu.transport import virtual
 from kombu.utils.encoding import bytes_to_str
@@ -74,9 +75,13 @@ local now = tonumber(t[1]) + tonumber(t[2]) / 1e6
 FETCH = _NOW + """
 local per = tonumber(ARGV[4]) + 1
 local nq = (#KEYS - 4) / per
+local function len(key)  -- pcall: a key of another type must not abort a fetch midway
+  local n = redis.pcall('LLEN', key)
+  return type(n) == 'number' and n or 0
+end
 local function ready(q)
   for p = 1, per - 1 do
-    if redis.call('LLEN', KEYS[4 + q * per + p]) > 0 then return true end
+    if len(KEYS[4 + q * per + p]) > 0 then return true end
   end
   return false
 end
@@ -93,9 +98,9 @@ for q = 0, nq - 1 do
       -- whatever is left wakes the next sleeping consumer
       for r = 0, nq - 1 do
         local wake = KEYS[4 + r * per + per]
-        if redis.call('LLEN', wake) == 0 and ready(r) then
-          redis.call('LPUSH', wake, '1')
-          redis.call('PEXPIRE', wake, ARGV[6])
+        if len(wake) == 0 and ready(r) then
+          redis.pcall('LPUSH', wake, '1')
+          redis.pcall('PEXPIRE', wake, ARGV[6])
         end
       end
       return {q, item}
@@ -153,7 +158,13 @@ class Heartbeat:
     def __init__(self, channel: Channel, interval: float):
         self.owner = channel.owner
         self.interval = interval
-        self._client = channel.Client(connection_pool=channel.pool)
+        # Its own connection, with timeouts: a half-open socket or a pool busy with acks
+        # must not silence a live owner (its messages would be restored while it works).
+        timeout = max(1.0, interval * 2)
+        params = {**channel._connparams(), "socket_timeout": timeout, "max_connections": 2}
+        if "path" not in params:  # TCP, not a unix socket
+            params.update(socket_keepalive=True, socket_connect_timeout=timeout)
+        self._client = channel.Client(connection_pool=redis.ConnectionPool(**params))
         self._beat = self._client.register_script(BEAT)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="inferq-heartbeat",
@@ -170,6 +181,7 @@ class Heartbeat:
 
     def stop(self) -> None:
         self._stop.set()
+        self._client.connection_pool.disconnect()
 
 
 class QoS(kombu_redis.QoS):
@@ -212,7 +224,7 @@ class QoS(kombu_redis.QoS):
             try:
                 message, exchange, routing_key = loads(bytes_to_str(raw))
                 valid = _is_message(message)
-            except (ValueError, TypeError):
+            except Exception:  # kombu's loads raises many kinds (__type__ hooks, nesting)
                 valid = False
             if not valid:
                 pipe.lpush(GARBAGE_KEY, raw).ltrim(GARBAGE_KEY, 0, GARBAGE_KEPT - 1)
@@ -235,13 +247,16 @@ def _wake(pipe: Any, queue: str) -> None:
 
 
 def _is_message(payload: Any) -> bool:
-    """The envelope kombu's virtual Message needs (its body is checked when decoded)."""
+    """The envelope kombu's virtual Message reads, and restores by (its body is checked
+    when decoded): headers a mapping, a whole-number priority or none."""
     if not isinstance(payload, dict):
         return False
     props = payload.get("properties")
+    priority = props.get("priority") if isinstance(props, dict) else None
     return (isinstance(props, dict) and isinstance(props.get("delivery_info"), dict)
-            and isinstance(payload.get("headers", {}), dict | None)
-            and isinstance(payload.get("body", ""), str | None))
+            and isinstance(payload.get("headers", {}), dict)
+            and isinstance(payload.get("body", ""), str | None)
+            and (priority is None or (type(priority) is int and 0 <= priority <= 255)))
 
 
 class Channel(kombu_redis.Channel):
@@ -268,6 +283,7 @@ class Channel(kombu_redis.Channel):
         self._heartbeat: Heartbeat | None = None
         self._fetch_script = self.client.register_script(FETCH)  # loads it when missing
         self._no_ack_queues: set[str] = set()
+        self._orphans: list[str] = []  # tags of fetches whose reply was lost: restore them
         self._plain = False  # the BRPOP in flight is kombu's own (a no-ack consumer)
 
     # -- consuming -----------------------------------------------------------------------
@@ -296,7 +312,32 @@ class Channel(kombu_redis.Channel):
         if self._heartbeat is None:
             self._heartbeat = Heartbeat(self, max(0.2, self.owner_dead_after / 5))
 
+    def basic_cancel(self, consumer_tag: str) -> Any:
+        queue = self._tag_to_queue.get(consumer_tag)
+        result = super().basic_cancel(consumer_tag)
+        if queue is not None and queue not in self._active_queues:
+            self._no_ack_queues.discard(queue)
+        return result
+
+    def _on_connection_disconnect(self, connection: Any) -> None:
+        if self._in_poll is connection and self._fetching is not None:
+            self._orphans.append(self._fetching[0])  # the script may have run: its reply
+            self._fetching = None  # is gone with the connection
+        super()._on_connection_disconnect(connection)
+
+    def _restore_orphans(self) -> None:
+        """Put back what a fetch whose reply was lost may have recorded (a no-op for a tag
+        the script never recorded); else it would wait out the visibility timeout while
+        this live owner keeps it from the dead-consumer sweep."""
+        while self._orphans:
+            tag = self._orphans[0]
+            self.qos.restore_by_tag(tag)  # a connection error leaves it for the next try
+            self._orphans.pop(0)
+            logger.warning("restored message %s: its fetch reply was lost", tag)
+
     def _brpop_start(self, timeout: float | None = None) -> None:
+        if self._orphans:
+            self._restore_orphans()
         self._plain = bool(self._no_ack_queues.intersection(self.active_queues))
         if self._plain:
             super()._brpop_start(timeout)
@@ -328,16 +369,22 @@ class Channel(kombu_redis.Channel):
                 reply = self.client.parse_response(
                     self.client.connection, "EVALSHA" if fetching else "BRPOP", **options)
                 if fetching is None:  # woken by a marker, or the wait timed out
+                    if self._closing:
+                        raise Empty()
                     fetching = [uuid.uuid4().hex, *self._ordered_queues()]
                     reply = self._fetch(self.client, fetching[1:], fetching[0])
             except self.connection_errors:
+                if fetching is not None:
+                    self._orphans.append(fetching[0])
                 self.client.connection.disconnect()
                 raise
-            except NoScriptError:
+            except NoScriptError:  # the script never ran
                 self._eval = True
                 raise Empty() from None
             except self.ResponseError:
                 logger.exception("fetching from Redis failed")
+                if fetching is not None:
+                    self._orphans.append(fetching[0])
                 self._fetch_next = False
                 raise Empty() from None
             self._eval = False
@@ -366,7 +413,7 @@ class Channel(kombu_redis.Channel):
         try:
             payload = loads(bytes_to_str(raw))
             valid = _is_message(payload)
-        except (ValueError, TypeError):
+        except Exception:  # kombu's loads raises many kinds (__type__ hooks, nesting)
             valid = False
         if not valid:
             self._refuse(raw, tag, queue, "the queue entry is not a kombu message (JSON "
@@ -388,10 +435,7 @@ class Channel(kombu_redis.Channel):
         """Keep a garbage entry in the garbage list, drop its record, and give the consumer
         a stand-in message saying so (the worker dead-letters it and acks)."""
         logger.error("queue %s: refused an entry of %d bytes: %s", queue, len(raw), reason)
-        with self.conn_or_acquire() as client:
-            pipe = client.pipeline()
-            pipe.lpush(GARBAGE_KEY, raw).ltrim(GARBAGE_KEY, 0, GARBAGE_KEPT - 1)
-            self.qos._remove_from_indices(tag, pipe).execute()
+        self._keep_garbage(raw, tag)
         stand_in = {
             "body": "", "content-type": "application/x-inferq-refused",
             "content-encoding": "binary",
@@ -406,6 +450,13 @@ class Channel(kombu_redis.Channel):
         finally:
             self.recorded.discard(tag)
 
+    def _keep_garbage(self, raw: bytes, tag: str) -> None:
+        """Move a fetched entry that is not a message from its record to the garbage list."""
+        with self.conn_or_acquire() as client:
+            pipe = client.pipeline()
+            pipe.lpush(GARBAGE_KEY, raw).ltrim(GARBAGE_KEY, 0, GARBAGE_KEPT - 1)
+            self.qos._remove_from_indices(tag, pipe).execute()
+
     def basic_get(self, queue: str, no_ack: bool = False, **kwargs: Any) -> Any:
         """Synchronous get: through :data:`FETCH` too, unless nothing is acked."""
         if no_ack:
@@ -416,7 +467,14 @@ class Channel(kombu_redis.Channel):
             reply = self._fetch(client, [queue], tag)
         if not reply:
             return None
-        payload = loads(bytes_to_str(reply[1]))
+        try:
+            payload = loads(bytes_to_str(reply[1]))
+            valid = _is_message(payload)
+        except Exception:
+            valid = False
+        if not valid:
+            self._keep_garbage(reply[1], tag)
+            return None
         payload["properties"]["delivery_tag"] = tag
         message = self.Message(payload, channel=self)
         self.recorded.add(tag)

@@ -118,8 +118,8 @@ class Deliveries:
         pipe.hset(key, "cursor", row)
         if not delivery.started:
             pipe.hincrby(key, "n", 1)
-            delivery.started = True
         pipe.execute()
+        delivery.started = True
         yield
         self.redis.hdel(key, "cursor")
 

@@ -24,6 +24,7 @@ from typing import Any
 
 from celery import Celery, signals
 from celery.worker.consumer import Consumer as CeleryConsumer
+from kombu.serialization import prepare_accept_content
 from vine import promise
 
 from shared.redis_transport import REFUSED_HEADER
@@ -142,7 +143,7 @@ class Consumer(CeleryConsumer):  # type: ignore[misc]
     def create_task_handler(self, promise: Any = promise) -> Callable[[Any], None]:
         handle = super().create_task_handler(promise)
         tasks = frozenset(name for name in self.strategies if name.startswith(TASK_PREFIX))
-        accept = frozenset(self.app.conf.accept_content)
+        accept = frozenset(prepare_accept_content(self.app.conf.accept_content))
 
         def on_task_received(message: Any) -> None:
             try:

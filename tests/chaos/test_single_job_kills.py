@@ -104,8 +104,12 @@ def _single_jobs_under_kills(broker_env: dict[str, str], start_worker: Any, star
                              ) -> None:
     row = chaos_report(f"SIGKILL at random x{kills}: single jobs (HTTP + SDK) + bulk",
                        broker_name(broker_env))
-    # 1 ms per row keeps messages in flight in the workers when the kills land.
-    env = worker_env(broker_env, fault_log, "row_delay_ms=1")
+    # 1 ms per row keeps messages in flight in the workers when the kills land. After each
+    # kill the returned messages run row by row (poison isolation), so on a busy machine a
+    # job can wait in a worker for longer than the fixtures' 8 s visibility timeout, after
+    # which it fails (TimeoutError): 60 s here, as Redis recovery comes from heartbeats.
+    env = worker_env({**broker_env, "INFERQ_VISIBILITY_TIMEOUT": "60"}, fault_log,
+                     "row_delay_ms=1")
 
     def restart(name: str) -> Any:
         return start_worker(env, "--hostname", name, ready=False)

@@ -161,3 +161,23 @@ def test_a_recorded_entry_that_is_not_a_message_is_kept_not_restored(store):
     assert not any(store.hexists("unacked", tag) for tag in records)
     kept = set(store.lrange(GARBAGE_KEY, 0, -1))
     assert {r.encode() for r in records.values()} <= kept
+
+
+def test_a_fetch_whose_reply_was_lost_is_put_back(store):
+    """The script ran (the message is recorded, owned by this live consumer) but its reply
+    never arrived (a dropped connection, an error after the pop): restored on the next
+    fetch, not after the visibility timeout."""
+    queue = _queue()
+    _publish(queue, {"n": 3})
+    with Connection(URL, transport=RELIABLE_REDIS, transport_options=OPTIONS) as conn:
+        channel = conn.default_channel
+        queue(channel).declare()
+        tag = uuid.uuid4().hex
+        with channel.conn_or_acquire() as client:
+            assert channel._fetch(client, [queue.name], tag)  # the reply, dropped
+        assert store.llen(queue.name) == 0 and store.hexists("unacked", tag)
+        channel._orphans.append(tag)
+        channel._restore_orphans()
+        assert not store.hexists("unacked", tag) and not store.hexists(OWNER_KEY, tag)
+        assert store.llen(queue.name) == 1
+    assert _receive([queue], 1, timeout=10) == [({"n": 3}, True)]

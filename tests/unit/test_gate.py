@@ -6,14 +6,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
-from kombu.serialization import loads
+from kombu.serialization import loads, prepare_accept_content
 
 from shared import codec
 from shared.celery_app import INFER_TASK
 from workers.rejects import refusal
 
 TASKS = frozenset({INFER_TASK})
-ACCEPT = frozenset(codec.ACCEPT)
+ACCEPT = frozenset(prepare_accept_content(codec.ACCEPT))  # as the worker builds it
 
 
 @dataclass
@@ -40,6 +40,8 @@ def headers(**extra: Any) -> dict[str, Any]:
 
 def test_a_task_message_of_inferqs_passes() -> None:
     assert refusal(Message(), TASKS, ACCEPT) is None
+    as_json = Message(body=b'[[], {"model": "digits"}, {}]', content_type="application/json")
+    assert refusal(as_json, TASKS, ACCEPT) is None  # JSON is accepted content too
     assert refusal(Message(headers=headers(retries=0, timelimit=[None, 30],
                                            expires="2030-01-01T00:00:00+00:00")),
                    TASKS, ACCEPT) is None
