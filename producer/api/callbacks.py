@@ -26,7 +26,7 @@ from producer.api.auth import Principal
 from producer.api.batches import batch_view
 from producer.api.context import Api
 from producer.api.jobs import job_view
-from producer.api.urls import UrlRefused, refuse_internal
+from producer.api.urls import UrlRefused, resolve_public
 
 logger = logging.getLogger(__name__)
 
@@ -122,10 +122,13 @@ class Dispatcher:
         code: int | None = None
         error: str | None = None
         try:
-            if not self.api.settings.callback_allow_private:  # the name may point inward now
-                await run_in_threadpool(refuse_internal, record["callback_url"])
-            response = await self.http.post(record["callback_url"], content=body,
-                                            headers=headers)
+            url, extensions = record["callback_url"], {}
+            if not self.api.settings.callback_allow_private:  # the name may point inward
+                target = await run_in_threadpool(resolve_public, url)  # now: check again,
+                url, extensions = target.url, target.extensions  # and connect where checked
+                headers.update(target.headers)
+            response = await self.http.post(url, content=body, headers=headers,
+                                            extensions=extensions)
             code = response.status_code
             if not 200 <= code < 300:
                 error = f"HTTP {code}"

@@ -278,15 +278,46 @@ async def test_body_limit_under_fastapi_middleware_streamed() -> None:
 
 
 # -- callback URLs ---------------------------------------------------------------------------
-@pytest.mark.parametrize("url", ["http://127.0.0.1:8080/hook", "http://localhost/hook",
-                                 "http://10.1.2.3/x", "http://169.254.169.254/latest",
-                                 "http://[::1]/x"])
+@pytest.mark.parametrize("url", [
+    "http://127.0.0.1:8080/hook", "http://localhost/hook", "http://10.1.2.3/x",
+    "http://169.254.169.254/latest", "http://[::1]/x",
+    # accepted before (issue 14): a cloud metadata service, carrier-grade NAT, 6to4 of
+    # 127.0.0.1, IPv6 site-local; and the IPv4 carriers: mapped, NAT64, Teredo
+    "http://100.100.100.200/latest/meta-data/", "http://100.64.0.1/",
+    "http://[2002:7f00:1::]/", "http://[fec0::1]/", "http://[::ffff:10.0.0.1]/",
+    "http://[64:ff9b::a00:1]/", "http://[2001:0:4136:e378:8000:63bf:f5ff:fffe]/",
+    "http://0.0.0.0/", "http://[ff02::1]/"])
 def test_internal_callback_addresses_are_refused_unless_allowed(url: str) -> None:
     from producer.api.urls import UrlRefused, check_callback_url
 
-    with pytest.raises(UrlRefused, match="internal address"):
+    with pytest.raises(UrlRefused, match="not a public address"):
         check_callback_url(url, allow_private=False)
     assert check_callback_url(url, allow_private=True).startswith("http")
+
+
+def test_a_host_label_over_63_characters_is_refused_not_a_500() -> None:
+    from producer.api.urls import UrlRefused, check_callback_url
+
+    with pytest.raises(UrlRefused, match="cannot resolve"):
+        check_callback_url(f"http://{'a' * 64}.example.com/hook", allow_private=False)
+
+
+def test_a_delivery_connects_to_the_address_it_checked(monkeypatch: pytest.MonkeyPatch
+                                                       ) -> None:
+    """No second lookup between the check and the connection (DNS rebinding): the target
+    names the checked address, with the original Host and TLS server name."""
+    import socket
+
+    from producer.api.urls import resolve_public
+
+    answers = [[(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("93.184.216.34", 443))],
+               [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("127.0.0.1", 443))]]
+    monkeypatch.setattr(socket, "getaddrinfo", lambda *a, **k: answers.pop(0))
+    target = resolve_public("https://hooks.example.com:8443/x?y=1")
+    assert target.url == "https://93.184.216.34:8443/x?y=1"
+    assert target.headers == {"Host": "hooks.example.com:8443"}
+    assert target.extensions == {"sni_hostname": "hooks.example.com"}
+    assert len(answers) == 1  # resolved once
 
 
 @pytest.mark.parametrize("url", ["ftp://example.com/x", "not a url", "file:///etc/passwd"])
