@@ -17,6 +17,7 @@ from typing import Any
 
 import redis
 from fastapi import FastAPI, HTTPException, Request
+from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from kombu.exceptions import OperationalError
@@ -25,7 +26,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from producer.api import batches, jobs
 from producer.api.auth import Keyring
 from producer.api.callbacks import Dispatcher
-from producer.api.context import Api, Who, api_of
+from producer.api.context import Api, Who, admit, api_of
 from producer.api.limits import BodyLimit, QueueDepth
 from producer.api.schemas import ModelView, Problem
 from producer.api.store import ApiStore
@@ -80,7 +81,34 @@ def create_app(settings: Settings | None = None, *, keyring: Keyring | None = No
     _routes(app)
     _measure(app, api)
     app.add_middleware(BodyLimit, limit=settings.api_max_body_bytes)  # type: ignore[arg-type]
+    app.add_middleware(Gate, api=api)  # type: ignore[arg-type]  # outermost: before any body
     return app
+
+
+class Gate:
+    """ASGI middleware: every ``/v1/`` request is authenticated and rate-limited before
+    its body is read, so a request without a valid key costs no parsing (it used to get
+    a 422 for a malformed body, or spend seconds parsing 60 MB, before its 401)."""
+
+    def __init__(self, app: Any, api: Api):
+        self.app = app
+        self.api = api
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or not scope["path"].startswith("/v1/"):
+            await self.app(scope, receive, send)
+            return
+        headers = dict(scope.get("headers") or [])
+        authorization = headers.get(b"authorization", b"").decode("latin-1")
+        client = scope["client"][0] if scope.get("client") else None
+        try:
+            who = await run_in_threadpool(admit, self.api, authorization, client,
+                                          scope["method"], scope["path"])
+        except HTTPException as exc:
+            await _problem(exc.status_code, str(exc.detail), exc.headers)(scope, receive, send)
+            return
+        scope.setdefault("state", {})["principal"] = who
+        await self.app(scope, receive, send)
 
 
 def _problem(status: int, detail: str, headers: Mapping[str, str] | None = None,

@@ -91,24 +91,35 @@ BEARER = HTTPBearer(auto_error=False, scheme_name="apiKey",
                     description="an API key: `Authorization: Bearer <key>`")
 
 
-def authenticate(request: Request, credentials: Annotated[
-        HTTPAuthorizationCredentials | None, Security(BEARER)] = None) -> Principal:
+def admit(api: Api, authorization: str | None, client: str | None, method: str,
+          path: str) -> Principal:
     """Bearer key -> tenant (401 without one), then the tenant's rate limit (429)."""
-    api = api_of(request)
-    who = api.keyring.authenticate(credentials.credentials.strip()) if credentials else None
-    client = request.client.host if request.client else None
+    scheme, _, key = (authorization or "").partition(" ")
+    has_key = scheme.lower() == "bearer" and bool(key.strip())
+    who = api.keyring.authenticate(key.strip()) if has_key else None
     if who is None:
-        audit("auth_refused", None, client=client, method=request.method,
-              path=request.url.path, reason="unknown_key" if credentials else "no_key")
+        audit("auth_refused", None, client=client, method=method, path=path,
+              reason="unknown_key" if has_key else "no_key")
         raise HTTPException(401, "missing or unknown API key: send 'Authorization: Bearer "
                             "<key>'", headers={"WWW-Authenticate": "Bearer"})
     rate = api.settings.api_rate_per_s if who.rate_per_s is None else who.rate_per_s
     if rate and api.store.hit(who.tenant, time.time()) > rate:
         raise HTTPException(429, f"tenant {who.tenant!r} is over its rate limit of {rate} "
                             "requests/s", headers={"Retry-After": "1"})
-    who = dataclasses.replace(who, client=client)
-    request.state.principal = who
-    return who
+    return dataclasses.replace(who, client=client)
+
+
+def authenticate(request: Request, credentials: Annotated[
+        HTTPAuthorizationCredentials | None, Security(BEARER)] = None) -> Principal:
+    """The principal the gate (``app.Gate``) admitted before the body was read; a request
+    that did not pass it (an app built without the gate) is admitted here."""
+    who = getattr(request.state, "principal", None)
+    if who is None:
+        who = admit(api_of(request), request.headers.get("authorization"),
+                    request.client.host if request.client else None, request.method,
+                    request.url.path)
+        request.state.principal = who
+    return who  # type: ignore[no-any-return]
 
 
 Who = Annotated[Principal, Depends(authenticate)]
