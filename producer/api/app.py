@@ -107,8 +107,17 @@ class Gate:
         except HTTPException as exc:
             await _problem(exc.status_code, str(exc.detail), exc.headers)(scope, receive, send)
             return
+        except redis.RedisError as exc:  # the rate limit's counter lives in the store
+            await _store_down(scope["path"], exc)(scope, receive, send)
+            return
         scope.setdefault("state", {})["principal"] = who
         await self.app(scope, receive, send)
+
+
+def _store_down(path: str, exc: Exception) -> JSONResponse:
+    logger.warning("result store error on %s: %s", path, scrub(str(exc)))
+    return _problem(503, "the result store is unavailable "
+                    f"({type(exc).__name__}); retry later", {"Retry-After": "5"})
 
 
 def _problem(status: int, detail: str, headers: Mapping[str, str] | None = None,
@@ -162,9 +171,7 @@ def _errors(app: FastAPI) -> None:
 
     @app.exception_handler(redis.RedisError)
     async def store_down(request: Request, exc: redis.RedisError) -> JSONResponse:
-        logger.warning("result store error on %s: %s", request.url.path, scrub(str(exc)))
-        return _problem(503, "the result store is unavailable "
-                        f"({type(exc).__name__}); retry later", {"Retry-After": "5"})
+        return _store_down(request.url.path, exc)
 
     @app.exception_handler(Unavailable)
     async def unavailable(request: Request, exc: Unavailable) -> JSONResponse:
