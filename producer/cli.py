@@ -208,11 +208,14 @@ def api_key(
     tenant: Annotated[str, typer.Option(help="the tenant this key acts for")],
     keys_file: Annotated[Path, typer.Option(help="JSON keys file (INFERQ_API_KEYS_FILE)")],
     rate_per_s: Annotated[int | None, typer.Option(help="requests/s for this key")] = None,
+    queue_share: Annotated[float | None, typer.Option(
+        min=0.001, max=1.0, help="this tenant's share of each model's queue limit "
+        "(default INFERQ_API_TENANT_QUEUE_SHARE)")] = None,
 ) -> None:
     """Create an API key for a tenant; only its hash is stored. Shown once."""
     from producer.api.auth import add_key
 
-    key, key_id, secret = add_key(keys_file, tenant, rate_per_s)
+    key, key_id, secret = add_key(keys_file, tenant, rate_per_s, queue_share)
     out.print_json(json.dumps({"tenant": tenant, "key_id": key_id, "api_key": key,
                                "callback_secret": secret, "keys_file": str(keys_file)}))
 

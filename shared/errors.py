@@ -32,7 +32,8 @@ class InputError(InferqError):
     """Input does not match the model's manifest. Permanent: never retried."""
 
     def __init__(self, message: str, *, row: int | None = None, field: str | None = None):
-        super().__init__(message)
+        # one line, whatever a parser's own message (quoted in it) held
+        super().__init__(" ".join(message.split()))
         self.row = row
         self.field = field
 

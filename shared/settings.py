@@ -92,6 +92,10 @@ class Settings(BaseSettings):
                                  "queue above which new work gets 429; 0 = no limit")
     api_queue_limits: dict[str, int] = Field(default_factory=dict, description="per-model "
                                              "queue limits, JSON, e.g. {\"minilm\": 500}")
+    api_tenant_queue_share: float = Field(0.5, gt=0, le=1, description="each tenant's share "
+                                          "of a model's queue limit: its own waiting jobs "
+                                          "up to this are admitted even when the queue is "
+                                          "full; unless its key says otherwise")
     api_wait_max_s: float = Field(30.0, gt=0, le=300, description="longest ?wait= long poll")
     callback_secret: str = Field("", description="HMAC-SHA256 key signing callbacks unless "
                                  "the tenant's key has its own")

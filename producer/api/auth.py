@@ -28,6 +28,7 @@ class Principal:
     key_id: str
     rate_per_s: int | None = None  # None: the server's default
     callback_secret: str = ""
+    queue_share: float | None = None  # None: the server's INFERQ_API_TENANT_QUEUE_SHARE
     client: str | None = None  # the caller's address in this request, for the audit log
 
 
@@ -97,15 +98,24 @@ def _read_file(path: Path) -> dict[str, Principal]:
             entries[digest] = Principal(
                 _check_tenant(str(item["tenant"]), where), digest[:12],
                 int(item["rate_per_s"]) if item.get("rate_per_s") is not None else None,
-                str(item.get("callback_secret", "")))
+                str(item.get("callback_secret", "")), _share(item.get("queue_share")))
         except (KeyError, TypeError, ValueError) as exc:
             raise ConfigError(f"{where}: key {n + 1}: {exc!r} (needs tenant and sha256)"
                               ) from None
     return entries
 
 
-def add_key(path: Path, tenant: str, rate_per_s: int | None = None
-            ) -> tuple[str, str, str]:
+def _share(value: Any) -> float | None:
+    if value is None:
+        return None
+    share = float(value)
+    if not 0 < share <= 1:
+        raise ValueError(f"queue_share {share} is not in (0, 1]")
+    return share
+
+
+def add_key(path: Path, tenant: str, rate_per_s: int | None = None,
+            queue_share: float | None = None) -> tuple[str, str, str]:
     """Append a new key for ``tenant`` to the keys file; -> (key, key id, callback secret).
 
     The key itself is shown once and never stored; the callback secret (to verify the
@@ -119,6 +129,8 @@ def add_key(path: Path, tenant: str, rate_per_s: int | None = None
     entry: dict[str, Any] = {"tenant": tenant, "sha256": digest, "callback_secret": secret}
     if rate_per_s is not None:
         entry["rate_per_s"] = rate_per_s
+    if queue_share is not None:
+        entry["queue_share"] = _share(queue_share)
     data["keys"].append(entry)
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(data, indent=2) + "\n")

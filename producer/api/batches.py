@@ -14,7 +14,7 @@ import math
 import shutil
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -118,7 +118,6 @@ def _publish(api: Api, who: Principal, batch_id: str, model: str, callback_url: 
     """Validate and send every chunk; on a broker failure cancel what was sent and say so.
     ``route``: the chunks' ``priority`` and ``deadline``."""
     version, ref = api.model(model)
-    api.check_backpressure(ref.name)
     callback_url = api.check_callback(who, callback_url)  # every body kind, same checks
     spec = version.manifest.input()
     chunk_rows = chunk_rows_for(version.manifest, api.settings.chunk_rows)
@@ -127,25 +126,37 @@ def _publish(api: Api, who: Principal, batch_id: str, model: str, callback_url: 
     if total is not None and total > cap:
         raise HTTPException(413, f"rows: {total} in one batch; the limit is {cap} "
                             "(INFERQ_API_MAX_BATCH_ROWS)")
-    chunks = read_chunks(path, spec, chunk_rows)  # file-level problems raise here (422)
+    chunks: Iterable[Chunk] = read_chunks(path, spec, chunk_rows)  # file problems: 422
+    if total is None:  # not countable cheaply: read it all before admitting it
+        chunks = list(chunks)
+        total = sum(c.rows for c in chunks)
+    ids = [chunk_id(batch_id, i) for i in range(math.ceil(total / chunk_rows))]
+    _admit(api, who, ref.name, ids, chunk_rows)
     record: dict[str, Any] = {"tenant": who.tenant, "key_id": who.key_id, "model": ref.name,
                               "ref": model, "chunk_rows": chunk_rows, "created_at": time.time(),
                               "callback_url": callback_url, "state": "publishing"}
     api.store.create_batch(batch_id, record)
-    rows, sent, bad_counts = 0, [], dict[str, int]()
+    rows, sent, read, bad_counts = 0, [], 0, dict[str, int]()
     try:
         with api.client.app.producer_or_acquire() as producer:
             for chunk in chunks:
-                rows += chunk.rows
+                rows, read = rows + chunk.rows, chunk.index + 1
                 if rows > cap:
                     raise HTTPException(413, f"rows: more than {cap} in one batch "
                                         "(INFERQ_API_MAX_BATCH_ROWS)")
-                _send(api, ref, spec.name, batch_id, chunk, producer, bad_counts, route)
-                sent.append(chunk_id(batch_id, chunk.index))
+                if chunk.index >= len(ids):  # more rows than counted: not admitted
+                    raise HTTPException(422, f"rows: more than {total} rows (the count "
+                                        "before reading); send the file again")
+                if _send(api, ref, spec.name, batch_id, chunk, producer, bad_counts, route):
+                    sent.append(ids[chunk.index])
+                else:
+                    api.store.forget_open(ref.name, who.tenant, [ids[chunk.index]])
     except BaseException:
         api.store.claims.cancel(sent)  # whatever was sent will not run
+        api.store.forget_open(ref.name, who.tenant, ids)
         api.store.update_batch(batch_id, state="failed")
         raise
+    api.store.forget_open(ref.name, who.tenant, ids[read:])  # counted, but not in the file
     if not rows:
         api.store.update_batch(batch_id, state="failed")
         raise HTTPException(422, "rows: the batch has no rows")
@@ -157,17 +168,32 @@ def _publish(api: Api, who: Principal, batch_id: str, model: str, callback_url: 
           refused=sum(bad_counts.values()))
 
 
+def _admit(api: Api, who: Principal, model: str, ids: list[str], chunk_rows: int) -> None:
+    """A batch enters whole or not at all, counted by its messages (chunks)."""
+    limit = api.depth.limit(model)
+    if not ids:
+        return  # no rows: refused as such after reading
+    if limit and len(ids) > limit:
+        raise HTTPException(413, f"rows: this batch makes {len(ids)} messages of "
+                            f"{chunk_rows} rows; model {model!r} queues at most {limit} "
+                            f"(INFERQ_API_QUEUE_LIMIT): send at most {limit * chunk_rows} "
+                            "rows per batch")
+    api.admit_work(who, model, ids)
+
+
 def _send(api: Api, ref: Any, input_name: str, batch_id: str, chunk: Chunk, producer: Any,
-          bad_counts: dict[str, int], route: dict[str, Any]) -> None:
+          bad_counts: dict[str, int], route: dict[str, Any]) -> bool:
+    """-> whether a message was sent (False: no row of the chunk was valid)."""
     job_id = chunk_id(batch_id, chunk.index)
     if chunk.errors:
         api.store.add_bad_rows(batch_id, {e.row: e.message for e in chunk.errors})
         bad_counts[str(chunk.index)] = len(chunk.errors)
     if not len(chunk.keep):  # nothing valid to run: the chunk is done as it is
         api.store.store_final(job_id, {}, "SUCCESS")
-        return
+        return False
     publish_chunk(api.client, ref, input_name, job_id, chunk, producer,
                   retry_policy=FAST_PUBLISH, **route)
+    return True
 
 
 @router.post("/batches", status_code=202, response_model=BatchView, openapi_extra=BATCH_BODY,

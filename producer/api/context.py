@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Annotated, Any
@@ -54,17 +55,26 @@ class Api:
     def model(self, ref: str) -> tuple[ModelVersion, ModelRef]:
         return self.client.model(ref)
 
-    def check_backpressure(self, model: str) -> None:
-        """429 with Retry-After when the model's queue is deeper than its limit."""
+    def admit_work(self, who: Principal, model: str, ids: list[str]) -> None:
+        """Fair admission (docs/api.md): ``ids`` (jobs, or a batch's chunks) enter when the
+        tenant's own open work stays within its share of the model's queue limit, or when
+        the model's queue has room for them all; else 429 with Retry-After."""
         limit = self.depth.limit(model)
         if not limit:
             return
-        depth = self.depth.depth(model)
-        if depth > limit:
-            raise HTTPException(429, f"model {model!r} has {depth} messages waiting (limit "
-                                f"{limit}); retry later",
-                                headers={"Retry-After": str(self.depth.retry_after(model,
-                                                                                    depth))})
+        fraction = self.settings.api_tenant_queue_share if who.queue_share is None \
+            else who.queue_share
+        share = max(1, math.ceil(limit * fraction))
+        depth = self.depth.estimate(model)
+        admitted, held = self.store.admit(model, who.tenant, ids, share, depth, limit)
+        if admitted:
+            self.depth.added(model, len(ids))
+        else:
+            raise HTTPException(
+                429, f"model {model!r} has {depth} messages waiting (limit {limit}) and "
+                f"tenant {who.tenant!r} has {held} jobs or chunks waiting (its share: "
+                f"{share}); retry later", headers={
+                    "Retry-After": str(self.depth.retry_after(model, depth + len(ids)))})
 
     def callback_secret(self, who: Principal) -> str:
         return who.callback_secret or self.settings.callback_secret

@@ -111,7 +111,6 @@ def _float(record: dict[str, str], key: str) -> float | None:
 
 def _enqueue(api: Api, who: Principal, model: str, body: JobRequest) -> str:
     version, ref = api.model(model)
-    api.check_backpressure(ref.name)
     inputs = coerce_inputs(version.manifest, body.inputs)
     rows = len(next(iter(inputs.values())))
     if rows > api.settings.api_max_job_rows:
@@ -120,6 +119,7 @@ def _enqueue(api: Api, who: Principal, model: str, body: JobRequest) -> str:
                             "use POST /v1/batches for many rows")
     callback_url = api.check_callback(who, body.callback_url)
     job_id = uuid.uuid4().hex
+    api.admit_work(who, ref.name, [job_id])
     submitted = time.time()
     api.store.create_job(job_id, {"tenant": who.tenant, "key_id": who.key_id,
                                   "model": ref.name, "ref": model, "rows": rows,
@@ -130,6 +130,7 @@ def _enqueue(api: Api, who: Principal, model: str, body: JobRequest) -> str:
                               deadline_after(body.expires_in))
     except Exception:
         api.store.drop_job(job_id)
+        api.store.forget_open(ref.name, who.tenant, [job_id])
         raise
     audit("submit", who, job_id=job_id, model=model, rows=rows)
     return job_id

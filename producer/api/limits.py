@@ -90,6 +90,7 @@ class QueueDepth:
         self._lock = threading.Lock()
         self._conn: Any = None
         self._cache: dict[str, tuple[float, int]] = {}
+        self._added: dict[str, int] = {}  # queued by this process since the cached read
 
     def limit(self, model: str) -> int:
         return self.settings.api_queue_limits.get(model, self.settings.api_queue_limit)
@@ -105,7 +106,18 @@ class QueueDepth:
                 return cached[1]
             depth = sum(self._read(queue_name(self.settings, model, p)) for p in PRIORITIES)
             self._cache[model] = (time.monotonic(), depth)
+            self._added[model] = 0
         return depth
+
+    def estimate(self, model: str) -> int:
+        """``depth`` plus what this process queued since reading it: a burst within the
+        cache's second cannot pass the limit unseen."""
+        depth = self.depth(model)
+        return depth + self._added.get(model, 0)
+
+    def added(self, model: str, messages: int) -> None:
+        with self._lock:
+            self._added[model] = self._added.get(model, 0) + messages
 
     def _read(self, name: str) -> int:
         from amqp.exceptions import ChannelError as AmqpChannelError

@@ -30,6 +30,26 @@ end
 return 0
 """
 
+# Lua: a tenant's open work on one model (KEYS[1], a sorted set of job and chunk ids by
+# submit time). Forget ids a worker has claimed (started or cancelled: their claim key
+# exists) among the oldest ARGV[7], and ids older than ARGV[2]; then admit ARGV[8..] when
+# the tenant is within its share (ARGV[4]) or the model's queue has room (depth ARGV[5] +
+# new <= limit ARGV[6]). -> {admitted 0/1, the tenant's open count before these}.
+_ADMIT = """
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[2])
+for _, id in ipairs(redis.call('ZRANGE', KEYS[1], 0, tonumber(ARGV[7]) - 1)) do
+  if redis.call('EXISTS', ARGV[3] .. id) == 1 then redis.call('ZREM', KEYS[1], id) end
+end
+local open = redis.call('ZCARD', KEYS[1])
+local new = #ARGV - 7
+if open + new > tonumber(ARGV[4]) and tonumber(ARGV[5]) + new > tonumber(ARGV[6]) then
+  return {0, open}
+end
+for i = 8, #ARGV do redis.call('ZADD', KEYS[1], ARGV[1], ARGV[i]) end
+redis.call('EXPIRE', KEYS[1], math.ceil(tonumber(ARGV[1]) - tonumber(ARGV[2])) + 60)
+return {1, open}
+"""
+PRUNE = 128  # claimed ids looked for per admission, oldest first
 
 class ApiStore:
     def __init__(self, settings: Settings, app: Celery):
@@ -47,6 +67,7 @@ class ApiStore:
         self.prefix = f"{settings.queue_prefix}inferq-api-"
         self.callbacks_key = self.prefix + "callbacks"
         self._lease = self.redis.register_script(_LEASE)
+        self._admit = self.redis.register_script(_ADMIT)
 
     # -- keys ----------------------------------------------------------------------------
     def job_key(self, job_id: str) -> str:
@@ -185,6 +206,25 @@ class ApiStore:
 
     def drop_callback(self, member: str) -> None:
         self.redis.zrem(self.callbacks_key, member)
+
+    # -- fair admission (producer/api/limits.py decides the numbers) ----------------------
+    def open_key(self, model: str, tenant: str) -> str:
+        return f"{self.prefix}open-{model}-{tenant}"
+
+    def admit(self, model: str, tenant: str, ids: list[str], share: int, depth: int,
+              limit: int) -> tuple[bool, int]:
+        """Record ``ids`` as ``tenant``'s open work on ``model`` if it is admitted: the
+        tenant holds at most ``share`` ids with them, or the model's queue (``depth``
+        messages) stays within ``limit``. -> (admitted, the tenant's open ids before)."""
+        now = time.time()
+        ok, open_ = self._admit(keys=[self.open_key(model, tenant)], args=[
+            now, now - self.expires, claims.claim_key(""), share, depth, limit, PRUNE, *ids])
+        return bool(ok), int(open_)
+
+    def forget_open(self, model: str, tenant: str, ids: list[str]) -> None:
+        """Ids admitted but never queued (publishing failed, nothing valid to run)."""
+        if ids:
+            self.redis.zrem(self.open_key(model, tenant), *ids)
 
     # -- rate limits ---------------------------------------------------------------------
     def hit(self, tenant: str, now: float) -> int:

@@ -444,6 +444,30 @@ async def test_queue_backpressure_gets_429_with_retry_after(redis_env, digits):
     assert depth(redis_env) == 6  # nothing more was enqueued
 
 
+def test_a_tenants_open_work_forgets_what_workers_claimed(redis_env):
+    """The admission script against real Redis: ids a worker claimed (or a cancel did) and
+    ids older than the result expiry leave the tenant's count; the rest stay."""
+    from celery import Celery
+
+    from producer.api.store import ApiStore
+    from shared.claims import claim_key
+
+    settings = settings_for(redis_env)
+    store = ApiStore(settings, Celery(backend=settings.effective_result_backend()))
+    ids = [f"fair-{i}" for i in range(6)]
+    assert store.admit("digits", "acme", ids[:4], share=4, depth=0, limit=100) == (True, 0)
+    assert store.admit("digits", "acme", ids[4:], share=4, depth=99, limit=100) == (False, 4)
+    store.redis.set(claim_key(ids[0]), "run", ex=60)
+    store.redis.set(claim_key(ids[2]), "cancelled", ex=60)
+    store.redis.zadd(store.open_key("digits", "acme"), {ids[3]: time.time() - store.expires - 1})
+    assert store.admit("digits", "acme", ids[4:], share=4, depth=99, limit=100) == (True, 1)
+    assert store.admit("digits", "beta", ["b"], share=1, depth=500, limit=100) == (True, 0)
+    assert store.admit("digits", "beta", ["c"], share=1, depth=500, limit=100) == (False, 1)
+    store.forget_open("digits", "acme", ids)
+    assert store.redis.zcard(store.open_key("digits", "acme")) == 0
+    store.redis.delete(claim_key(ids[0]), claim_key(ids[2]), store.open_key("digits", "beta"))
+
+
 async def test_broker_outage_gets_503_and_enqueues_nothing(redis_env, digits):
     async with serve(redis_env, broker_url="redis://127.0.0.1:1/0") as api:
         r = await submit(api, rows(digits, 0))

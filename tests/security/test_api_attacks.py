@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import json
+import time
 from collections.abc import Iterator
 
 import httpx
@@ -102,3 +103,43 @@ def test_no_key_is_401_before_the_body_and_metrics_stay_bounded(server, digits):
     text = http.get("/metrics").text
     assert "BREW" not in text and 'method="other"' in text
     _serves(http, digits)
+
+
+def test_one_tenants_flood_does_not_429_another(redis_env, start_worker, start_api, digits):
+    """Queue limit 20, each tenant's share 10: acme's flood fills the queue and then only
+    acme waits; beta, under its share, is admitted; a batch is counted by its chunks."""
+    api = start_api(api_env(redis_env, INFERQ_API_QUEUE_LIMIT="20", INFERQ_CHUNK_ROWS="10",
+                            INFERQ_API_RATE_PER_S="0"))
+    row = np.asarray(digits["x"][0]).reshape(-1).tolist()
+    beta = {"Authorization": "Bearer key-b"}
+    with httpx.Client(base_url=api.url, headers=AUTH, timeout=30) as http:
+        r = http.post("/v1/batches", json={"model": "digits", "rows": [row] * 210})
+        _clean_4xx(r, 413, "21 messages", "at most 200 rows")  # can never fit
+        r = http.post("/v1/batches", json={"model": "digits", "rows": [row] * 200})
+        assert r.status_code == 202, r.text  # 20 chunks: the queue is full
+        flood = r.json()["id"]
+        for _ in range(2):  # at once (this process's own count) and after a fresh read
+            _clean_4xx(http.post("/v1/models/digits/jobs", json={"inputs": row}), 429,
+                       "limit 20", "tenant 'acme' has 20", "share: 10")
+            time.sleep(1.1)
+        r = http.post("/v1/batches", json={"model": "digits", "rows": [row] * 30})
+        assert r.status_code == 429 and int(r.headers["retry-after"]) >= 1
+        jobs = [http.post("/v1/models/digits/jobs", json={"inputs": row}, headers=beta)
+                for _ in range(7)]
+        assert [j.status_code for j in jobs] == [202] * 7, jobs[-1].text
+        r = http.post("/v1/batches", json={"model": "digits", "rows": [row] * 30},
+                      headers=beta)
+        assert r.status_code == 202, r.text  # 7 + 3 chunks: beta's whole share
+        _clean_4xx(http.post("/v1/models/digits/jobs", json={"inputs": row}, headers=beta),
+                   429, "tenant 'beta' has 10")
+
+        start_worker(redis_env)  # everything admitted runs, and the shares free up
+        for job in jobs:
+            r = http.get(f"/v1/jobs/{job.json()['id']}", params={"wait": "20s"},
+                         headers=beta)
+            assert r.json()["status"] == "succeeded", r.text
+        deadline = time.monotonic() + 30
+        while http.get(f"/v1/batches/{flood}").json()["status"] != "completed":
+            assert time.monotonic() < deadline, "acme's batch did not finish"
+            time.sleep(0.2)
+        _serves(http, digits)

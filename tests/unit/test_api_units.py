@@ -56,7 +56,7 @@ def test_bad_key_entries_are_config_errors(keys: str) -> None:
 
 def test_add_key_stores_the_hash_never_the_key(tmp_path: Path) -> None:
     path = tmp_path / "keys.json"
-    key, key_id, secret = add_key(path, "acme", rate_per_s=7)
+    key, key_id, secret = add_key(path, "acme", rate_per_s=7, queue_share=0.2)
     key2, _, _ = add_key(path, "beta")
     text = path.read_text()
     assert key.startswith(KEY_PREFIX) and len(key) > 40 and key != key2
@@ -67,10 +67,10 @@ def test_add_key_stores_the_hash_never_the_key(tmp_path: Path) -> None:
     ring = keyring("other:plain", keys_file=path)
     who = ring.authenticate(key)
     assert who is not None
-    assert (who.tenant, who.key_id, who.rate_per_s, who.callback_secret) == \
-        ("acme", key_id, 7, secret)
+    assert (who.tenant, who.key_id, who.rate_per_s, who.callback_secret, who.queue_share) \
+        == ("acme", key_id, 7, secret, 0.2)
     beta = ring.authenticate(key2)
-    assert beta is not None and beta.rate_per_s is None
+    assert beta is not None and beta.rate_per_s is None and beta.queue_share is None
     assert ring.secret_for(key_id) == secret and ring.secret_for("nope") == ""
     assert ring.authenticate("plain") is not None and len(ring) == 3
 
@@ -82,7 +82,9 @@ def test_add_key_refuses_a_bad_tenant(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("content", ["not json", '{"keys": [{"tenant": "acme"}]}',
-                                     '{"keys": [{"tenant": "a b", "sha256": "00"}]}'])
+                                     '{"keys": [{"tenant": "a b", "sha256": "00"}]}',
+                                     '{"keys": [{"tenant": "a", "sha256": "00", '
+                                     '"queue_share": 2}]}'])
 def test_a_bad_keys_file_is_a_config_error(tmp_path: Path, content: str) -> None:
     path = tmp_path / "keys.json"
     path.write_text(content)

@@ -48,12 +48,13 @@ def test_api_key_command_stores_only_the_hash(tmp_path: Path) -> None:
 
     keys = tmp_path / "keys.json"
     proc = run_python("-m", "producer.cli", "api-key", "--tenant", "acme", "--keys-file",
-                      str(keys), "--rate-per-s", "7")
+                      str(keys), "--rate-per-s", "7", "--queue-share", "0.25")
     assert proc.returncode == 0, proc.stderr
     shown = json.loads(proc.stdout)
     stored = json.loads(keys.read_text())["keys"]
     assert shown["api_key"].startswith("iq_") and shown["api_key"] not in keys.read_text()
-    assert [(k["tenant"], k["rate_per_s"]) for k in stored] == [("acme", 7)]
+    assert [(k["tenant"], k["rate_per_s"], k["queue_share"]) for k in stored] == \
+        [("acme", 7, 0.25)]
     assert oct(keys.stat().st_mode & 0o777) == "0o600"
 
 
