@@ -1,6 +1,7 @@
 """``python -m bench run [--quick] [--models digits,minilm] [--json PATH]``;
 ``python -m bench soak [--minutes 10]`` (worker memory over a long mixed run);
-``python -m bench fetch`` (inferq's Redis transport against kombu's)."""
+``python -m bench fetch`` (inferq's Redis transport against kombu's);
+``python -m bench http [--models digits] [--seconds 5]`` (native and HTTP online rows)."""
 
 from __future__ import annotations
 
@@ -31,6 +32,10 @@ def _parser() -> argparse.ArgumentParser:
     fetch.add_argument("--messages", type=int, default=20_000)
     fetch.add_argument("--rounds", type=int, default=3)
     fetch.add_argument("--log-level", default="WARNING")
+    http = sub.add_parser("http", help="native online rows, then the same over HTTP")
+    http.add_argument("--models", default=",".join(MODELS))
+    http.add_argument("--seconds", type=float, default=5.0)
+    http.add_argument("--log-level", default="WARNING")
     return parser
 
 
@@ -42,6 +47,11 @@ def main(argv: list[str] | None = None) -> int:
         from bench.fetch import fetch
 
         return fetch(args.messages, args.rounds)
+    if args.command == "http":
+        from bench.http import http_only
+
+        return http_only([m.strip() for m in args.models.split(",") if m.strip()],
+                         args.seconds)
     if args.command == "soak":
         from bench.soak import soak
 

@@ -36,11 +36,10 @@ def _say(message: str) -> None:
 def _setup_logging(level: str) -> bool:
     """Log to stderr as text, or one JSON object a line with INFERQ_LOG_FORMAT=json
     (docs/logs.md). -> whether JSON, so `inferq api` routes uvicorn's loggers here too."""
-    from shared.logs import handler
+    from shared.logs import configure
 
     log_format = load_settings().log_format
-    logging.basicConfig(level=level.upper(), handlers=[handler(log_format)])
-    logging.captureWarnings(log_format == "json")  # warnings as JSON lines too
+    configure(level, log_format)
     return log_format == "json"
 
 
@@ -184,23 +183,20 @@ def demo(log_level: str = "WARNING") -> None:
 def api(
     host: Annotated[str, typer.Option(help="address to listen on")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="port")] = 8000,
+    workers: Annotated[int, typer.Option(
+        min=0, help="API processes sharing the port; 0 = one per core")] = 0,
     log_level: str = "INFO",
 ) -> None:
     """Serve the HTTP results API (needs INFERQ_BROKER_URL and a Redis result store)."""
     try:
         import uvicorn
 
-        from producer.api.app import create_app
+        from producer.api import serve
     except ImportError as exc:
         raise InferqError(f"this command needs the api extra ({exc}); install it with: "
                           "pip install 'inferq[api]'") from None
     json_logs = _setup_logging(log_level)
-    application = create_app(load_settings())
-    # Keep-alive past clients' usual 5 s idle expiry, so a request never races the close.
-    # JSON logs: no uvicorn log config, so its loggers propagate to the JSON handler.
-    uvicorn.run(application, host=host, port=port, log_level=log_level.lower(),
-                proxy_headers=True, access_log=False, timeout_keep_alive=75,
-                log_config=None if json_logs else uvicorn.config.LOGGING_CONFIG)
+    serve.run(host, port, workers or os.cpu_count() or 1, log_level, json_logs, uvicorn)
 
 
 @app.command("api-key")

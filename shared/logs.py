@@ -78,3 +78,9 @@ def handler(log_format: str) -> logging.Handler:
     out.setFormatter(JsonFormatter() if log_format == "json"
                      else logging.Formatter(TEXT_FORMAT))
     return out
+
+
+def configure(level: str, log_format: str) -> None:
+    """The root logger: stderr, text or one JSON object a line (docs/logs.md)."""
+    logging.basicConfig(level=level.upper(), handlers=[handler(log_format)])
+    logging.captureWarnings(log_format == "json")  # warnings as JSON lines too

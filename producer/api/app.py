@@ -223,7 +223,7 @@ def _routes(app: FastAPI) -> None:
     @app.get("/metrics", tags=["ops"], summary="Prometheus metrics",
              response_class=Response)
     def metrics(request: Request) -> Response:
-        return Response(generate_latest(api_of(request).metrics.registry),
+        return Response(generate_latest(api_of(request).metrics.scraped()),
                         media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/v1/models", tags=["models"], response_model=list[ModelView],

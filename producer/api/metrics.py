@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
@@ -47,7 +48,20 @@ class ApiMetrics:
                                  ["model"], buckets=LATENCY_BUCKETS, registry=self.registry)
         self.callbacks = Counter("inferq_callbacks", "Callback deliveries by outcome",
                                  ["outcome"], registry=self.registry)
-        self.registry.register(_Depths(depths))
+        self.depths = _Depths(depths)
+        self.registry.register(self.depths)
+
+    def scraped(self) -> CollectorRegistry:
+        """What /metrics shows: this process's registry, or with ``inferq api --workers N``
+        (PROMETHEUS_MULTIPROC_DIR set) every process's counts added up."""
+        if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+            return self.registry
+        from prometheus_client.multiprocess import MultiProcessCollector
+
+        registry = CollectorRegistry()
+        MultiProcessCollector(registry)
+        registry.register(self.depths)
+        return registry
 
     def finished(self, model: str, state: str, seconds: float | None) -> None:
         self.jobs.labels(model, state).inc()
