@@ -128,12 +128,13 @@ def register_many(app: Celery, pool: ModelPool, claims: Claims,
         if len(runnable) < len(jobs):
             for _ in range(len(jobs) - len(runnable)):
                 pool.metrics.job(model, "cancelled", None, started)
-            logger.info("message %s: %d of %d jobs cancelled before they ran; skipped",
-                        self.request.id, len(jobs) - len(runnable), len(jobs),
+            skipped = [j["id"] for j, ok in zip(jobs, taken, strict=True) if not ok]
+            logger.info("message %s: %d of %d jobs cancelled before they ran; skipped: %s",
+                        self.request.id, len(skipped), len(jobs),
+                        " ".join(skipped[:8]) + (" …" if len(skipped) > 8 else ""),
                         extra={"event": "jobs_skipped", "message_id": self.request.id,
                                "model": model, "worker": self.request.hostname,
-                               "job_ids": [j["id"] for j, ok in zip(jobs, taken, strict=True)
-                                           if not ok]})
+                               "job_ids": skipped})
         late = [j.get("deadline") is not None and started > j["deadline"] for j in runnable]
         expired = [j for j, past in zip(runnable, late, strict=True) if past]
         if expired:

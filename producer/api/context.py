@@ -7,6 +7,7 @@ import dataclasses
 import logging
 import math
 import time
+import uuid
 from dataclasses import dataclass, field
 from typing import Annotated, Any
 
@@ -44,10 +45,12 @@ class Api:
     notifier: Notifier = field(init=False)
 
     def __post_init__(self) -> None:
-        self.notifier = Notifier(self.settings.effective_result_backend())
+        replies = f"inferq-reply-api-{uuid.uuid4().hex}"
+        self.notifier = Notifier(self.settings.effective_result_backend(), replies)
         self.metrics = ApiMetrics(self.depths)
-        # Concurrent requests share broker messages; the API records jobs itself.
-        self.coalescer = Coalescer(self.client, FAST_PUBLISH, mark=False)
+        # Concurrent requests share broker messages; the API records jobs itself; workers
+        # publish each message's results on this process's reply channel (notify.py).
+        self.coalescer = Coalescer(self.client, FAST_PUBLISH, mark=False, reply_to=replies)
 
     def depths(self) -> dict[str, int]:
         return {name: self.depth.depth(name) for name in self.client.repo.names()}

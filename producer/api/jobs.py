@@ -14,7 +14,7 @@ from fastapi.responses import JSONResponse
 
 from producer.api.auth import Principal
 from producer.api.context import Api, Who, api_of, audit, not_found
-from producer.api.notify import RECHECK_S
+from producer.api.notify import RECHECK_S, Reply
 from producer.api.schemas import (
     Accepted,
     CallbackInfo,
@@ -51,7 +51,8 @@ def _json(arr: Any) -> list[Any]:
     return arr.tolist() if isinstance(arr, np.ndarray) else list(arr)
 
 
-def job_view(api: Api, job_id: str, who: Principal) -> JobView:
+def job_view(api: Api, job_id: str, who: Principal, *,
+             count: bool = True) -> JobView:
     record = api.store.job_record(job_id)
     if record.get("tenant") != who.tenant:
         raise not_found("job", job_id)
@@ -59,12 +60,16 @@ def job_view(api: Api, job_id: str, who: Principal) -> JobView:
     if meta is None:
         raise not_found("job", job_id)
     view = build_view(job_id, record, meta, claim)
-    if is_final(meta) and api.store.first_final(job_id):
-        t = view.timings
-        api.metrics.finished(view.model, view.status.value,
-                             None if t.finished_at is None or t.submitted_at is None
-                             else t.finished_at - t.submitted_at)
+    if count and is_final(meta) and api.store.first_final(job_id):
+        _count(api, view)
     return view
+
+
+def _count(api: Api, view: JobView) -> None:
+    t = view.timings
+    api.metrics.finished(view.model, view.status.value,
+                         None if t.finished_at is None or t.submitted_at is None
+                         else t.finished_at - t.submitted_at)
 
 
 def build_view(job_id: str, record: dict[str, str], meta: dict[str, Any],
@@ -109,7 +114,10 @@ def _float(record: dict[str, str], key: str) -> float | None:
     return float(record[key]) if key in record else None
 
 
-def _enqueue(api: Api, who: Principal, model: str, body: JobRequest) -> str:
+def _enqueue(api: Api, who: Principal, model: str, body: JobRequest, job_id: str, *,
+             observed: bool = False) -> dict[str, str]:
+    """Admit, record and send one job; -> its record. ``observed``: the caller will count
+    the job's end in the metrics itself (it waits for the reply)."""
     version, ref = api.model(model)
     inputs = coerce_inputs(version.manifest, body.inputs)
     rows = len(next(iter(inputs.values())))
@@ -118,13 +126,11 @@ def _enqueue(api: Api, who: Principal, model: str, body: JobRequest) -> str:
                             f"{api.settings.api_max_job_rows} (INFERQ_API_MAX_JOB_ROWS); "
                             "use POST /v1/batches for many rows")
     callback_url = api.check_callback(who, body.callback_url)
-    job_id = uuid.uuid4().hex
     api.admit_work(who, ref.name, [job_id])
-    submitted = time.time()
-    api.store.create_job(job_id, {"tenant": who.tenant, "key_id": who.key_id,
-                                  "model": ref.name, "ref": model, "rows": rows,
-                                  "submitted_at": submitted, "callback_url": callback_url},
-                         callback=callback_url is not None)
+    record = {"tenant": who.tenant, "key_id": who.key_id, "model": ref.name, "ref": model,
+              "rows": rows, "submitted_at": time.time(), "callback_url": callback_url,
+              "observed": 1 if observed else None}
+    flat = api.store.create_job(job_id, record, callback=callback_url is not None)
     try:
         api.coalescer.publish(ref, job_id, wire_inputs(inputs), body.priority,
                               deadline_after(body.expires_in))
@@ -133,7 +139,29 @@ def _enqueue(api: Api, who: Principal, model: str, body: JobRequest) -> str:
         api.store.forget_open(ref.name, who.tenant, [job_id])
         raise
     audit("submit", who, job_id=job_id, model=model, rows=rows)
-    return job_id
+    return flat
+
+
+async def _wait_reply(api: Api, job_id: str, record: dict[str, str], who: Principal,
+                      reply: Reply, seconds: float) -> JobView | None:
+    """A job this process just sent with its reply channel: its result arrives with the
+    wake-up (no read); re-read every RECHECK_S without one. None: not final in time."""
+    deadline = time.monotonic() + seconds
+    while True:
+        left = deadline - time.monotonic()
+        value = await reply.next(max(0.0, min(left, RECHECK_S)))
+        meta = None if value is None else api.store.backend.decode_result(value)
+        if meta is not None and is_final(meta):
+            view = build_view(job_id, record, meta, None)
+            break
+        if deadline - time.monotonic() <= 0:
+            await run_in_threadpool(api.store.unobserve, job_id)
+            return None  # whoever reads it final counts it
+        view = await run_in_threadpool(lambda: job_view(api, job_id, who, count=False))
+        if view.status in _FINAL:
+            break
+    _count(api, view)
+    return view
 
 
 async def _wait_final(api: Api, job_id: str, who: Principal, seconds: float, *,
@@ -165,14 +193,24 @@ async def submit_job(model: str, body: JobRequest, request: Request, who: Who,
                      wait: WaitParam = None) -> Any:
     api = api_of(request)
     seconds = parse_wait(wait, api.settings.api_wait_max_s)
-    job_id = await run_in_threadpool(_enqueue, api, who, model, body)
+    job_id = uuid.uuid4().hex
     location = f"/v1/jobs/{job_id}"
-    answer: JobView | Accepted = Accepted(id=job_id, status=JobStatus.queued,
-                                          location=location)
-    if seconds > 0:
-        view = await _wait_final(api, job_id, who, seconds, fresh=True)
-        if view.status in _FINAL:
-            answer = view
+    answer: JobView | Accepted | None = None
+    if seconds > 0 and await api.notifier.replying():
+        reply = api.notifier.expect(job_id)
+        try:
+            record = await run_in_threadpool(_enqueue, api, who, model, body, job_id,
+                                             observed=True)
+            answer = await _wait_reply(api, job_id, record, who, reply, seconds)
+        finally:
+            api.notifier.forget(job_id)
+    else:
+        await run_in_threadpool(_enqueue, api, who, model, body, job_id)
+        if seconds > 0:  # no reply channel (its subscription failed): subscribe per job
+            view = await _wait_final(api, job_id, who, seconds, fresh=True)
+            answer = view if view.status in _FINAL else None
+    if answer is None:
+        answer = Accepted(id=job_id, status=JobStatus.queued, location=location)
     return JSONResponse(answer.model_dump(mode="json"), headers={"Location": location},
                         status_code=200 if isinstance(answer, JobView) else 202)
 

@@ -1,10 +1,18 @@
 """Long polls woken by the result's publish, for the API's event loop.
 
 The asyncio twin of ``producer/waiter.py``: one subscriber connection and one listener
-task per API process. A long-polling request subscribes to its job's result channel,
-waits for Redis's confirmation, re-reads the job, then sleeps until a message arrives on
-the channel (or ``RECHECK_S`` passes), so a waiting request holds no thread and makes no
-reads while its job runs.
+task per API process. Two ways in:
+
+- ``expect``: a job this process is about to send with its reply channel
+  (``reply_channel``): the worker publishes each message's results there in one message,
+  so a ``POST …/jobs?wait=`` costs no subscription and no read; the result arrives with
+  the wake-up.
+- ``watching``: any job (``GET /v1/jobs/{id}?wait=``): the request subscribes to its
+  job's result channel, waits for Redis's confirmation, re-reads the job, then sleeps
+  until a message arrives on the channel.
+
+Either way a waiting request holds no thread, and a re-read every ``RECHECK_S`` is the
+safety net should a message ever be missed (a reconnect, a redelivery elsewhere).
 """
 
 from __future__ import annotations
@@ -15,6 +23,7 @@ import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
+import msgpack
 import redis.asyncio as aioredis
 
 logger = logging.getLogger(__name__)
@@ -35,13 +44,50 @@ class _Watch:
         self.changed.clear()
 
 
+class Reply:
+    """The encoded result of one job sent with the reply channel, once it arrives."""
+
+    def __init__(self) -> None:
+        self.arrived = asyncio.Event()
+        self.value: bytes | None = None
+
+    async def next(self, timeout: float) -> bytes | None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.arrived.wait(), timeout)
+        self.arrived.clear()
+        value, self.value = self.value, None
+        return value
+
+
 class Notifier:
-    def __init__(self, url: str):
+    def __init__(self, url: str, reply_channel: str):
         self._redis: Any = aioredis.Redis.from_url(url, socket_connect_timeout=1.0)
         self._pubsub: Any = None
         self._task: asyncio.Task[None] | None = None
         self._watches: dict[bytes, list[_Watch]] = {}
         self._starting = asyncio.Lock()
+        self.reply_channel = reply_channel.encode()
+        self._replies: dict[str, Reply] = {}
+        self._replying = asyncio.Event()  # the reply channel's subscription is confirmed
+
+    def expect(self, job_id: str) -> Reply:
+        """Register before sending: the reply may come before the sender returns."""
+        reply = self._replies[job_id] = Reply()
+        return reply
+
+    def forget(self, job_id: str) -> None:
+        self._replies.pop(job_id, None)
+
+    async def replying(self) -> bool:
+        """Whether replies can be received (subscribed and confirmed, waited for once)."""
+        if self._replying.is_set() and self._task is not None and not self._task.done():
+            return True
+        try:
+            await self._ensure()
+            await asyncio.wait_for(self._replying.wait(), RECHECK_S)
+        except Exception as exc:  # noqa: BLE001 - the long poll re-reads instead
+            logger.debug("reply channel unavailable (%s); long polls re-read", exc)
+        return self._replying.is_set()
 
     async def _ensure(self) -> None:
         async with self._starting:  # two long polls at once must not start two listeners
@@ -51,7 +97,8 @@ class Notifier:
                 with contextlib.suppress(Exception):
                     await self._pubsub.aclose()
             pubsub = self._redis.pubsub()
-            await pubsub.subscribe(_IDLE, *self._watches)
+            self._replying.clear()
+            await pubsub.subscribe(_IDLE, self.reply_channel, *self._watches)
             self._pubsub = pubsub
             self._task = asyncio.create_task(self._listen(pubsub))
 
@@ -92,17 +139,39 @@ class Notifier:
             except Exception as exc:  # noqa: BLE001 - reconnect on the next watch
                 logger.warning("result notifier: %s; long polls re-read until it is back",
                                type(exc).__name__)
+                self._replying.clear()
                 for watches in self._watches.values():
                     for w in watches:
                         w.confirmed.set()
                 return
             if message is None:
                 continue
+            if message.get("channel") == self.reply_channel:
+                self._reply(message)
+                continue
             for w in list(self._watches.get(message.get("channel"), ())):
                 if message["type"] == "subscribe":
                     w.confirmed.set()
                 elif message["type"] == "message":
                     w.changed.set()
+
+    def _reply(self, message: dict[str, Any]) -> None:
+        if message["type"] == "subscribe":
+            self._replying.set()
+            return
+        if message["type"] != "message":
+            return
+        try:
+            items = msgpack.unpackb(message["data"], raw=False)
+        except Exception as exc:  # noqa: BLE001 - a foreign message on our channel
+            logger.warning("reply channel: an unreadable message (%s) ignored", exc)
+            return
+        for item in items if isinstance(items, list) else ():
+            reply = self._replies.get(item[0]) if isinstance(item, list | tuple) \
+                and len(item) == 2 else None
+            if reply is not None:
+                reply.value = item[1]
+                reply.arrived.set()
 
     async def close(self) -> None:
         if self._task is not None:

@@ -80,18 +80,22 @@ class ApiStore:
         return bytes(self.backend.get_key_for_task(job_id))
 
     # -- jobs ----------------------------------------------------------------------------
-    def create_job(self, job_id: str, record: dict[str, Any], *, callback: bool) -> None:
-        """The owner's record and a queued result, in one round trip, before publishing."""
+    def create_job(self, job_id: str, record: dict[str, Any], *, callback: bool
+                   ) -> dict[str, str]:
+        """The owner's record and a queued result, in one round trip, before publishing;
+        -> the record as stored (what ``job_record`` reads back)."""
         meta = {"status": states.PENDING, "result": {"model": record["model"],
                 "submitted_at": record["submitted_at"]}, "traceback": None,
                 "children": [], "date_done": None, "task_id": job_id}
+        flat = _flat(record)
         pipe = self.redis.pipeline(transaction=False)
-        pipe.hset(self.job_key(job_id), mapping=_flat(record))
+        pipe.hset(self.job_key(job_id), mapping=flat)
         pipe.expire(self.job_key(job_id), self.expires)
         pipe.set(self.meta_key(job_id), self.backend.encode(meta), ex=self.expires)
         if callback:
             pipe.zadd(self.callbacks_key, {f"job:{job_id}": time.time()})
         pipe.execute()
+        return flat
 
     def drop_job(self, job_id: str) -> None:
         """Undo ``create_job`` when publishing failed: no record of a job never sent."""
@@ -105,8 +109,13 @@ class ApiStore:
         self.redis.hset(self.job_key(job_id), mapping=_flat(fields))
 
     def first_final(self, job_id: str) -> bool:
-        """True the first time anyone records this job as finished (for metrics)."""
+        """True the first time anyone records this job as finished (for metrics). A job
+        created ``observed`` is counted by its submitter, who clears the mark if it stops
+        waiting before the end."""
         return bool(self.redis.hsetnx(self.job_key(job_id), "observed", "1"))
+
+    def unobserve(self, job_id: str) -> None:
+        self.redis.hdel(self.job_key(job_id), "observed")
 
     def metas(self, job_ids: list[str]) -> list[dict[str, Any] | None]:
         if not job_ids:

@@ -205,7 +205,7 @@ async def test_cancel_a_queued_job_and_it_never_runs(redis_env, api, start_worke
     # The queue is first in, first out: once a later job ran, the cancelled one was taken.
     later = await submit(api, rows(digits, 1), wait="20s")
     assert later.json()["status"] == "succeeded"
-    await until(lambda: log_says(w, f"job {job_id} model digits: cancelled before it ran"),
+    await until(lambda: log_says(w, f"jobs cancelled before they ran; skipped: {job_id}"),
                 "the worker to skip the cancelled job")
     view = (await api.get(f"/v1/jobs/{job_id}")).json()
     assert view["status"] == "cancelled" and view["outputs"] is None, view

@@ -98,10 +98,12 @@ def test_no_key_is_401_before_the_body_and_metrics_stay_bounded(server, digits):
         r = httpx.post(http.base_url.join("/v1/models/digits/jobs"), content=content,
                        headers={"content-type": "application/json"}, timeout=30)
         _clean_4xx(r, 401, "API key")
-    for i in range(20):
+    for i in range(20):  # invented: refused by the HTTP parser (400) or counted as "other"
         assert http.request(f"BREW{i}", "/v1/models").status_code < 500
+    for method in ("PROPFIND", "PURGE", "MKCOL"):  # real methods the API does not serve
+        assert http.request(method, "/healthz").status_code == 405
     text = http.get("/metrics").text
-    assert "BREW" not in text and 'method="other"' in text
+    assert "BREW" not in text and "PROPFIND" not in text and 'method="other"' in text
     _serves(http, digits)
 
 
