@@ -17,7 +17,6 @@ from typing import Any
 
 import redis
 from fastapi import FastAPI, HTTPException, Request
-from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from kombu.exceptions import OperationalError
@@ -26,7 +25,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from producer.api import batches, jobs
 from producer.api.auth import Keyring
 from producer.api.callbacks import Dispatcher
-from producer.api.context import Api, Who, admit, api_of
+from producer.api.context import Api, Who, api_of, check_rate, identify, rate_of
 from producer.api.limits import BodyLimit, QueueDepth
 from producer.api.schemas import ModelView, Problem
 from producer.api.store import ApiStore
@@ -69,6 +68,7 @@ def create_app(settings: Settings | None = None, *, keyring: Keyring | None = No
                 await dispatcher.stop()
                 await task
             await api.notifier.close()
+            await api.store.close_async()
             api.depth.close()
 
     app = FastAPI(title="inferq", version="1", lifespan=lifespan, responses=ERRORS,
@@ -79,7 +79,7 @@ def create_app(settings: Settings | None = None, *, keyring: Keyring | None = No
     app.include_router(batches.router)
     _errors(app)
     _routes(app)
-    _measure(app, api)
+    app.add_middleware(Measure, api=api)  # type: ignore[arg-type]
     app.add_middleware(BodyLimit, limit=settings.api_max_body_bytes)  # type: ignore[arg-type]
     app.add_middleware(Gate, api=api)  # type: ignore[arg-type]  # outermost: before any body
     return app
@@ -102,8 +102,10 @@ class Gate:
         authorization = headers.get(b"authorization", b"").decode("latin-1")
         client = scope["client"][0] if scope.get("client") else None
         try:
-            who = await run_in_threadpool(admit, self.api, authorization, client,
-                                          scope["method"], scope["path"])
+            who = identify(self.api, authorization, client, scope["method"], scope["path"])
+            rate = rate_of(self.api, who)
+            if rate:  # on the event loop: no thread for a counter
+                check_rate(who, rate, await self.api.store.hit_async(who.tenant, time.time()))
         except HTTPException as exc:
             await _problem(exc.status_code, str(exc.detail), exc.headers)(scope, receive, send)
             return
@@ -255,19 +257,31 @@ def _broker_ok(api: Api) -> None:
 METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 
 
-def _measure(app: FastAPI, api: Api) -> None:
-    @app.middleware("http")
-    async def count(request: Request, call_next: Any) -> Any:
+class Measure:
+    """ASGI middleware: each request counted by method, route and status, and timed."""
+
+    def __init__(self, app: Any, api: Api):
+        self.app = app
+        self.api = api
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
         started = time.perf_counter()
         status = 500
+
+        async def sending(message: dict) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
         try:
-            response = await call_next(request)
-            status = response.status_code
-            return response
+            await self.app(scope, receive, sending)
         finally:
-            route = request.scope.get("route")
-            path = getattr(route, "path", "unmatched")
-            method = request.method if request.method in METHODS else "other"
-            api.metrics.requests.labels(method, path, str(status)).inc()
-            api.metrics.request_seconds.labels(method, path).observe(
+            path = getattr(scope.get("route"), "path", "unmatched")
+            method = scope["method"] if scope["method"] in METHODS else "other"
+            self.api.metrics.requests.labels(method, path, str(status)).inc()
+            self.api.metrics.request_seconds.labels(method, path).observe(
                 time.perf_counter() - started)

@@ -104,9 +104,9 @@ BEARER = HTTPBearer(auto_error=False, scheme_name="apiKey",
                     description="an API key: `Authorization: Bearer <key>`")
 
 
-def admit(api: Api, authorization: str | None, client: str | None, method: str,
-          path: str) -> Principal:
-    """Bearer key -> tenant (401 without one), then the tenant's rate limit (429)."""
+def identify(api: Api, authorization: str | None, client: str | None, method: str,
+             path: str) -> Principal:
+    """Bearer key -> tenant (401 without one); no I/O."""
     scheme, _, key = (authorization or "").partition(" ")
     has_key = scheme.lower() == "bearer" and bool(key.strip())
     who = api.keyring.authenticate(key.strip()) if has_key else None
@@ -115,11 +115,28 @@ def admit(api: Api, authorization: str | None, client: str | None, method: str,
               reason="unknown_key" if has_key else "no_key")
         raise HTTPException(401, "missing or unknown API key: send 'Authorization: Bearer "
                             "<key>'", headers={"WWW-Authenticate": "Bearer"})
-    rate = api.settings.api_rate_per_s if who.rate_per_s is None else who.rate_per_s
-    if rate and api.store.hit(who.tenant, time.time()) > rate:
+    return dataclasses.replace(who, client=client)
+
+
+def rate_of(api: Api, who: Principal) -> int:
+    """The tenant's requests per second (0: unlimited)."""
+    return api.settings.api_rate_per_s if who.rate_per_s is None else who.rate_per_s
+
+
+def check_rate(who: Principal, rate: int, hits: int) -> None:
+    if hits > rate:
         raise HTTPException(429, f"tenant {who.tenant!r} is over its rate limit of {rate} "
                             "requests/s", headers={"Retry-After": "1"})
-    return dataclasses.replace(who, client=client)
+
+
+def admit(api: Api, authorization: str | None, client: str | None, method: str,
+          path: str) -> Principal:
+    """``identify``, then the tenant's rate limit (429); blocking (see ``app.Gate``)."""
+    who = identify(api, authorization, client, method, path)
+    rate = rate_of(api, who)
+    if rate:
+        check_rate(who, rate, api.store.hit(who.tenant, time.time()))
+    return who
 
 
 def authenticate(request: Request, credentials: Annotated[

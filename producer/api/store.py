@@ -58,6 +58,8 @@ class ApiStore:
             raise ConfigError("INFERQ_RESULT_BACKEND: the API needs a redis:// result store "
                               "(it keeps job ownership and batch progress there)")
         # Any: redis-py's stubs type every reply as a union of bytes and str.
+        self.url = url
+        self._aredis: Any = None  # redis.asyncio, made on first use in the API's loop
         self.redis: Any = redis.Redis.from_url(url, socket_connect_timeout=1.0, socket_timeout=5.0,
                                           health_check_interval=30)
         self.backend = app.backend
@@ -238,11 +240,32 @@ class ApiStore:
     # -- rate limits ---------------------------------------------------------------------
     def hit(self, tenant: str, now: float) -> int:
         """Requests of ``tenant`` in the current one-second window, this one included."""
-        key = f"{self.prefix}rate-{tenant}-{int(now)}"
+        key = self._rate_key(tenant, now)
         pipe = self.redis.pipeline(transaction=False)
         pipe.incr(key)
         pipe.expire(key, 2)
         return int(pipe.execute()[0])
+
+    def _rate_key(self, tenant: str, now: float) -> str:
+        return f"{self.prefix}rate-{tenant}-{int(now)}"
+
+    async def hit_async(self, tenant: str, now: float) -> int:
+        """``hit`` from the event loop (the API's gate), on its own asyncio client."""
+        if self._aredis is None:
+            import redis.asyncio as aioredis
+
+            self._aredis = aioredis.Redis.from_url(self.url, socket_connect_timeout=1.0,
+                                                   socket_timeout=5.0)
+        key = self._rate_key(tenant, now)
+        async with self._aredis.pipeline(transaction=False) as pipe:
+            pipe.incr(key)
+            pipe.expire(key, 2)
+            return int((await pipe.execute())[0])
+
+    async def close_async(self) -> None:
+        if self._aredis is not None:
+            await self._aredis.aclose()
+            self._aredis = None
 
     def ping(self) -> bool:
         return bool(self.redis.ping())
