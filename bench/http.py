@@ -74,7 +74,7 @@ def http_only(names: list[str], seconds: float) -> int:
     from bench.config import QUICK, REDIS_URL, BenchEnv, ensure_models, model_repo
     from bench.modes import inferq_call, online
     from bench.report import Row
-    from bench.steps import TIMEOUT, Context, _row, _warm_inferq, say
+    from bench.steps import TIMEOUT, Context, _row, _warm_inferq, run_limit, say
     from producer.client import Client
     from shared.settings import load_settings
 
@@ -91,6 +91,7 @@ def http_only(names: list[str], seconds: float) -> int:
         for name in names:
             ref = MODELS[name]
             base = data.base_rows(name)
+            run_limit(ctx, name, ref, base)
             log = workdir / f"worker-{name}.log"
             with WorkerProcess.inferq(name, env.process_env(), log) as worker:
                 worker.wait_ready()
@@ -103,6 +104,11 @@ def http_only(names: list[str], seconds: float) -> int:
                     say(f"{ref} native C={c}: {m.rows_per_s:,.0f} jobs/s, p50 "
                         f"{m.p50_ms or 0:.2f} ms (cpu {cpu})")
                 run_http(ctx, name, ref, base, worker, _row, say)
+        limits = {r.model: r.rows_per_s for r in rows if r.mode == "limit"}
+        for r in rows:
+            if r.mode in ("online", "http") and limits.get(r.model):
+                say(f"{r.model} {r.mode} C={r.concurrency}: {r.rows_per_s / limits[r.model]:.2f}"
+                    f"x the model's limit ({limits[r.model]:,.0f} rows/s)")
     finally:
         store.flushdb()
         shutil.rmtree(workdir, ignore_errors=True)
