@@ -104,11 +104,12 @@ def http_only(names: list[str], seconds: float) -> int:
                     say(f"{ref} native C={c}: {m.rows_per_s:,.0f} jobs/s, p50 "
                         f"{m.p50_ms or 0:.2f} ms (cpu {cpu})")
                 run_http(ctx, name, ref, base, worker, _row, say)
-        limits = {r.model: r.rows_per_s for r in rows if r.mode == "limit"}
+        limits = {r.model: r.rows_per_s or 0.0 for r in rows if r.mode == "limit"}
         for r in rows:
-            if r.mode in ("online", "http") and limits.get(r.model):
-                say(f"{r.model} {r.mode} C={r.concurrency}: {r.rows_per_s / limits[r.model]:.2f}"
-                    f"x the model's limit ({limits[r.model]:,.0f} rows/s)")
+            limit = limits.get(r.model)
+            if r.mode in ("online", "http") and limit:
+                say(f"{r.model} {r.mode} C={r.concurrency}: {(r.rows_per_s or 0) / limit:.2f}"
+                    f"x the model's limit ({limit:,.0f} rows/s)")
     finally:
         store.flushdb()
         shutil.rmtree(workdir, ignore_errors=True)

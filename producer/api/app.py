@@ -26,6 +26,7 @@ from producer.api import batches, jobs
 from producer.api.auth import Keyring
 from producer.api.callbacks import Dispatcher
 from producer.api.context import Api, Who, api_of, check_rate, identify, rate_of
+from producer.api.fastlane import FastLane
 from producer.api.limits import BodyLimit, QueueDepth
 from producer.api.schemas import ModelView, Problem
 from producer.api.store import ApiStore
@@ -79,6 +80,7 @@ def create_app(settings: Settings | None = None, *, keyring: Keyring | None = No
     app.include_router(batches.router)
     _errors(app)
     _routes(app)
+    app.add_middleware(FastLane, api=api, fastapi=app)  # type: ignore[arg-type]
     app.add_middleware(Measure, api=api)  # type: ignore[arg-type]
     app.add_middleware(BodyLimit, limit=settings.api_max_body_bytes)  # type: ignore[arg-type]
     app.add_middleware(Gate, api=api)  # type: ignore[arg-type]  # outermost: before any body

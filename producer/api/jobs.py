@@ -10,7 +10,7 @@ from typing import Annotated, Any
 import numpy as np
 from fastapi import APIRouter, HTTPException, Query, Request
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import JSONResponse
+from fastapi.responses import Response
 
 from producer.api.auth import Principal
 from producer.api.context import Api, Who, api_of, audit, not_found
@@ -192,7 +192,15 @@ _FINAL = FINAL_STATUSES
 async def submit_job(model: str, body: JobRequest, request: Request, who: Who,
                      wait: WaitParam = None) -> Any:
     api = api_of(request)
-    seconds = parse_wait(wait, api.settings.api_wait_max_s)
+    status, content, headers = await submit(api, who, model, body,
+                                            parse_wait(wait, api.settings.api_wait_max_s))
+    return Response(content, status, headers, media_type="application/json")
+
+
+async def submit(api: Api, who: Principal, model: str, body: JobRequest, seconds: float
+                 ) -> tuple[int, bytes, dict[str, str]]:
+    """Enqueue, and with ``seconds`` wait for the end; -> (status, JSON body, headers).
+    Shared by the route and its fast lane (``fastlane.py``)."""
     job_id = uuid.uuid4().hex
     location = f"/v1/jobs/{job_id}"
     answer: JobView | Accepted | None = None
@@ -211,8 +219,8 @@ async def submit_job(model: str, body: JobRequest, request: Request, who: Who,
             answer = view if view.status in _FINAL else None
     if answer is None:
         answer = Accepted(id=job_id, status=JobStatus.queued, location=location)
-    return JSONResponse(answer.model_dump(mode="json"), headers={"Location": location},
-                        status_code=200 if isinstance(answer, JobView) else 202)
+    return (200 if isinstance(answer, JobView) else 202, answer.model_dump_json().encode(),
+            {"Location": location})
 
 
 @router.get("/jobs/{job_id}", response_model=JobView, summary="A job's status and result")
