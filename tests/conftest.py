@@ -235,13 +235,13 @@ def free_port() -> int:
 class ApiProcess:
     """An ``inferq api`` subprocess on a free port; ready once /healthz answers."""
 
-    def __init__(self, env: dict[str, str], log: Path):
+    def __init__(self, env: dict[str, str], log: Path, workers: int = 1):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = log
         self.handle = log.open("ab")
         cmd = [sys.executable, "-m", "producer.cli", "api", "--port", str(self.port),
-               "--log-level", "INFO"]
+               "--workers", str(workers), "--log-level", "INFO"]
         self.proc = subprocess.Popen(cmd, env={**os.environ, **env, "PYTHONPATH": str(ROOT)},
                                      stdout=self.handle, stderr=subprocess.STDOUT, cwd=ROOT)
 
@@ -266,11 +266,12 @@ class ApiProcess:
 
 @pytest.fixture
 def start_api(tmp_path: Path) -> Iterator:
-    """``start_api(env)`` -> a running ApiProcess (its url); stopped after the test."""
+    """``start_api(env, workers=1)`` -> a running ApiProcess (its url); stopped after the
+    test."""
     with stopped_after() as started:
 
-        def start(env: dict[str, str]) -> ApiProcess:
-            api = ApiProcess(env, tmp_path / f"api-{len(started)}.log")
+        def start(env: dict[str, str], workers: int = 1) -> ApiProcess:
+            api = ApiProcess(env, tmp_path / f"api-{len(started)}.log", workers)
             started.append(api)
             api.wait_ready()
             return api
