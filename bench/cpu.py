@@ -55,6 +55,7 @@ def cpu_cores(sources: dict[str, Callable[[], float]], redis_client: Any
 
 def describe(cores: dict[str, float]) -> str:
     """``prod 0.95 wrk 0.80 redis 0.20 other 0.05`` for the table."""
-    short = {"producer": "prod", "worker": "wrk", "redis": "redis", "other": "other"}
+    short = {"producer": "prod", "api": "api", "worker": "wrk", "redis": "redis",
+             "other": "other"}
     return " ".join(f"{label} {cores[name]:.2f}" for name, label in short.items()
                     if name in cores)

@@ -73,7 +73,7 @@ def http_only(names: list[str], seconds: float) -> int:
     from bench import data
     from bench.config import QUICK, REDIS_URL, BenchEnv, ensure_models, model_repo
     from bench.modes import inferq_call, online
-    from bench.report import Row
+    from bench.report import Row, apply_ratios, apply_targets, table
     from bench.steps import TIMEOUT, Context, _row, _warm_inferq, run_limit, say
     from producer.client import Client
     from shared.settings import load_settings
@@ -104,12 +104,9 @@ def http_only(names: list[str], seconds: float) -> int:
                     say(f"{ref} native C={c}: {m.rows_per_s:,.0f} jobs/s, p50 "
                         f"{m.p50_ms or 0:.2f} ms (cpu {cpu})")
                 run_http(ctx, name, ref, base, worker, _row, say)
-        limits = {r.model: r.rows_per_s or 0.0 for r in rows if r.mode == "limit"}
-        for r in rows:
-            limit = limits.get(r.model)
-            if r.mode in ("online", "http") and limit:
-                say(f"{r.model} {r.mode} C={r.concurrency}: {(r.rows_per_s or 0) / limit:.2f}"
-                    f"x the model's limit ({limit:,.0f} rows/s)")
+        apply_ratios(rows)
+        apply_targets(rows)
+        print(table(rows), flush=True)
     finally:
         store.flushdb()
         shutil.rmtree(workdir, ignore_errors=True)

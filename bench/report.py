@@ -9,7 +9,8 @@ from typing import Any
 
 from bench.cpu import describe
 
-MODES = ("limit", "naive-bulk", "naive-online", "bulk", "online", "worker-rss", "producer-rss")
+MODES = ("limit", "naive-bulk", "naive-online", "bulk", "online", "http", "worker-rss",
+         "producer-rss")
 RSS_TARGET_MB = 300.0
 
 
@@ -92,10 +93,30 @@ def apply_targets(rows: list[Row]) -> None:
             ratio = one.p50_ms / naive.p50_ms
             one.extra["p50_vs_naive_p50"] = round(ratio, 3)
             _check(one, f"p50 <=1.2 x naive p50 ({ratio:.2f})", ratio, ratio <= 1.2)
+    _http_targets(rows)
     rss = _find(rows, "digits", "producer-rss")
     if rss and rss.rss_mb is not None:
         note = "" if rss.rows == 1_000_000 else f" (on {rss.rows:,} rows; target is 1M)"
         _check(rss, f"<={RSS_TARGET_MB:.0f} MB{note}", rss.rss_mb, rss.rss_mb <= RSS_TARGET_MB)
+
+
+def _http_targets(rows: list[Row]) -> None:
+    """Issue 15's: the HTTP path against the model and against its own CPU."""
+    http = _find(rows, "digits", "http", 64)
+    if http and http.rows_per_s is not None:
+        _check(http, ">=700 jobs/s", http.rows_per_s, http.rows_per_s >= 700)
+    http = _find(rows, "digits", "http", 1)
+    if http and http.p50_ms is not None:
+        _check(http, "p50 <=4 ms", http.p50_ms, http.p50_ms <= 4)
+    http = _find(rows, "minilm", "http", 64)
+    if http:
+        _check(http, ">=0.7 x limit", http.ratio_limit,
+               http.ratio_limit is not None and http.ratio_limit >= 0.7)
+    for name in ("digits", "minilm"):
+        http = _find(rows, name, "http", 64)
+        cpu = None if http is None else http.extra.get("api_cpu_ms_per_request")
+        if cpu is not None:
+            _check(http, f"API CPU <=1.5 ms/request ({cpu:.2f})", cpu, cpu <= 1.5)
 
 
 def _fmt(value: float | int | None, spec: str) -> str:

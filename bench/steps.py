@@ -16,6 +16,7 @@ import numpy as np
 from bench import data
 from bench.config import LIMIT_BATCHES, ONLINE_CONCURRENCY, BenchEnv, Sizes
 from bench.cpu import cpu_cores, self_cpu_seconds
+from bench.http import run_http
 from bench.limit import measure_limit
 from bench.memory import score_subprocess
 from bench.modes import Measured, inferq_bulk, inferq_call, naive_bulk, naive_call, online
@@ -95,6 +96,7 @@ def run_inferq(ctx: Context, name: str, ref: str, base: np.ndarray) -> None:
             say(f"{ref} online C={c}: {m.rows_per_s:,.0f} jobs/s, p50 {m.p50_ms or 0:.2f} ms, "
                 f"p99 {m.p99_ms or 0:.2f} ms, p50 until stored {m.stored_p50_ms or 0:.2f} ms "
                 f"(cpu {cpu}{', errors ' + str(m.errors) if m.errors else ''})")
+        run_http(ctx, name, ref, base, worker, _row, say)
         if name == "digits":
             run_producer_rss(ctx, ref, worker)
         stats = ctx.client.app.control.broadcast("inferq_stats", reply=True, timeout=3,

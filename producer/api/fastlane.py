@@ -21,8 +21,8 @@ from fastapi import FastAPI, Request
 from fastapi.responses import Response
 from pydantic import ValidationError
 
-from producer.api.context import Api
 from producer.api import jobs
+from producer.api.context import Api
 from producer.api.jobs import parse_wait, submit
 from producer.api.schemas import JobRequest
 from shared.errors import InputError
