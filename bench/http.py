@@ -61,6 +61,32 @@ def run_http(ctx: Any, name: str, ref: str, base: np.ndarray, worker: WorkerProc
                 f"{' ' + str(m.first_error) if m.errors else ''})")
 
 
+SDK_CONCURRENCY = (64, 256)
+
+
+def sdk_ceiling(ctx: Any, ref: str, base: np.ndarray, worker: WorkerProcess, row: Any,
+                say: Any) -> None:
+    """The SDK process's own ceiling: C threads on ``Client`` (C=256) and C coroutines
+    on ``AsyncClient``, native, with the producer's CPU per job."""
+    from bench.modes import inferq_call, online, online_async
+    from bench.steps import TIMEOUT
+
+    seconds = ctx.sizes.online_seconds
+    runs = [("online", 256)] + [("async", c) for c in SDK_CONCURRENCY]
+    for mode, c in runs:
+        sources = {"producer": self_cpu_seconds, "worker": worker.cpu_seconds}
+        with cpu_cores(sources, ctx.redis) as cpu:
+            m = (online(inferq_call(ctx.client, ref, TIMEOUT), base, c, seconds)
+                 if mode == "online" else
+                 online_async(ctx.client, ref, base, c, seconds, TIMEOUT))
+        per_job = round(cpu["producer"] * m.seconds * 1000 / max(m.rows, 1), 3)
+        ctx.rows.append(row(mode, ref, m, cpu, concurrency=c,
+                            extra={"producer_cpu_ms_per_job": per_job}))
+        say(f"{ref} {'threads' if mode == 'online' else 'asyncio'} C={c}: "
+            f"{m.rows_per_s:,.0f} jobs/s, p50 {m.p50_ms or 0:.2f} ms, producer {per_job} ms "
+            f"CPU/job (cpu {cpu}{', errors ' + str(m.errors) if m.errors else ''})")
+
+
 def http_only(names: list[str], seconds: float) -> int:
     """``python -m bench http``: per model one worker; the native online rows, then the
     HTTP rows, in one run (for iterating on the HTTP path without the whole bench)."""
@@ -103,6 +129,7 @@ def http_only(names: list[str], seconds: float) -> int:
                     rows.append(_row("online", ref, m, cpu, concurrency=c))
                     say(f"{ref} native C={c}: {m.rows_per_s:,.0f} jobs/s, p50 "
                         f"{m.p50_ms or 0:.2f} ms (cpu {cpu})")
+                sdk_ceiling(ctx, ref, base, worker, _row, say)
                 run_http(ctx, name, ref, base, worker, _row, say)
         apply_ratios(rows)
         apply_targets(rows)

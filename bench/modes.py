@@ -3,6 +3,7 @@ job, each waiting for its result), for inferq and for the naive baseline."""
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -98,6 +99,43 @@ def online(call: Call, rows: Sequence[Any] | np.ndarray, concurrency: int,
     p50, p99 = percentiles(flat)
     return Measured(len(flat), elapsed, len(errors), errors[0] if errors else None, p50, p99,
                     percentiles(stored)[0])
+
+
+def online_async(client: Any, ref: str, rows: Sequence[Any] | np.ndarray, concurrency: int,
+                 seconds: float, timeout: float) -> Measured:
+    """``online`` for ``AsyncClient``: ``concurrency`` coroutines on one event loop, each
+    ``await submit`` + ``await wait`` back to back (``client`` is a sync Client to wrap)."""
+    from producer.aclient import AsyncClient
+
+    latencies: list[float] = []
+    errors: list[str] = []
+
+    async def one(aclient: AsyncClient, i: int, stop_at: float) -> None:
+        k = i
+        while time.monotonic() < stop_at:
+            t0 = time.perf_counter()
+            try:
+                job = await aclient.submit(ref, rows[k % len(rows)])
+                (await aclient.wait(job.id, timeout)).checked_outputs()
+            except Exception as exc:  # counted and reported, the loop goes on
+                errors.append(f"{type(exc).__name__}: {exc}")
+                continue
+            latencies.append(time.perf_counter() - t0)
+            k += concurrency
+
+    async def main() -> float:
+        async with AsyncClient(client=client) as aclient:
+            await one(aclient, 0, time.monotonic() + 0.5)  # subscribe, first send
+            latencies.clear()
+            started = time.perf_counter()
+            stop_at = time.monotonic() + seconds
+            await asyncio.gather(*(one(aclient, i, stop_at) for i in range(concurrency)))
+            return time.perf_counter() - started
+
+    elapsed = asyncio.run(main())
+    p50, p99 = percentiles(latencies)
+    return Measured(len(latencies), elapsed, len(errors), errors[0] if errors else None,
+                    p50, p99)
 
 
 def inferq_call(client: Any, ref: str, timeout: float) -> Call:

@@ -9,7 +9,7 @@ from typing import Any
 
 from bench.cpu import describe
 
-MODES = ("limit", "naive-bulk", "naive-online", "bulk", "online", "http", "worker-rss",
+MODES = ("limit", "naive-bulk", "naive-online", "bulk", "online", "async", "http", "worker-rss",
          "producer-rss")
 RSS_TARGET_MB = 300.0
 

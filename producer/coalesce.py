@@ -54,7 +54,7 @@ def not_sent(what: str, client: Client, exc: BaseException,
 
 
 @dataclass
-class _Item:
+class Item:
     job_id: str
     inputs: dict[str, Any]
     submitted_at: float
@@ -66,7 +66,7 @@ class _Item:
 
 @dataclass
 class _Group:
-    pending: list[_Item] = field(default_factory=list)
+    pending: list[Item] = field(default_factory=list)
     leading: bool = False
 
 
@@ -80,7 +80,7 @@ def _nbytes(inputs: dict[str, Any]) -> int:
     return total
 
 
-def _take(pending: list[_Item], max_bytes: int) -> list[_Item]:
+def take(pending: list[Item], max_bytes: int) -> list[Item]:
     """The next message's jobs: at least one, then while under MAX_JOBS and ``max_bytes``."""
     size = _nbytes(pending[0].inputs) if pending else 0
     n = 1
@@ -114,7 +114,7 @@ class Coalescer:
     def publish(self, ref: ModelRef, job_id: str, inputs: dict[str, Any],
                 priority: str = "normal", deadline: float | None = None) -> None:
         """Return once the job is on the broker (or raise why it could not be sent)."""
-        item = _Item(job_id, inputs, time.time(), deadline)
+        item = Item(job_id, inputs, time.time(), deadline)
         key = (ref.name, ref.variant, ref.version, priority)
         with self._lock:
             group = self._groups.setdefault(key, _Group())
@@ -133,13 +133,13 @@ class Coalescer:
         if item.error is not None:
             raise item.error
 
-    def _lead(self, ref: ModelRef, priority: str, group: _Group, mine: _Item) -> None:
+    def _lead(self, ref: ModelRef, priority: str, group: _Group, mine: Item) -> None:
         """Send rounds until ``mine`` is sent; then pass the role to a waiting submitter."""
         while not mine.done.is_set():
             with self._lock:
-                batch = _take(group.pending, self.max_bytes)
+                batch = take(group.pending, self.max_bytes)
             try:
-                self._send(ref, priority, batch)
+                self.send(ref, priority, batch)
                 error = None
             except BaseException as exc:  # every submitter of the batch hears it
                 error = exc
@@ -155,7 +155,7 @@ class Coalescer:
             else:
                 group.leading = False
 
-    def _send(self, ref: ModelRef, priority: str, batch: list[_Item]) -> None:
+    def send(self, ref: ModelRef, priority: str, batch: list[Item]) -> None:
         if self.mark:
             self._mark(ref, batch)
         self.messages += 1
@@ -179,7 +179,7 @@ class Coalescer:
             queue=model_queue(settings, ref.name, priority), retry=True,
             retry_policy=self.retry_policy)
 
-    def _mark(self, ref: ModelRef, batch: list[_Item]) -> None:
+    def _mark(self, ref: ModelRef, batch: list[Item]) -> None:
         """Each job recorded as queued, so a reader tells queued from unknown: one round
         trip for the whole batch on Redis."""
         backend = self.client.app.backend

@@ -17,11 +17,11 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from producer.api.auth import Keyring, Principal
 from producer.api.limits import QueueDepth
 from producer.api.metrics import ApiMetrics
-from producer.api.notify import Notifier
 from producer.api.store import ApiStore
 from producer.api.urls import UrlRefused, check_callback_url
 from producer.client import Client
 from producer.coalesce import Coalescer
+from producer.notify import Notifier
 from shared.repository import ModelRef, ModelVersion
 from shared.settings import Settings
 
@@ -49,7 +49,7 @@ class Api:
         self.notifier = Notifier(self.settings.effective_result_backend(), replies)
         self.metrics = ApiMetrics(self.depths)
         # Concurrent requests share broker messages; the API records jobs itself; workers
-        # publish each message's results on this process's reply channel (notify.py).
+        # publish each message's results on this process's reply channel (producer/notify.py).
         self.coalescer = Coalescer(self.client, FAST_PUBLISH, mark=False, reply_to=replies)
 
     def depths(self) -> dict[str, int]:

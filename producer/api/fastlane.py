@@ -5,10 +5,11 @@ Through FastAPI it paid for routing, dependency solving and four wrappers around
 send: about half of the API's CPU per request (py-spy, bench/http.py). This ASGI
 middleware (inside the gate, the body cap and the metrics) answers that one route itself,
 with the same functions as the route (``jobs.submit``) and the same error handlers, so
-the answer is the same byte for byte in status and body. Whatever it does not recognise
-(another content type, an unknown query parameter, a body that does not validate) it
-hands to FastAPI with the body replayed, before anything was enqueued: FastAPI then
-answers exactly as it always did.
+the answer is the same byte for byte in status and body. A JSON request it does not
+recognise (an unknown query parameter, a body that does not validate) it hands to
+FastAPI with the body replayed, before anything was enqueued: FastAPI then answers
+exactly as it always did. msgpack and ``.npy`` bodies (``bodies.py``) are answered here
+only, malformed ones included.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from fastapi.responses import Response
 from pydantic import ValidationError
 
 from producer.api import jobs
+from producer.api.bodies import BODY_TYPES, JSON, decode_job, media_type, wants_msgpack
 from producer.api.context import Api
 from producer.api.jobs import parse_wait, submit
 from producer.api.schemas import JobRequest
@@ -42,23 +44,31 @@ class FastLane:
         found = PATH.match(scope["path"]) if scope["type"] == "http" \
             and scope["method"] == "POST" else None
         who = scope.get("state", {}).get("principal")
-        query = _query(scope)
-        if found is None or who is None or query is None or not _json(scope):
+        headers = _headers(scope)
+        kind = media_type(headers.get(b"content-type"))
+        query = _query(scope, kind)
+        if found is None or who is None or query is None or kind not in BODY_TYPES:
             await self.app(scope, receive, send)
             return
         body = await _read(receive)
         replay = _replay(body, receive)
-        try:
-            job = JobRequest.model_validate_json(body)
-            seconds = parse_wait(query.get("wait"), self.api.settings.api_wait_max_s)
-        except (ValidationError, InputError):  # nothing enqueued: FastAPI says what is wrong
-            await self.app(scope, replay, send)
-            return
+        if kind == JSON:
+            try:
+                job = JobRequest.model_validate_json(body)
+                seconds = parse_wait(query.get("wait"), self.api.settings.api_wait_max_s)
+            except (ValidationError, InputError):  # nothing enqueued: FastAPI says why
+                await self.app(scope, replay, send)
+                return
         scope["route"] = self.route  # the metrics' route label, as FastAPI sets it
         try:
-            status, content, headers = await submit(self.api, who, found.group(1), job,
-                                                    seconds)
-            response = Response(content, status, headers, media_type="application/json")
+            if kind != JSON:
+                seconds = parse_wait(query.pop("wait", None),
+                                     self.api.settings.api_wait_max_s)
+                job = decode_job(kind, body, query)
+            status, content, extra, media = await submit(
+                self.api, who, found.group(1), job, seconds,
+                wants_msgpack(headers.get(b"accept")))
+            response = Response(content, status, extra, media_type=media)
         except Exception as exc:
             handler = self._handler(exc)
             if handler is None:
@@ -71,18 +81,17 @@ class FastLane:
         return next((handlers[cls] for cls in type(exc).__mro__ if cls in handlers), None)
 
 
-def _json(scope: dict) -> bool:
-    for name, value in scope.get("headers") or ():
-        if name == b"content-type":
-            return value.split(b";")[0].strip().lower() == b"application/json"
-    return False
+def _headers(scope: dict) -> dict[bytes, bytes]:
+    return {name: value for name, value in scope.get("headers") or ()
+            if name in (b"content-type", b"accept")}
 
 
-def _query(scope: dict) -> dict[str, str] | None:
-    """The query when it holds at most one ``wait`` and nothing else, else None."""
+def _query(scope: dict, kind: str) -> dict[str, str] | None:
+    """The query as a dict; None (FastAPI answers) when a JSON request's query holds more
+    than one ``wait``."""
     pairs = parse_qsl(scope.get("query_string", b"").decode("latin-1"),
                       keep_blank_values=True)
-    if len(pairs) > 1 or any(k != "wait" for k, _ in pairs):
+    if kind == JSON and (len(pairs) > 1 or any(k != "wait" for k, _ in pairs)):
         return None
     return dict(pairs)
 

@@ -13,8 +13,8 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import Response
 
 from producer.api.auth import Principal
+from producer.api.bodies import encode, wants_msgpack
 from producer.api.context import Api, Who, api_of, audit, not_found
-from producer.api.notify import RECHECK_S, Reply
 from producer.api.schemas import (
     Accepted,
     CallbackInfo,
@@ -24,6 +24,7 @@ from producer.api.schemas import (
     Timings,
 )
 from producer.client import coerce_inputs, deadline_after, wire_inputs
+from producer.notify import RECHECK_S, Reply
 from producer.store import is_final, status_of
 from shared import claims
 from shared.errors import InputError
@@ -167,7 +168,7 @@ async def _wait_reply(api: Api, job_id: str, record: dict[str, str], who: Princi
 async def _wait_final(api: Api, job_id: str, who: Principal, seconds: float, *,
                       fresh: bool = False) -> JobView:
     """Long poll: re-read the job whenever its result is published, until it is final or
-    ``seconds`` pass (``notify.py``; a re-read every 0.5 s is the safety net).
+    ``seconds`` pass (``producer/notify.py``; a re-read every 0.5 s is the safety net).
     ``fresh``: the job was just enqueued, so it is not read before subscribing."""
     if not fresh:
         view = await run_in_threadpool(job_view, api, job_id, who)
@@ -185,22 +186,31 @@ async def _wait_final(api: Api, job_id: str, who: Principal, seconds: float, *,
 
 _FINAL = FINAL_STATUSES
 
+# Documented beside the JSON body; decoded by the fast lane (bodies.py, fastlane.py).
+BINARY_BODIES = {"requestBody": {"content": {
+    "application/msgpack": {"schema": {"type": "string", "format": "binary"},
+                            "description": "the JSON body's fields as a msgpack map"},
+    "application/x-npy": {"schema": {"type": "string", "format": "binary"},
+                          "description": "a .npy array of the rows; priority, expires_in "
+                          "and callback_url as query parameters"}}}}
+
 
 @router.post("/models/{model}/jobs", status_code=202, response_model=Accepted,
              responses={200: {"model": JobView, "description": "finished within ?wait"}},
-             summary="Enqueue one input (or a few rows)")
+             summary="Enqueue one input (or a few rows)", openapi_extra=BINARY_BODIES)
 async def submit_job(model: str, body: JobRequest, request: Request, who: Who,
                      wait: WaitParam = None) -> Any:
     api = api_of(request)
-    status, content, headers = await submit(api, who, model, body,
-                                            parse_wait(wait, api.settings.api_wait_max_s))
-    return Response(content, status, headers, media_type="application/json")
+    status, content, headers, media = await submit(
+        api, who, model, body, parse_wait(wait, api.settings.api_wait_max_s),
+        wants_msgpack(request.headers.get("accept")))
+    return Response(content, status, headers, media_type=media)
 
 
-async def submit(api: Api, who: Principal, model: str, body: JobRequest, seconds: float
-                 ) -> tuple[int, bytes, dict[str, str]]:
-    """Enqueue, and with ``seconds`` wait for the end; -> (status, JSON body, headers).
-    Shared by the route and its fast lane (``fastlane.py``)."""
+async def submit(api: Api, who: Principal, model: str, body: JobRequest, seconds: float,
+                 msgpack_out: bool = False) -> tuple[int, bytes, dict[str, str], str]:
+    """Enqueue, and with ``seconds`` wait for the end; -> (status, body, headers, media
+    type). Shared by the route and its fast lane (``fastlane.py``)."""
     job_id = uuid.uuid4().hex
     location = f"/v1/jobs/{job_id}"
     answer: JobView | Accepted | None = None
@@ -219,15 +229,17 @@ async def submit(api: Api, who: Principal, model: str, body: JobRequest, seconds
             answer = view if view.status in _FINAL else None
     if answer is None:
         answer = Accepted(id=job_id, status=JobStatus.queued, location=location)
-    return (200 if isinstance(answer, JobView) else 202, answer.model_dump_json().encode(),
-            {"Location": location})
+    content, media = encode(answer, msgpack_out)
+    return 200 if isinstance(answer, JobView) else 202, content, {"Location": location}, media
 
 
 @router.get("/jobs/{job_id}", response_model=JobView, summary="A job's status and result")
-async def get_job(job_id: str, request: Request, who: Who, wait: WaitParam = None) -> JobView:
+async def get_job(job_id: str, request: Request, who: Who, wait: WaitParam = None) -> Any:
     api = api_of(request)
     seconds = parse_wait(wait, api.settings.api_wait_max_s)
-    return await _wait_final(api, job_id, who, seconds)
+    view = await _wait_final(api, job_id, who, seconds)
+    content, media = encode(view, wants_msgpack(request.headers.get("accept")))
+    return Response(content, media_type=media)
 
 
 def _cancel(api: Api, job_id: str, who: Principal) -> JobView:

@@ -27,7 +27,7 @@ class FakeCoalescer(Coalescer):
         self.in_send = threading.Event()
         self.fail_on = fail_on
 
-    def _send(self, ref: ModelRef, priority: str, batch: list[Any]) -> None:
+    def send(self, ref: ModelRef, priority: str, batch: list[Any]) -> None:
         self.in_send.set()
         self.gate.wait(10)
         ids = [it.job_id for it in batch]
@@ -119,9 +119,9 @@ def test_a_failed_send_fails_every_job_it_carried_and_no_other() -> None:
 
 
 def test_a_message_never_carries_more_bytes_than_the_cap() -> None:
-    from producer.coalesce import _Item, _take
+    from producer.coalesce import Item, take
 
-    pending = [_Item(f"j{i}", {"image": np.zeros(1000, np.uint8)}, 0.0) for i in range(10)]
-    assert [it.job_id for it in _take(pending, 2500)] == ["j0", "j1"]
-    assert len(_take(pending, 1)) == 1  # a job over the cap alone still goes (alone)
-    assert len(_take(pending, 10**9)) == 7
+    pending = [Item(f"j{i}", {"image": np.zeros(1000, np.uint8)}, 0.0) for i in range(10)]
+    assert [it.job_id for it in take(pending, 2500)] == ["j0", "j1"]
+    assert len(take(pending, 1)) == 1  # a job over the cap alone still goes (alone)
+    assert len(take(pending, 10**9)) == 7

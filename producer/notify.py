@@ -1,7 +1,7 @@
-"""Long polls woken by the result's publish, for the API's event loop.
+"""Waits woken by the result's publish, for an event loop (the API's, ``AsyncClient``'s).
 
 The asyncio twin of ``producer/waiter.py``: one subscriber connection and one listener
-task per API process. Two ways in:
+task per process. Two ways in:
 
 - ``expect``: a job this process is about to send with its reply channel
   (``reply_channel``): the worker publishes each message's results there in one message,
@@ -60,7 +60,7 @@ class Reply:
 
 
 class Notifier:
-    def __init__(self, url: str, reply_channel: str):
+    def __init__(self, url: str, reply_channel: str, kept: int = 10_000):
         self._redis: Any = aioredis.Redis.from_url(url, socket_connect_timeout=1.0)
         self._pubsub: Any = None
         self._task: asyncio.Task[None] | None = None
@@ -68,12 +68,24 @@ class Notifier:
         self._starting = asyncio.Lock()
         self.reply_channel = reply_channel.encode()
         self._replies: dict[str, Reply] = {}
+        self._kept = kept  # replies expected at most; the oldest unclaimed are dropped
         self._replying = asyncio.Event()  # the reply channel's subscription is confirmed
 
     def expect(self, job_id: str) -> Reply:
         """Register before sending: the reply may come before the sender returns."""
         reply = self._replies[job_id] = Reply()
+        if len(self._replies) > self._kept:  # never waited for: its result stays readable
+            self._replies.pop(next(iter(self._replies)))
         return reply
+
+    def expected(self, job_id: str) -> Reply | None:
+        """The reply ``expect`` registered for ``job_id`` (still registered)."""
+        return self._replies.get(job_id)
+
+    async def read(self, key: bytes) -> bytes | None:
+        """One key's value, read on this loop (no thread)."""
+        value: bytes | None = await self._redis.get(key)
+        return value
 
     def forget(self, job_id: str) -> None:
         self._replies.pop(job_id, None)
