@@ -1,17 +1,21 @@
 """The client side: the SDK, bulk scoring, the CLI, the HTTP API. Imports ``shared`` only.
 
-``Client`` (direct broker access) needs the ``client`` extra and is imported on first use,
-so ``producer.http`` works on a base install without Celery.
+``Client`` and ``AsyncClient`` (direct broker access) need the ``client`` extra and are
+imported on first use, so ``producer.http`` works on a base install without Celery.
 """
 
 from typing import Any
 
-__all__ = ["Client", "Job"]
+__all__ = ["AsyncClient", "AsyncJob", "Client", "Job"]
 
 
 def __getattr__(name: str) -> Any:
-    if name in __all__:
+    if name in ("Client", "Job"):
         from producer import client
 
         return getattr(client, name)
+    if name in ("AsyncClient", "AsyncJob"):
+        from producer import aclient
+
+        return getattr(aclient, name)
     raise AttributeError(f"module 'producer' has no attribute {name!r}")

@@ -53,7 +53,7 @@ def model_queues(settings: Settings, model: str) -> list[Queue]:
 
 
 def make_app(settings: Settings) -> Celery:
-    codec.register(settings.max_message_bytes)
+    codec.register(settings.max_message_bytes, settings.result_serializer)
     backend = settings.effective_result_backend()
     if settings.embedded:
         (settings.home / "results").mkdir(parents=True, exist_ok=True)
@@ -64,9 +64,9 @@ def make_app(settings: Settings) -> Celery:
     vt = settings.visibility_timeout
     app.conf.update(
         task_serializer=codec.SERIALIZER,
-        result_serializer=codec.SERIALIZER,
+        result_serializer=codec.RESULT_SERIALIZER,
         accept_content=codec.ACCEPT,
-        result_accept_content=codec.ACCEPT,
+        result_accept_content=[*codec.ACCEPT, codec.RESULT_CONTENT_TYPE],
         # A message is acked only after its result is stored; a worker that dies
         # mid-task leaves it to be redelivered (reject_on_worker_lost), and each
         # thread reserves one message at a time so a crash strands little.
@@ -113,6 +113,9 @@ def make_app(settings: Settings) -> Celery:
         app.conf.broker_transport = RELIABLE_REDIS
         app.conf.broker_transport_options.update(
             priority_suffix=HIGH_SUFFIX, owner_dead_after=settings.consumer_dead_after)
+    # Control messages (ping, inspect, our own broadcasts) in JSON, which `celery inspect`
+    # and Flower speak; Celery would otherwise use the task serializer.
+    app.control.mailbox.serializer = "json"
     if settings.embedded:
         # The in-memory transport is polled (every 1 s by default): poll often instead.
         app.conf.broker_transport_options["polling_interval"] = 0.002

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import decimal
+import json
 import math
 import uuid
 from typing import Any
@@ -26,6 +27,11 @@ from shared.errors import CodecError
 CONTENT_TYPE = "application/x-inferq-msgpack"
 SERIALIZER = "inferq-msgpack"
 ACCEPT = ["json", CONTENT_TYPE]  # never pickle
+# Results: written as msgpack (default) or JSON (INFERQ_RESULT_SERIALIZER=json, readable by a
+# plain Celery client with result_serializer="json"); read back as either.
+RESULT_SERIALIZER = "inferq-result"
+RESULT_CONTENT_TYPE = "application/x-inferq-result"
+RESULT_FORMATS = ("msgpack", "json")
 
 _ND_EXT = 42
 _MAX_NDIM = 8
@@ -225,9 +231,52 @@ def loads(data: bytes | bytearray | memoryview | str) -> Any:
                          ) from exc
 
 
-def register(max_bytes: int = DEFAULT_MAX_BYTES) -> None:
-    """Register the codec with kombu (idempotent) and set the payload cap."""
-    from kombu.serialization import register as kombu_register
+def json_dumps(obj: Any) -> bytes:
+    """JSON for Celery's own tools and plain clients: arrays as nested lists."""
+    try:
+        return json.dumps(obj, default=_json_default, separators=(",", ":"),
+                          allow_nan=True).encode()
+    except (TypeError, ValueError) as exc:
+        raise CodecError(str(exc)) from exc
 
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, (bytes, bytearray)):
+        return bytes(obj).decode("latin-1")
+    return _default(obj)
+
+
+def result_loads(data: bytes | bytearray | memoryview | str) -> Any:
+    """A stored result in either format: a JSON document starts with ``{``, which no
+    msgpack map (a result record) does."""
+    head = bytes(data[:1]) if not isinstance(data, str) else data[:1].encode()
+    if head != b"{":
+        return loads(data)
+    if len(data) > _limits["max_bytes"]:
+        raise CodecError(f"payload of {len(data)} bytes exceeds the cap")
+    try:
+        return json.loads(bytes(data) if not isinstance(data, str) else data)
+    except (ValueError, RecursionError) as exc:
+        raise CodecError(f"not a JSON result: {exc}") from exc
+
+
+def register(max_bytes: int = DEFAULT_MAX_BYTES, result_format: str = "msgpack") -> None:
+    """Register the codecs with kombu (idempotent) and set the payload cap.
+
+    Messages are always msgpack; results are written in ``result_format`` and read in
+    either. Numpy values also become plain JSON wherever Celery itself writes JSON
+    (control replies, events), so its tools can read them.
+    """
+    from kombu.serialization import register as kombu_register
+    from kombu.utils.json import register_type
+
+    if result_format not in RESULT_FORMATS:
+        raise ValueError(f"result format must be one of {list(RESULT_FORMATS)}")
     _limits["max_bytes"] = max_bytes
     kombu_register(SERIALIZER, dumps, loads, content_type=CONTENT_TYPE, content_encoding="binary")
+    kombu_register(RESULT_SERIALIZER, json_dumps if result_format == "json" else dumps,
+                   result_loads, content_type=RESULT_CONTENT_TYPE, content_encoding="binary")
+    register_type(np.ndarray, None, lambda arr: arr.tolist())
+    register_type(np.generic, None, lambda value: value.item())

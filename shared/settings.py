@@ -73,6 +73,9 @@ class Settings(BaseSettings):
     ort_threads: int = Field(0, ge=0, description="ONNX Runtime intra-op threads; 0 = cores")
     device: str = Field("cpu", pattern=r"^(cpu|cuda(:\d+)?)$",
                         description="where models run: cpu, or cuda in a GPU-pinned worker")
+    result_serializer: Literal["msgpack", "json"] = Field(
+        "msgpack", description="how workers store results: msgpack (compact, inferq's "
+        "arrays), or json (a plain Celery client reads them); either is read back")
     max_message_bytes: int = Field(64 * 2**20, ge=1024, description="cap on one decoded payload")
     max_deliveries: int = Field(8, ge=2, description="deliveries of one message before it is "
                                 "dead-lettered (its worker died each time)")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import decimal
+import json
 import os
 import pickle
 import uuid
@@ -278,7 +279,8 @@ def test_celery_app_never_speaks_pickle_and_acks_late(tmp_path: Path,
             assert not any("pickle" in v or "python-serialize" in v for v in values), key
             assert codec.CONTENT_TYPE in values, key
         assert conf.task_serializer == codec.SERIALIZER
-        assert conf.result_serializer == codec.SERIALIZER
+        assert conf.result_serializer == codec.RESULT_SERIALIZER
+        assert app.control.mailbox.serializer == "json"  # what `celery inspect` speaks
         assert "pickle" not in conf.task_serializer and "pickle" not in conf.result_serializer
         assert conf.task_acks_late is True
         assert conf.task_reject_on_worker_lost is True
@@ -323,3 +325,29 @@ def test_a_narrow_header_naming_another_wire_type_is_refused() -> None:
     blob = msgpack.packb(msgpack.ExtType(42, header + b"\0" * 32), use_bin_type=True)
     with pytest.raises(CodecError, match="wire dtype"):
         codec.loads(blob)
+
+
+@pytest.mark.parametrize("result_format", codec.RESULT_FORMATS)
+def test_results_written_in_either_format_read_back_by_one_reader(result_format: str) -> None:
+    record = {"outputs": {"label": np.array([3, 1], dtype=np.int64),
+                          "probabilities": np.array([[0.25, 0.75]], dtype=np.float32)},
+              "errors": {}, "rows": 2}
+    try:
+        codec.register(codec.DEFAULT_MAX_BYTES, result_format)
+        _, _, body = kombu.serialization.dumps(record, serializer=codec.RESULT_SERIALIZER)
+        back = kombu.serialization.loads(body, codec.RESULT_CONTENT_TYPE, "binary",
+                                         accept=[codec.RESULT_CONTENT_TYPE])
+    finally:
+        codec.register(codec.DEFAULT_MAX_BYTES)
+    assert np.asarray(back["outputs"]["label"]).tolist() == [3, 1]
+    assert np.asarray(back["outputs"]["probabilities"]).tolist() == [[0.25, 0.75]]
+    if result_format == "json":  # what a plain Celery client (result_serializer="json") reads
+        assert json.loads(body) == {"outputs": {"label": [3, 1],
+                                                "probabilities": [[0.25, 0.75]]},
+                                    "errors": {}, "rows": 2}
+
+
+def test_result_reader_refuses_garbage_in_one_error() -> None:
+    for body in (b"{not json", b"{" + b"[" * 100_000, b"\xc1garbage"):
+        with pytest.raises(CodecError):
+            codec.result_loads(body)
