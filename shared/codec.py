@@ -279,4 +279,4 @@ def register(max_bytes: int = DEFAULT_MAX_BYTES, result_format: str = "msgpack")
     kombu_register(RESULT_SERIALIZER, json_dumps if result_format == "json" else dumps,
                    result_loads, content_type=RESULT_CONTENT_TYPE, content_encoding="binary")
     register_type(np.ndarray, None, lambda arr: arr.tolist())
-    register_type(np.generic, None, lambda value: value.item())
+    register_type(np.generic, None, lambda value: value.item())  # type: ignore[type-abstract]

@@ -22,10 +22,18 @@ from fastapi.responses import JSONResponse, Response
 from kombu.exceptions import OperationalError
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from producer.api import batches, jobs
+from producer.api import batches, jobs, oip
 from producer.api.auth import Keyring
 from producer.api.callbacks import Dispatcher
-from producer.api.context import Api, Who, api_of, check_rate, identify, rate_of
+from producer.api.context import (
+    Api,
+    Who,
+    api_of,
+    check_rate,
+    identify,
+    rate_of,
+    ready_checks,
+)
 from producer.api.fastlane import FastLane
 from producer.api.limits import BodyLimit, QueueDepth
 from producer.api.schemas import ModelView, Problem
@@ -78,6 +86,7 @@ def create_app(settings: Settings | None = None, *, keyring: Keyring | None = No
     app.state.api = api
     app.include_router(jobs.router)
     app.include_router(batches.router)
+    app.include_router(oip.router)
     _errors(app)
     _routes(app)
     app.add_middleware(FastLane, api=api, fastapi=app)  # type: ignore[arg-type]
@@ -97,7 +106,7 @@ class Gate:
         self.api = api
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        if scope["type"] != "http" or not scope["path"].startswith("/v1/"):
+        if scope["type"] != "http" or not guarded(scope["path"]):
             await self.app(scope, receive, send)
             return
         headers = dict(scope.get("headers") or [])
@@ -109,7 +118,8 @@ class Gate:
             if rate:  # on the event loop: no thread for a counter
                 check_rate(who, rate, await self.api.store.hit_async(who.tenant, time.time()))
         except HTTPException as exc:
-            await _problem(exc.status_code, str(exc.detail), exc.headers)(scope, receive, send)
+            await _problem(exc.status_code, str(exc.detail), exc.headers,
+                           scope["path"])(scope, receive, send)
             return
         except redis.RedisError as exc:  # the rate limit's counter lives in the store
             await _store_down(scope["path"], exc)(scope, receive, send)
@@ -121,12 +131,15 @@ class Gate:
 def _store_down(path: str, exc: Exception) -> JSONResponse:
     logger.warning("result store error on %s: %s", path, scrub(str(exc)))
     return _problem(503, "the result store is unavailable "
-                    f"({type(exc).__name__}); retry later", {"Retry-After": "5"})
+                    f"({type(exc).__name__}); retry later", {"Retry-After": "5"}, path)
 
 
 def _problem(status: int, detail: str, headers: Mapping[str, str] | None = None,
-             **extra: Any) -> JSONResponse:
-    body = Problem(detail=detail, **extra).model_dump(exclude_none=True)
+             path: str = "", **extra: Any) -> JSONResponse:
+    """An error answer: ``Problem`` on inferq's routes, ``{"error": ...}`` (the Open
+    Inference Protocol's shape) on ``/v2/``."""
+    body = ({"error": detail} if path.startswith("/v2/")
+            else Problem(detail=detail, **extra).model_dump(exclude_none=True))
     return JSONResponse(body, status_code=status, headers=dict(headers or {}))
 
 
@@ -147,7 +160,7 @@ def _errors(app: FastAPI) -> None:
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
-        return _problem(exc.status_code, str(exc.detail), exc.headers)
+        return _problem(exc.status_code, str(exc.detail), exc.headers, request.url.path)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -155,23 +168,26 @@ def _errors(app: FastAPI) -> None:
         where = ".".join(str(p) for p in first.get("loc", ()) if p != "body") or "body"
         if first.get("type") == "json_invalid":  # its loc is a character offset, not a field
             where = "body"
-        return _problem(422, f"{where}: {first.get('msg', 'invalid')}", field=where)
+        return _problem(422, f"{where}: {first.get('msg', 'invalid')}",
+                        path=request.url.path, field=where)
 
     @app.exception_handler(InputError)
     async def bad_input(request: Request, exc: InputError) -> JSONResponse:
-        return _problem(422, public(request, str(exc)), row=exc.row, field=exc.field)
+        return _problem(422, public(request, str(exc)), path=request.url.path, row=exc.row,
+                        field=exc.field)
 
     @app.exception_handler(ModelNotFound)
     async def no_model(request: Request, exc: ModelNotFound) -> JSONResponse:
-        return _problem(404, public(request, str(exc)), field="model")
+        return _problem(404, public(request, str(exc)), path=request.url.path,
+                        field="model")
 
     @app.exception_handler(InvalidModelName)
     async def bad_model(request: Request, exc: InvalidModelName) -> JSONResponse:
-        return _problem(422, str(exc), field="model")
+        return _problem(422, str(exc), path=request.url.path, field="model")
 
     @app.exception_handler(JobNotFound)
     async def no_job(request: Request, exc: JobNotFound) -> JSONResponse:
-        return _problem(404, str(exc))
+        return _problem(404, str(exc), path=request.url.path)
 
     @app.exception_handler(redis.RedisError)
     async def store_down(request: Request, exc: redis.RedisError) -> JSONResponse:
@@ -183,13 +199,13 @@ def _errors(app: FastAPI) -> None:
         logger.warning("unavailable on %s: %s", request.url.path, scrub(str(exc)))
         what = "the broker" if "broker" in str(exc) else "the result store"
         return _problem(503, f"{what} is unavailable; nothing was enqueued, retry later",
-                        {"Retry-After": "5"})
+                        {"Retry-After": "5"}, request.url.path)
 
     @app.exception_handler(OperationalError)
     async def broker_down(request: Request, exc: OperationalError) -> JSONResponse:
         logger.warning("broker error on %s: %s", request.url.path, scrub(str(exc)))
         return _problem(503, "the broker is unavailable; nothing was enqueued, retry later",
-                        {"Retry-After": "5"})
+                        {"Retry-After": "5"}, request.url.path)
 
 
 def _model_view(version: ModelVersion, variants: list[str]) -> ModelView:
@@ -217,9 +233,7 @@ def _routes(app: FastAPI) -> None:
 
     @app.get("/readyz", tags=["ops"], summary="Broker and result store reachable (else 503)")
     def readyz(request: Request) -> JSONResponse:
-        api = api_of(request)
-        checks = {"result_store": _check(api.store.ping),
-                  "broker": _check(lambda: _broker_ok(api))}
+        checks = ready_checks(api_of(request))
         ok = all(v == "ok" for v in checks.values())
         return JSONResponse({"status": "ok" if ok else "unavailable", **checks},
                             status_code=200 if ok else 503)
@@ -241,18 +255,10 @@ def _routes(app: FastAPI) -> None:
         return _models(api_of(request), name)[0]
 
 
-def _check(probe: Any) -> str:
-    try:
-        probe()
-        return "ok"
-    except Exception as exc:  # noqa: BLE001 - any failure means not ready
-        return f"unavailable ({type(exc).__name__})"
-
-
-def _broker_ok(api: Api) -> None:
-    with api.client.app.connection_for_write() as conn:
-        conn.ensure_connection(max_retries=1, interval_start=0.1, interval_step=0.2,
-                               interval_max=0.5, timeout=2)  # not kombu's 2 s pause
+def guarded(path: str) -> bool:
+    """Routes behind the key and the rate limit: all of /v1/, and /v2/ but its health."""
+    return path.startswith("/v1/") or (path.startswith("/v2/")
+                                       and not path.startswith("/v2/health/"))
 
 
 # Label values come from fixed sets only: anyone, key or not, can send any method.

@@ -172,3 +172,21 @@ def audit(event: str, who: Principal | None, **fields: Any) -> None:
 def not_found(kind: str, ident: str) -> HTTPException:
     """The same answer for another tenant's id as for a missing one."""
     return HTTPException(404, f"no {kind} {ident!r} (never submitted, expired, or not yours)")
+
+
+def ready_checks(api: Api) -> dict[str, str]:
+    return {"result_store": _check(api.store.ping), "broker": _check(lambda: _broker_ok(api))}
+
+
+def _check(probe: Any) -> str:
+    try:
+        probe()
+        return "ok"
+    except Exception as exc:  # noqa: BLE001 - any failure means not ready
+        return f"unavailable ({type(exc).__name__})"
+
+
+def _broker_ok(api: Api) -> None:
+    with api.client.app.connection_for_write() as conn:
+        conn.ensure_connection(max_retries=1, interval_start=0.1, interval_step=0.2,
+                               interval_max=0.5, timeout=2)  # not kombu's 2 s pause

@@ -165,7 +165,7 @@ async def _wait_reply(api: Api, job_id: str, record: dict[str, str], who: Princi
     return view
 
 
-async def _wait_final(api: Api, job_id: str, who: Principal, seconds: float, *,
+async def wait_final(api: Api, job_id: str, who: Principal, seconds: float, *,
                       fresh: bool = False) -> JobView:
     """Long poll: re-read the job whenever its result is published, until it is final or
     ``seconds`` pass (``producer/notify.py``; a re-read every 0.5 s is the safety net).
@@ -211,33 +211,40 @@ async def submit(api: Api, who: Principal, model: str, body: JobRequest, seconds
                  msgpack_out: bool = False) -> tuple[int, bytes, dict[str, str], str]:
     """Enqueue, and with ``seconds`` wait for the end; -> (status, body, headers, media
     type). Shared by the route and its fast lane (``fastlane.py``)."""
+    answer = await run(api, who, model, body, seconds)
+    content, media = encode(answer, msgpack_out)
+    return (200 if isinstance(answer, JobView) else 202, content,
+            {"Location": f"/v1/jobs/{answer.id}"}, media)
+
+
+async def run(api: Api, who: Principal, model: str, body: JobRequest, seconds: float
+              ) -> JobView | Accepted:
+    """Enqueue one job; -> its view if it ended within ``seconds``, else Accepted."""
     job_id = uuid.uuid4().hex
-    location = f"/v1/jobs/{job_id}"
-    answer: JobView | Accepted | None = None
     if seconds > 0 and await api.notifier.replying():
         reply = api.notifier.expect(job_id)
         try:
             record = await run_in_threadpool(_enqueue, api, who, model, body, job_id,
                                              observed=True)
-            answer = await _wait_reply(api, job_id, record, who, reply, seconds)
+            view = await _wait_reply(api, job_id, record, who, reply, seconds)
         finally:
             api.notifier.forget(job_id)
+        if view is not None:
+            return view
     else:
         await run_in_threadpool(_enqueue, api, who, model, body, job_id)
         if seconds > 0:  # no reply channel (its subscription failed): subscribe per job
-            view = await _wait_final(api, job_id, who, seconds, fresh=True)
-            answer = view if view.status in _FINAL else None
-    if answer is None:
-        answer = Accepted(id=job_id, status=JobStatus.queued, location=location)
-    content, media = encode(answer, msgpack_out)
-    return 200 if isinstance(answer, JobView) else 202, content, {"Location": location}, media
+            view = await wait_final(api, job_id, who, seconds, fresh=True)
+            if view.status in _FINAL:
+                return view
+    return Accepted(id=job_id, status=JobStatus.queued, location=f"/v1/jobs/{job_id}")
 
 
 @router.get("/jobs/{job_id}", response_model=JobView, summary="A job's status and result")
 async def get_job(job_id: str, request: Request, who: Who, wait: WaitParam = None) -> Any:
     api = api_of(request)
     seconds = parse_wait(wait, api.settings.api_wait_max_s)
-    view = await _wait_final(api, job_id, who, seconds)
+    view = await wait_final(api, job_id, who, seconds)
     content, media = encode(view, wants_msgpack(request.headers.get("accept")))
     return Response(content, media_type=media)
 
