@@ -15,7 +15,7 @@ import typer
 from rich.console import Console
 
 from producer import autoscale, cli_dead, cli_drift, cli_models, top
-from shared.errors import InferqError
+from shared.errors import InferqError, Unavailable
 from shared.settings import Settings, load_settings, scrub
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
@@ -59,6 +59,7 @@ def _client(settings: Settings, models: list[str] | None = None) -> Iterator[Any
 
     client = Client(settings)
     if not settings.embedded:
+        client.check_reachable()
         yield client
         return
     main = _workers("main")
@@ -233,6 +234,9 @@ def main() -> None:
 
     try:
         app()
+    except Unavailable as exc:  # a service is away: its own exit code, as below
+        _say(f"error: {scrub(str(exc))}")
+        sys.exit(3)
     except InferqError as exc:
         _say(f"error: {scrub(str(exc))}")
         sys.exit(2)

@@ -55,6 +55,39 @@ class Client:
         self._replies_ready = False
         self._models: dict[str, tuple[float, ModelVersion]] = {}
 
+    def check_reachable(self, timeout: float = 2.0) -> None:
+        """Unavailable, naming the service and its setting, when the broker or the result
+        store does not answer within ``timeout``: one try, for a command's first step
+        (Celery's own reconnect loop would retry for ~20 s, then raise a traceback)."""
+        if self.settings.embedded:
+            return
+        import redis
+
+        from shared.errors import Unavailable
+        from shared.settings import scrub
+
+        url = self.settings.broker_url or ""
+        try:
+            with self.app.connection_for_write() as conn:
+                conn.ensure_connection(max_retries=1, interval_start=0.1, interval_step=0.2,
+                                       interval_max=0.5, timeout=timeout)
+        except Exception as exc:  # noqa: BLE001 - kombu raises many kinds for "not there"
+            raise Unavailable(f"the broker at {scrub(url)} cannot be reached "
+                              f"({type(exc).__name__}: {scrub(str(exc))}); check "
+                              "INFERQ_BROKER_URL and that the broker runs") from None
+        backend = self.settings.effective_result_backend()
+        if backend.startswith(("redis://", "rediss://")):
+            store = redis.Redis.from_url(backend, socket_connect_timeout=timeout,
+                                         socket_timeout=timeout)
+            try:
+                store.ping()
+            except redis.RedisError as exc:
+                raise Unavailable(f"the result store at {scrub(backend)} cannot be reached "
+                                  f"({type(exc).__name__}: {scrub(str(exc))}); check "
+                                  "INFERQ_RESULT_BACKEND (default: the broker URL)") from None
+            finally:
+                store.close()
+
     # -- models --------------------------------------------------------------------------
     def model(self, ref: str) -> tuple[ModelVersion, ModelRef]:
         """``name[:variant][@version]`` -> (the version it means now, the parsed reference).

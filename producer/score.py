@@ -86,6 +86,9 @@ def score_file(client: Client, model: str, source: Path, output: Path, *,
     chunk_rows = chunk_rows_for(manifest, chunk_rows or client.settings.chunk_rows)
     pipeline.batch_id = _batch_id(model, source, output, chunk_rows, resume)
     total = count_rows(source)
+    if total == 0:
+        raise InputError(f"input file {source.name}: no rows to score (an empty file, or "
+                         "a header only); nothing was written")
     done: set[int] = set()
     if resume and total:
         done = finished_chunks(client, pipeline.batch_id, math.ceil(total / chunk_rows))
@@ -109,5 +112,9 @@ def score_file(client: Client, model: str, source: Path, output: Path, *,
             on_chunk(part)
     writer.close()
     state_path(output).unlink(missing_ok=True)
+    if rows == 0:  # a format whose rows are only counted by reading them
+        output.unlink(missing_ok=True)
+        raise InputError(f"input file {source.name}: no rows to score (an empty file, or "
+                         "a header only); nothing was written")
     return ScoreReport(rows, failed, time.perf_counter() - started, pipeline.sent,
                        pipeline.reused, output, pipeline.batch_id)

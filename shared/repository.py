@@ -211,10 +211,7 @@ class ModelRepository:
         version = version or r.version
         known = self.versions(r.name)
         if not known:
-            have = ", ".join(self.names()) or "none"
-            raise ModelNotFound(
-                f"unknown model {r.name!r} in {self.root} (models here: {have}); "
-                f"build the bundled ones with `inferq models build`")
+            raise ModelNotFound(self._unknown(r.name))
         if version is not None:
             found = self.load(r.name, version)
             if r.variant and found.manifest.variant != r.variant:
@@ -236,6 +233,16 @@ class ModelRepository:
         variants = sorted({m.manifest.variant for m in self.all(r.name)})
         raise ModelNotFound(f"model {r.name!r} has no variant {variant!r} "
                             f"(variants: {', '.join(variants)})")
+
+    def _unknown(self, name: str) -> str:
+        where = str(self.root.resolve()) if not self.root.is_absolute() else str(self.root)
+        fix = ("set INFERQ_MODEL_REPO to the repository's folder or build the "
+               "bundled models there with `inferq models build`")
+        if not self.root.is_dir():
+            return (f"unknown model {name!r}: {where} (INFERQ_MODEL_REPO) does not exist; "
+                    f"{fix}")
+        have = ", ".join(self.names()) or "none"
+        return f"unknown model {name!r} in {where} (INFERQ_MODEL_REPO; it holds: {have}); {fix}"
 
     # -- publishing ----------------------------------------------------------------------
     def next_version(self, name: str) -> int:

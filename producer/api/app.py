@@ -149,8 +149,8 @@ def public_text(settings: Settings, text: str) -> str:
     uploads = settings.home / "api-uploads"
     for folder in {str(uploads), str(uploads.resolve())}:
         text = re.sub(re.escape(folder) + r"/[\w.-]+", "the uploaded file", text)
-    for folder in {str(settings.model_repo.resolve()), str(settings.model_repo)}:
-        text = text.replace(folder, "the model repository")
+    # The absolute path only: a relative one ("models") is also an ordinary word.
+    text = text.replace(str(settings.model_repo.resolve()), "the model repository")
     return text
 
 

@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -85,6 +86,61 @@ def test_missing_input_and_unknown_model_are_clear(redis_env, tmp_path):
     proc = run_cli(["score", "--model", "nope", "-i", str(src), "-o", str(tmp_path / "o.csv")],
                    redis_env)
     assert proc.returncode == 2 and "unknown model 'nope'" in proc.stderr
+
+
+def _one_clear_line(proc: subprocess.CompletedProcess[str], code: int, *says: str) -> None:
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == code, proc.stderr[-2000:]
+    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr and all(s in lines[0] for s in says), lines
+
+
+@pytest.mark.parametrize("broker", ["redis://user:s3cret@127.0.0.1:1/0",
+                                    "amqp://guest:s3cret@127.0.0.1:1//"])
+def test_a_wrong_broker_url_is_one_line_at_once(redis_env, tmp_path, broker):
+    src = tmp_path / "x.npy"
+    np.save(src, np.zeros((3, 64), np.float32))
+    env = {**redis_env, "INFERQ_BROKER_URL": broker}
+    started = time.monotonic()
+    proc = run_cli(["score", "--model", "digits", "-i", str(src), "-o",
+                    str(tmp_path / "o.parquet"), "--no-progress"], env, timeout=60)
+    _one_clear_line(proc, 3, "broker", "127.0.0.1:1", "INFERQ_BROKER_URL")
+    assert "s3cret" not in proc.stderr
+    assert time.monotonic() - started < 15  # not Celery's ~20 s of reconnect lines
+    env = {**redis_env, "INFERQ_RESULT_BACKEND": "redis://127.0.0.1:1/0"}
+    proc = run_cli(["score", "--model", "digits", "-i", str(src), "-o",
+                    str(tmp_path / "o.parquet"), "--no-progress"], env, timeout=60)
+    _one_clear_line(proc, 3, "result store", "INFERQ_RESULT_BACKEND")
+
+
+@pytest.mark.parametrize(("name", "content"), [
+    ("empty.npy", np.zeros((0, 64), np.float32)), ("zero-bytes.npy", b""),
+    ("empty.csv", b""), ("header-only.csv", b"a,b\n"), ("empty.jsonl", b"")])
+def test_an_input_with_no_rows_is_one_line_and_no_output(redis_env, tmp_path, name, content):
+    src = tmp_path / name
+    if isinstance(content, bytes):
+        src.write_bytes(content)
+    else:
+        np.save(src, content)
+    out = tmp_path / "o.parquet"
+    proc = run_cli(["score", "--model", "digits", "-i", str(src), "-o", str(out),
+                    "--no-progress"], redis_env)
+    _one_clear_line(proc, 2, name)
+    assert not out.exists()
+
+
+def test_a_missing_model_repository_names_its_setting(redis_env, tmp_path):
+    """Run outside the clone, the default relative ``models`` folder is not there."""
+    env = {k: v for k, v in redis_env.items() if k != "INFERQ_MODEL_REPO"}
+    src = tmp_path / "x.npy"
+    np.save(src, np.zeros((3, 64), np.float32))
+    full_env = {k: v for k, v in os.environ.items() if k != "INFERQ_MODEL_REPO"}
+    proc = subprocess.run([sys.executable, "-m", "producer.cli", "score", "--model", "digits",
+                           "-i", str(src), "-o", str(tmp_path / "o.parquet"), "--no-progress"],
+                          env={**full_env, **env, "PYTHONPATH": str(ROOT)}, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120)
+    _one_clear_line(proc, 2, f"{tmp_path.resolve() / 'models'} (INFERQ_MODEL_REPO) does not "
+                    "exist", "set INFERQ_MODEL_REPO")
 
 
 def _finished(env: dict[str, str], batch_id: str, chunks: int = 40) -> int:

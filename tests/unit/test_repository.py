@@ -70,8 +70,20 @@ def test_unknown_model_lists_the_known_ones(repo: ModelRepository) -> None:
 
 
 def test_unknown_model_in_an_empty_repository(tmp_path: Path) -> None:
-    with pytest.raises(ModelNotFound, match="models here: none"):
-        ModelRepository(tmp_path / "absent").resolve("m")
+    with pytest.raises(ModelNotFound, match="it holds: none"):
+        ModelRepository(tmp_path).resolve("m")
+
+
+def test_a_missing_relative_repository_is_named_with_its_setting(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Run outside the clone, the default `models` is a folder that is not there: the
+    message names where it looked and the setting to change."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ModelNotFound) as info:
+        ModelRepository("models").resolve("digits")
+    text = str(info.value)
+    assert f"{tmp_path.resolve() / 'models'} (INFERQ_MODEL_REPO) does not exist" in text
+    assert "set INFERQ_MODEL_REPO" in text
 
 
 @pytest.mark.parametrize("stray", ["__pycache__", ".tmp-build", "Scratch"])
