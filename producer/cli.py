@@ -7,6 +7,7 @@ import contextlib
 import json
 import os
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any
@@ -67,6 +68,27 @@ def _client(settings: Settings, models: list[str] | None = None) -> Iterator[Any
         yield client
 
 
+class PlainProgress:
+    """Piped (a log file, CI): a plain progress line every ``every`` seconds instead of a
+    redrawn bar."""
+
+    def __init__(self, description: str, every: float = 5.0):
+        self.description, self.every = description, every
+        self.total: int | None = None
+        self.rows = 0
+        self.started = self.said = time.monotonic()
+
+    def advance(self, rows: int) -> None:
+        self.rows += rows
+        now = time.monotonic()
+        if now - self.said < self.every:
+            return
+        self.said = now
+        of = f" / {self.total:,} ({self.rows / self.total:.0%})" if self.total else ""
+        _say(f"{self.description}: {self.rows:,}{of} rows, "
+             f"{self.rows / max(1e-9, now - self.started):,.0f} rows/s")
+
+
 @app.command()
 def score(
     model: Annotated[str, typer.Option(help="model name, or name@version")],
@@ -89,25 +111,35 @@ def score(
         TimeElapsedColumn,
         TimeRemainingColumn,
     )
+    from rich.table import Column
 
     from producer.score import score_file
 
     _setup_logging(log_level)
     settings = load_settings()
-    name = model.partition("@")[0]
-    bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                   TextColumn("{task.fields[rate]:>9} rows/s"), TimeElapsedColumn(),
-                   TextColumn("ETA"), TimeRemainingColumn(), console=err, disable=not progress,
-                   transient=False)
-    task = bar.add_task(f"scoring {model}", total=None, rate="-")
+    name = model.partition("@")[0].partition(":")[0]
+    description = f"scoring {model}"
+    # Never cut the model's name: the bar gives up its width first, down to 10 columns.
+    bar = Progress(TextColumn("[bold]{task.description}",
+                              table_column=Column(no_wrap=True, min_width=len(description))),
+                   BarColumn(bar_width=max(10, min(40, err.width - len(description) - 60))),
+                   MofNCompleteColumn(), TextColumn("{task.fields[rate]:>9} rows/s"),
+                   TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=err,
+                   disable=not progress or not err.is_terminal, transient=False)
+    task = bar.add_task(description, total=None, rate="-")
+    plain = PlainProgress(description) if progress and not err.is_terminal else None
 
     def on_start(total: int | None) -> None:
         bar.update(task, total=total)
+        if plain:
+            plain.total = total
         bar.start()  # only once the input and model are known good
 
     with _client(settings, [name]) as client:
 
         def on_chunk(part: Any) -> None:
+            if plain:
+                plain.advance(part.rows)
             bar.advance(task, part.rows)
             t = bar.tasks[task]
             bar.update(task, rate=f"{t.completed / t.elapsed:,.0f}" if t.elapsed else "-")

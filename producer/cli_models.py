@@ -4,17 +4,18 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
-from rich.table import Table
 
+from producer.tables import Grid, print_json, show
 from shared.errors import InferqError
 from shared.repository import ModelRepository, ModelVersion, parse_model_ref
 from shared.settings import load_settings
 
 out = Console()
+JsonOption = Annotated[bool, typer.Option("--json", help="JSON records, for programs")]
 
 _QUALITY_KEYS = ("heldout_accuracy", "accuracy_delta_vs_parent", "mean_cosine_vs_parent",
                  "nn_agreement_vs_parent", "top1_agreement")
@@ -30,22 +31,28 @@ def _repo() -> ModelRepository:
     return ModelRepository(load_settings().model_repo)
 
 
-def _row(v: ModelVersion, default: ModelVersion | None, parent_speed: dict[int, float]
-         ) -> list[str]:
+def _record(v: ModelVersion, default: ModelVersion | None, parent_speed: dict[int, float]
+            ) -> dict[str, Any]:
     m = v.manifest
-    quality = ", ".join(f"{k.replace('_vs_parent', '')}={m.quality[k]:.4f}"
-                        for k in _QUALITY_KEYS if k in m.quality)
-    speed = m.speed.get("rows_per_s") or parent_speed.get(m.version)
-    ratio = m.speed.get("speedup_vs_parent")
-    mark = "*" if default is not None and default.key == v.key else ""
-    return [f"{v.key}{mark}", m.variant, m.runtime, m.compression.method,
-            f"{m.size_bytes / 1e6:.2f} MB", quality,
+    return {"version": v.key, "serves": default is not None and default.key == v.key,
+            "variant": m.variant, "runtime": m.runtime, "compression": m.compression.method,
+            "size_bytes": m.size_bytes,
+            "quality": {k: m.quality[k] for k in _QUALITY_KEYS if k in m.quality},
+            "rows_per_s": m.speed.get("rows_per_s") or parent_speed.get(m.version),
+            "speedup_vs_parent": m.speed.get("speedup_vs_parent")}
+
+
+def _cells(r: dict[str, Any]) -> list[str]:
+    quality = ", ".join(f"{k.replace('_vs_parent', '')}={value:.4f}"
+                        for k, value in r["quality"].items())
+    speed, ratio = r["rows_per_s"], r["speedup_vs_parent"]
+    return [r["version"] + ("*" if r["serves"] else ""), r["variant"], r["runtime"],
+            r["compression"], f"{r['size_bytes'] / 1e6:.2f} MB", quality,
             f"{speed:,.0f}" if speed else "-", f"{ratio:.2f}x" if ratio else "-"]
 
 
-def _table(repo: ModelRepository, names: list[str]) -> Table:
-    table = Table("version", "variant", "runtime", "compression", "size", "quality vs fp32",
-                  "rows/s", "speed vs fp32", title="* = what the bare name serves")
+def _records(repo: ModelRepository, names: list[str]) -> list[dict[str, Any]]:
+    records = []
     for name in names:
         try:
             default = repo.resolve(name)
@@ -56,9 +63,20 @@ def _table(repo: ModelRepository, names: list[str]) -> Table:
         parent_speed = {int(v.manifest.compression.parent_version or 0):
                         v.manifest.speed["parent_rows_per_s"] for v in versions
                         if "parent_rows_per_s" in v.manifest.speed}
-        for v in versions:
-            table.add_row(*_row(v, default, parent_speed))
-    return table
+        records += [_record(v, default, parent_speed) for v in versions]
+    return records
+
+
+def _show(repo: ModelRepository, names: list[str], as_json: bool = False) -> None:
+    records = _records(repo, names)
+    if as_json:
+        print_json(records)
+        return
+    grid = Grid(["version", "variant", "runtime", "compression", "size", "quality vs fp32",
+                 "rows/s", "speed vs fp32"], caption="* = what the bare name serves")
+    for r in records:
+        grid.add(*_cells(r))
+    show(out, grid)
 
 
 def models_build(
@@ -75,26 +93,30 @@ def models_build(
         raise InferqError(str(exc)) from None
     repo = ModelRepository(settings.model_repo)
     if built:
-        out.print(_table(repo, sorted({v.manifest.name for v in built})))
+        _show(repo, sorted({v.manifest.name for v in built}))
     else:
         out.print("nothing to build: every model already has a version")
 
 
-def models_list() -> None:
+def models_list(as_json: JsonOption = False) -> None:
     """Every model, version and variant: size, quality and speed against the fp32 parent."""
     repo = _repo()
-    out.print(_table(repo, repo.names()))
+    _show(repo, repo.names(), as_json)
 
 
-def models_show(name: str) -> None:
-    """One model's manifests as JSON, and which version the bare name serves."""
+def models_show(name: str, as_json: JsonOption = True) -> None:
+    """One model's manifests as JSON, and which version the bare name serves (``--json``
+    is accepted for symmetry: the output is JSON either way, uncoloured when piped)."""
     repo = _repo()
     ref = parse_model_ref(name)
     versions = [repo.resolve(ref)] if ref.variant or ref.version else repo.all(ref.name)
     data = {"default": repo.default(ref.name), "serves": repo.resolve(ref.name).key,
             "versions": [json.loads(v.manifest.model_dump_json(exclude={"reference_stats"}))
                          for v in versions]}
-    out.print_json(json.dumps(data))
+    if out.is_terminal:
+        out.print_json(json.dumps(data))
+    else:
+        print_json(data)
 
 
 def models_default(
@@ -123,7 +145,7 @@ def compress(
     tool = _workers("build.compress")
     parent, version = tool.compress(model_file, calibration=calibration, method=method,
                                     repo_root=settings.model_repo, name=name, threads=threads)
-    out.print(_table(ModelRepository(settings.model_repo), [version.manifest.name]))
+    _show(ModelRepository(settings.model_repo), [version.manifest.name])
 
 
 def register(app: typer.Typer, models_app: typer.Typer) -> None:

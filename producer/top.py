@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import json
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -207,6 +208,20 @@ def render(snap: Snapshot) -> Table:
     return frame
 
 
+def as_record(snap: Snapshot) -> dict[str, Any]:
+    """A snapshot for ``--json``: every figure, unformatted."""
+    return {"at": snap.at,
+            "models": [{"model": m.model, "queues": m.queues, "waiting": m.waiting,
+                        "workers": snap.serving(m.model), "rows_per_s": snap.model_rate(m.model)}
+                       for m in snap.models],
+            "workers": snap.workers, "silent_workers": snap.silent,
+            "versions": [{"worker": v.worker, "model": v.key, "calls": v.calls, "rows": v.rows,
+                          "max_batch": v.max_rows, "mean_batch": v.mean_batch,
+                          "rows_per_s": v.rows_per_s, "busy": v.busy} for v in snap.versions],
+            "dead_letters": snap.dead_letters, "newest_dead_letter": snap.newest_dead,
+            "errors": snap.errors}
+
+
 # --- the real sources and the command -------------------------------------------------------
 
 
@@ -282,18 +297,35 @@ def command(
     interval: Annotated[float, typer.Option(min=0.2, help="seconds between refreshes")] = 2.0,
     once: Annotated[bool, typer.Option("--once", help="print one frame and exit (exit "
                                        "status 1 if a source could not be read)")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="one JSON object per refresh "
+                                          "(NDJSON), for programs")] = False,
 ) -> None:
-    """Live view: queue depths, workers and their rows/s, dead letters (Ctrl-C quits)."""
+    """Live view: queue depths, workers and their rows/s, dead letters (Ctrl-C quits).
+    Piped or with --json, a frame per refresh is appended instead of redrawn."""
     settings = load_settings()
     queues = queues_of(settings, _models(settings, models))
     console = Console()
+    if not console.is_terminal:  # a pipe or a file: no 80-column wrapping of names
+        console = Console(width=max(console.width, 200))
+
+    def emit(snap: Snapshot) -> None:
+        if as_json:
+            print(json.dumps(as_record(snap), default=str), flush=True)
+        else:
+            console.print(render(snap))
+
     with open_sources(settings) as sources:
         snap = snapshot(sources, queues)
         if once:
-            if not console.is_terminal:  # a pipe or a file: no 80-column wrapping of names
-                console = Console(width=max(console.width, 200))
-            console.print(render(snap))
+            emit(snap)
             raise typer.Exit(1 if snap.errors else 0)
+        if as_json or not console.is_terminal:  # no cursor to redraw with: append frames
+            with contextlib.suppress(KeyboardInterrupt):
+                while True:
+                    emit(snap)
+                    time.sleep(max(0.0, interval - (time.monotonic() - snap.t)))
+                    snap = snapshot(sources, queues, snap)
+            return
         with Live(render(snap), console=console, auto_refresh=False) as live, \
                 contextlib.suppress(KeyboardInterrupt):
             while True:  # a refresh every interval, however long the reading took

@@ -187,3 +187,17 @@ def test_interrupt_and_resume_does_not_redo_finished_chunks(redis_env, start_wor
     table = pq.read_table(out).to_pydict()
     assert table["row"] == list(range(10_000))
     np.testing.assert_array_equal(table["label"], digits["label"])
+
+
+def test_models_list_piped_is_plain_and_whole_and_json_for_programs(model_repo):
+    env = {"INFERQ_MODEL_REPO": str(model_repo)}
+    proc = run_cli(["models", "list"], env)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[0].split()[:3] == ["version", "variant", "runtime"]
+    assert "…" not in proc.stdout and "│" not in proc.stdout
+    assert any(line.startswith("digits@1") for line in lines), proc.stdout
+    proc = run_cli(["models", "list", "--json"], env)
+    records = json.loads(proc.stdout)
+    assert {r["version"] for r in records} >= {"digits@1"}
+    assert sum(r["serves"] for r in records if r["version"].startswith("digits@")) == 1

@@ -38,3 +38,18 @@ def test_top_once_shows_the_queue_the_worker_and_its_rows(redis_env, start_worke
     assert int(row[3].replace(",", "")) >= 80, out  # the rows its model calls took
     assert "workers: 1 alive" in out and "dead letters: 0" in out
     assert "error:" not in out
+
+
+def test_top_json_once_has_every_figure_unformatted(redis_env, start_worker) -> None:
+    import json
+
+    worker = start_worker(redis_env)
+    client_for(redis_env).submit("digits", [0.0] * 64).result(timeout=60)
+    done = run_cli(["top", "--once", "--json"], redis_env, timeout=60)
+    assert done.returncode == 0, done.stdout + done.stderr
+    record = json.loads(done.stdout)
+    [digits] = [m for m in record["models"] if m["model"] == "digits"]
+    assert digits["waiting"] == {"normal": 0, "high": 0} and digits["workers"] == 1
+    [version] = [v for v in record["versions"] if v["worker"].startswith(f"inferq.{worker.pid}@")]
+    assert version["model"] == "digits@1" and version["rows"] >= 1
+    assert record["errors"] == []
