@@ -66,14 +66,11 @@ class Client:
         from shared.errors import Unavailable
         from shared.settings import scrub
 
-        url = self.settings.broker_url or ""
         try:
-            with self.app.connection_for_write() as conn:
-                conn.ensure_connection(max_retries=1, interval_start=0.1, interval_step=0.2,
-                                       interval_max=0.5, timeout=timeout)
+            self.check_broker(timeout)
         except Exception as exc:  # noqa: BLE001 - kombu raises many kinds for "not there"
-            raise Unavailable(f"the broker at {scrub(url)} cannot be reached "
-                              f"({type(exc).__name__}: {scrub(str(exc))}); check "
+            raise Unavailable(f"the broker at {scrub(self.settings.broker_url or '')} cannot "
+                              f"be reached ({type(exc).__name__}: {scrub(str(exc))}); check "
                               "INFERQ_BROKER_URL and that the broker runs") from None
         backend = self.settings.effective_result_backend()
         if backend.startswith(("redis://", "rediss://")):
@@ -87,6 +84,12 @@ class Client:
                                   "INFERQ_RESULT_BACKEND (default: the broker URL)") from None
             finally:
                 store.close()
+
+    def check_broker(self, timeout: float = 2.0) -> None:
+        """Connect to the broker once (not kombu's retry loop with its 2 s pauses)."""
+        with self.app.connection_for_write() as conn:
+            conn.ensure_connection(max_retries=1, interval_start=0.1, interval_step=0.2,
+                                   interval_max=0.5, timeout=timeout)
 
     # -- models --------------------------------------------------------------------------
     def model(self, ref: str) -> tuple[ModelVersion, ModelRef]:

@@ -14,7 +14,7 @@ same document as msgpack. Anything malformed is one 422 line naming the part.
 from __future__ import annotations
 
 import io
-from typing import Any
+from typing import Any, TypeVar
 
 import msgpack
 import numpy as np
@@ -28,6 +28,7 @@ MSGPACK = "application/msgpack"
 NPY = "application/x-npy"
 BODY_TYPES = (JSON, MSGPACK, NPY)
 NPY_OPTIONS = ("priority", "expires_in", "callback_url")  # query parameters with .npy
+Model = TypeVar("Model", bound=BaseModel)
 
 
 def media_type(value: str | bytes | None) -> str:
@@ -70,8 +71,13 @@ def decode_job(kind: str, body: bytes, options: dict[str, str]) -> JobRequest:
                              f"the query takes {', '.join(('wait', *NPY_OPTIONS))}",
                              field=unknown[0])
         fields = {"inputs": _npy(body), **options}
+    return validated(JobRequest, fields)
+
+
+def validated(model: type[Model], fields: Any) -> Model:
+    """``fields`` as ``model``, or one InputError naming the first bad field."""
     try:
-        return JobRequest.model_validate(fields)
+        return model.model_validate(fields)
     except ValidationError as exc:
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first["loc"]) or "body"

@@ -175,7 +175,7 @@ def not_found(kind: str, ident: str) -> HTTPException:
 
 
 def ready_checks(api: Api) -> dict[str, str]:
-    return {"result_store": _check(api.store.ping), "broker": _check(lambda: _broker_ok(api))}
+    return {"result_store": _check(api.store.ping), "broker": _check(api.client.check_broker)}
 
 
 def _check(probe: Any) -> str:
@@ -184,9 +184,3 @@ def _check(probe: Any) -> str:
         return "ok"
     except Exception as exc:  # noqa: BLE001 - any failure means not ready
         return f"unavailable ({type(exc).__name__})"
-
-
-def _broker_ok(api: Api) -> None:
-    with api.client.app.connection_for_write() as conn:
-        conn.ensure_connection(max_retries=1, interval_start=0.1, interval_step=0.2,
-                               interval_max=0.5, timeout=2)  # not kombu's 2 s pause

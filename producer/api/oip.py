@@ -21,6 +21,7 @@ from fastapi import APIRouter, HTTPException, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, Field
 
+from producer.api.bodies import validated
 from producer.api.context import Api, Who, api_of, ready_checks
 from producer.api.jobs import WaitParam, parse_wait, run, wait_final
 from producer.api.schemas import Accepted, JobRequest, JobView
@@ -194,15 +195,11 @@ async def _infer(request: Request, who: Any, ref: str) -> Response:
     job = JobRequest(inputs=inputs)
     answer = await run(api, who, ref, job, 0.0 if asynchronous
                        else api.settings.api_wait_max_s)
-    if isinstance(answer, Accepted):
-        pending = Pending(id=answer.id, status=answer.status, location=f"/v2/jobs/{answer.id}")
-        status = 202 if asynchronous else 504
-        if status == 504:
-            return JSONResponse({"error": f"job {answer.id} did not end within "
-                                 f"{api.settings.api_wait_max_s:g} s (INFERQ_API_WAIT_MAX_S); "
-                                 f"poll {pending.location}"}, 504,
-                                {"Location": pending.location})
-        return JSONResponse(pending.model_dump(), 202, {"Location": pending.location})
+    if isinstance(answer, Accepted) and not asynchronous:
+        location = f"/v2/jobs/{answer.id}"
+        return JSONResponse({"error": f"job {answer.id} did not end within "
+                             f"{api.settings.api_wait_max_s:g} s (INFERQ_API_WAIT_MAX_S); "
+                             f"poll {location}"}, 504, {"Location": location})
     return _answer(api, answer, parsed.id, binary, all_binary, wanted)
 
 
@@ -219,12 +216,7 @@ def _split(body: bytes, header: str | None) -> tuple[InferRequest, bytes]:
     except (ValueError, RecursionError) as exc:
         raise InputError(f"body: not a JSON infer request ({type(exc).__name__})",
                          field="body") from None
-    try:
-        return InferRequest.model_validate(document), body[size:]
-    except ValueError as exc:
-        first = exc.errors()[0] if hasattr(exc, "errors") else {"loc": (), "msg": str(exc)}
-        where = ".".join(str(p) for p in first["loc"]) or "body"
-        raise InputError(f"{where}: {first['msg']}", field=where) from None
+    return validated(InferRequest, document), body[size:]
 
 
 def _inputs(specs: list[TensorSpec], tensors: list[Tensor], raw: bytes) -> dict[str, Any]:
