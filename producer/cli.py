@@ -16,6 +16,7 @@ import typer
 from rich.console import Console
 
 from producer import autoscale, cli_dead, cli_drift, cli_models, top
+from producer.tables import say
 from shared.errors import InferqError, Unavailable
 from shared.settings import Settings, load_settings, scrub
 
@@ -29,8 +30,7 @@ out = Console()
 
 
 def _say(message: str) -> None:
-    """A plain line on stderr: never wrapped or marked up, so it can be grepped."""
-    err.print(message, soft_wrap=True, highlight=False, markup=False)
+    say(message, err)
 
 
 def _setup_logging(level: str) -> bool:
@@ -57,6 +57,9 @@ def _workers(module: str) -> Any:
 def _client(settings: Settings, models: list[str] | None = None) -> Iterator[Any]:
     """A Client; with no broker configured, also an in-process worker (embedded mode)."""
     from producer.client import Client
+    from shared import tracing
+
+    tracing.setup(settings.tracing, "inferq")
 
     client = Client(settings)
     if not settings.embedded:

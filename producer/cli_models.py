@@ -9,7 +9,7 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 
-from producer.tables import Grid, print_json, show
+from producer.tables import Grid, print_json, say, show
 from shared.errors import InferqError
 from shared.repository import ModelRepository, ModelVersion, parse_model_ref
 from shared.settings import load_settings
@@ -92,10 +92,14 @@ def models_build(
     except ValueError as exc:
         raise InferqError(str(exc)) from None
     repo = ModelRepository(settings.model_repo)
-    if built:
-        _show(repo, sorted({v.manifest.name for v in built}))
+    if built.versions:
+        _show(repo, sorted({v.manifest.name for v in built.versions}))
+        if not built.new:
+            say("no new version: every artifact built is already published")
     else:
-        out.print("nothing to build: every model already has a version")
+        say("nothing to build: every model already has a version")
+    for note in built.notes:
+        say(note)
 
 
 def models_list(as_json: JsonOption = False) -> None:

@@ -14,6 +14,7 @@ from celery import Celery
 from producer.coalesce import Coalescer, not_sent
 from producer.inflight import LOST_AFTER_S, MAX_RESENDS, InFlight, Sent
 from producer.store import ResultStore, is_final, status_of
+from shared import tracing
 from shared.celery_app import INFER_TASK, check_priority, make_app, model_queue
 from shared.errors import InputError
 from shared.repository import ModelRef, ModelRepository, ModelVersion, parse_model_ref
@@ -110,7 +111,9 @@ class Client:
     def publish(self, ref: ModelRef, job_id: str, inputs: dict[str, Any],
                 producer: Any = None, retry_policy: dict[str, Any] | None = None,
                 priority: str = "normal", deadline: float | None = None,
-                **extra: Any) -> None:
+                trace: dict[str, str] | None = None, **extra: Any) -> None:
+        """Send one ``inferq.infer`` message. ``trace``: the job's trace context (its
+        submit span, ``shared/tracing.py``); unset, the current span's, if any."""
         kwargs = {"model": ref.name, "variant": ref.variant, "version": ref.version,
                   "inputs": wire_inputs(inputs), "submitted_at": time.time(), **extra}
         if deadline is not None:
@@ -118,7 +121,8 @@ class Client:
         self.app.send_task(INFER_TASK, kwargs=kwargs, task_id=job_id,
                            queue=model_queue(self.settings, ref.name, priority),
                            producer=producer, retry=True,
-                           retry_policy=retry_policy or PUBLISH_RETRY)
+                           retry_policy=retry_policy or PUBLISH_RETRY,
+                           headers=trace or tracing.outgoing())
 
     def submit(self, model: str, row: Any, *, job_id: str | None = None,
                priority: str = "normal", expires_in: float | None = None) -> Job:
@@ -133,23 +137,28 @@ class Client:
         version, ref = self.model(model)
         inputs = wire_inputs(coerce_inputs(version.manifest, row))
         job_id = job_id or uuid.uuid4().hex
+        with tracing.submitting(ref.name, job_id):
+            replying = self._send(ref, job_id, inputs, priority, deadline)
+        self.inflight.add(job_id, ref, inputs, priority, deadline, replying)
+        return Job(self, job_id, ref.name)
+
+    def _send(self, ref: ModelRef, job_id: str, inputs: dict[str, Any], priority: str,
+              deadline: float | None) -> bool:
+        """Record the job as queued and put it on the broker; -> whether its result comes
+        back on this process's reply channel."""
         if self.settings.coalesce:  # concurrent submits share a message
             self._listen_for_replies()
             self.coalescer.publish(ref, job_id, inputs, priority, deadline)
-            replying = self.coalescer.reply_to is not None
-        else:
-            try:
-                self.store.mark_queued(job_id, {"model": ref.name,
-                                                "submitted_at": time.time()})
-                self.publish(ref, job_id, inputs, priority=priority, deadline=deadline)
-            except Exception as exc:
-                error = not_sent(f"job {job_id} (model {ref.name})", self, exc)
-                if error is exc:
-                    raise
-                raise error from exc
-            replying = False
-        self.inflight.add(job_id, ref, inputs, priority, deadline, replying)
-        return Job(self, job_id, ref.name)
+            return self.coalescer.reply_to is not None
+        try:
+            self.store.mark_queued(job_id, {"model": ref.name, "submitted_at": time.time()})
+            self.publish(ref, job_id, inputs, priority=priority, deadline=deadline)
+        except Exception as exc:
+            error = not_sent(f"job {job_id} (model {ref.name})", self, exc)
+            if error is exc:
+                raise
+            raise error from exc
+        return False
 
     def submit_many(self, model: str, rows: Any, *, chunk_rows: int | None = None,
                     batch_id: str | None = None, priority: str = "normal",

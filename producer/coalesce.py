@@ -24,6 +24,7 @@ from kombu.utils.url import maybe_sanitize_url
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from shared import tracing
 from shared.celery_app import INFER_MANY_TASK, model_queue
 from shared.claims import redis_of
 from shared.errors import Unavailable
@@ -62,6 +63,7 @@ class Item:
     done: threading.Event = field(default_factory=threading.Event)
     error: BaseException | None = None
     lead: bool = False  # woken to lead, not because its job was sent
+    trace: dict[str, str] | None = None  # its submit span's context (shared/tracing.py)
 
 
 @dataclass
@@ -114,7 +116,7 @@ class Coalescer:
     def publish(self, ref: ModelRef, job_id: str, inputs: dict[str, Any],
                 priority: str = "normal", deadline: float | None = None) -> None:
         """Return once the job is on the broker (or raise why it could not be sent)."""
-        item = Item(job_id, inputs, time.time(), deadline)
+        item = Item(job_id, inputs, time.time(), deadline, trace=tracing.outgoing())
         key = (ref.name, ref.variant, ref.version, priority)
         with self._lock:
             group = self._groups.setdefault(key, _Group())
@@ -164,7 +166,7 @@ class Coalescer:
             it = batch[0]
             self.client.publish(ref, it.job_id, it.inputs, retry_policy=self.retry_policy,
                                 priority=priority, deadline=it.deadline,
-                                submitted_at=it.submitted_at)
+                                submitted_at=it.submitted_at, trace=it.trace)
             return
         jobs = [{"id": it.job_id, "inputs": it.inputs, "submitted_at": it.submitted_at}
                 for it in batch]
@@ -177,7 +179,8 @@ class Coalescer:
             kwargs={"model": ref.name, "variant": ref.variant, "version": ref.version,
                     "jobs": jobs, "reply_to": self.reply_to},
             queue=model_queue(settings, ref.name, priority), retry=True,
-            retry_policy=self.retry_policy)
+            retry_policy=self.retry_policy,
+            headers=tracing.many_headers([it.trace for it in batch]))
 
     def _mark(self, ref: ModelRef, batch: list[Item]) -> None:
         """Each job recorded as queued, so a reader tells queued from unknown: one round

@@ -69,3 +69,11 @@ def show(console: Console, *grids: Grid) -> None:
 def print_json(records: Any) -> None:
     """For ``--json``: plain ``print`` (no console markup, no wrapping)."""
     print(json.dumps(records, default=str))
+
+
+def say(message: str, console: Console | None = None) -> None:
+    """A plain line on stderr: never wrapped or marked up, so it can be grepped."""
+    (console or _ERR).print(message, soft_wrap=True, highlight=False, markup=False)
+
+
+_ERR = Console(stderr=True)

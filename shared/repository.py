@@ -260,14 +260,24 @@ class ModelRepository:
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
 
-    def publish(self, staged: Path, manifest: Manifest) -> ModelVersion:
-        """Give the staged folder the next version number, its manifest, and move it in."""
+    def publish(self, staged: Path, manifest: Manifest, *, reuse_identical: bool = False
+                ) -> ModelVersion:
+        """Give the staged folder the next version number, its manifest, and move it in.
+
+        ``reuse_identical``: when a version of the same variant already has this very
+        artifact (same sha256), return it and publish nothing (a rebuild from the same
+        recipe makes no duplicate version)."""
         artifact = staged / manifest.artifact
         manifest = manifest.model_copy(update={
             "artifact_sha256": sha256_file(artifact),
             "size_bytes": artifact.stat().st_size,
             "created_at": manifest.created_at or _now(),
         })
+        if reuse_identical:
+            for known in reversed(self.all(manifest.name)):
+                if (known.manifest.variant, known.manifest.artifact_sha256) == (
+                        manifest.variant, manifest.artifact_sha256):
+                    return known
         for _ in range(20):  # another build may take the number first
             version = self.next_version(manifest.name)
             final = manifest.model_copy(update={"version": version})

@@ -69,6 +69,9 @@ class Settings(BaseSettings):
                               "metrics on this port; 0 = off")
     log_format: Literal["text", "json"] = Field("text", description="log lines as text, or "
                                                 "one JSON object each (docs/logs.md)")
+    tracing: Literal["off", "otlp", "console"] = Field(
+        "off", description="OpenTelemetry spans of each job (docs/ops.md, Tracing): otlp "
+        "exports to OTEL_EXPORTER_OTLP_ENDPOINT; off costs nothing")
     concurrency: int = Field(32, ge=1, description="task threads per worker process")
     ort_threads: int = Field(0, ge=0, description="ONNX Runtime intra-op threads; 0 = cores")
     device: str = Field("cpu", pattern=r"^(cpu|cuda(:\d+)?)$",

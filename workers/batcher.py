@@ -25,6 +25,7 @@ from functools import partial
 
 import numpy as np
 
+from shared import tracing
 from shared.errors import BatchContractError, TransientError
 
 logger = logging.getLogger(__name__)
@@ -70,6 +71,7 @@ class _Part:
     alone: bool = False
     guard: Callable[[], AbstractContextManager[object]] | None = None
     refused: str | None = None
+    links: tuple[object, ...] = ()  # the traced jobs' span contexts (shared/tracing.py)
 
 
 def _rows_of(inputs: Inputs) -> int:
@@ -120,7 +122,10 @@ class Batcher:
                     self._announced -= 1
                     self._cond.notify()
 
-    def submit(self, inputs: Inputs, ticket: _Ticket | None = None) -> Future[Outcome]:
+    def submit(self, inputs: Inputs, ticket: _Ticket | None = None,
+               links: tuple[object, ...] = ()) -> Future[Outcome]:
+        """``links``: span contexts of the jobs these rows belong to, linked from the
+        trace span of each model call that runs them."""
         rows = _rows_of(inputs)
         future: Future[Outcome] = Future()
         if rows == 0:
@@ -139,7 +144,7 @@ class Batcher:
             for off in offsets:
                 part = {k: v[off:off + size] for k, v in inputs.items()}
                 n = min(size, rows - off)
-                self._queue.append(_Part(job, off, part, n, now))
+                self._queue.append(_Part(job, off, part, n, now, links=links))
                 self._queued_rows += n
             self._cond.notify()
         return future
@@ -232,7 +237,8 @@ class Batcher:
                   else batch[0].inputs[k] for k in names}
         total = sum(p.rows for p in batch)
         started = time.perf_counter()
-        outputs, errors = self._run_bisect(merged, total)
+        with tracing.model_call(self.name, total, [c for p in batch for c in p.links]):
+            outputs, errors = self._run_bisect(merged, total)
         if self._on_batch is not None:
             self._on_batch(total, time.perf_counter() - started)
         offset = 0

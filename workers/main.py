@@ -13,6 +13,7 @@ from celery import Celery
 from celery.utils.nodenames import host_format
 from celery.worker import WorkController
 
+from shared import tracing
 from shared.celery_app import make_app, model_queues
 from shared.errors import ConfigError
 from shared.repository import ModelRepository
@@ -77,6 +78,7 @@ def run_worker(settings: Settings, models: list[str] | None = None, *,
                concurrency: int | None = None, hostname: str | None = None,
                loglevel: str = "INFO") -> int:
     """Run a Celery worker (threads pool) until it is told to stop; returns its exit code."""
+    tracing.setup(settings.tracing, "inferq-worker")
     app, pool, models = prepare(settings, models)
     worker = app.Worker(
         pool_cls="threads", concurrency=concurrency or settings.concurrency,

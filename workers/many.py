@@ -23,6 +23,7 @@ from celery.exceptions import Reject
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from shared import tracing
 from shared.celery_app import INFER_MANY_TASK
 from shared.claims import EXPIRED_STATE, Claims, redis_of
 from shared.errors import DeadLettered, InferqError
@@ -118,6 +119,17 @@ def register_many(app: Celery, pool: ModelPool, claims: Claims,
     def infer_many(self: Any, model: str, jobs: list[dict[str, Any]],
                    version: int | None = None, variant: str | None = None,
                    reply_to: str | None = None) -> None:
+        spans = tracing.start_jobs(self.request, jobs, model)
+        try:
+            run_message(self, spans, model, jobs, version, variant, reply_to)
+        except BaseException as exc:
+            tracing.end(spans, error=exc)
+            raise
+        tracing.end(spans)
+
+    def run_message(self: Any, spans: list[Any] | None, model: str,
+                    jobs: list[dict[str, Any]], version: int | None, variant: str | None,
+                    reply_to: str | None) -> None:
         started = time.time()
         try:
             taken = claims.take_many([j["id"] for j in jobs])
@@ -125,6 +137,7 @@ def register_many(app: Celery, pool: ModelPool, claims: Claims,
         except STORE_DOWN as exc:
             raise give_back(exc, self.request.id) from exc
         runnable = [j for j, ok in zip(jobs, taken, strict=True) if ok]
+        linked = tracing.links(spans and [s for s, ok in zip(spans, taken, strict=True) if ok])
         if len(runnable) < len(jobs):
             for _ in range(len(jobs) - len(runnable)):
                 pool.metrics.job(model, "cancelled", None, started)
@@ -153,7 +166,7 @@ def register_many(app: Celery, pool: ModelPool, claims: Claims,
                 return
         try:
             run_jobs(runnable, model, version, variant, started, self.request.hostname,
-                     reply_to, delivery)
+                     reply_to, delivery, linked)
         except Exception as exc:  # every job still unanswered gets this error, not silence
             logger.exception("message %s: %d jobs failed", self.request.id, len(runnable),
                              extra={"event": "message_failed", "message_id": self.request.id,
@@ -174,7 +187,8 @@ def register_many(app: Celery, pool: ModelPool, claims: Claims,
 
     def run_jobs(runnable: list[dict[str, Any]], model: str, version: int | None,
                  variant: str | None, started: float, hostname: str | None,
-                 reply_to: str | None, delivery: Delivery | None) -> None:
+                 reply_to: str | None, delivery: Delivery | None,
+                 linked: tuple[Any, ...] = ()) -> None:
         items: list[tuple[str, str, Any]] = []
         served = pool.get(model, version, variant)
         manifest = served.version.manifest
@@ -191,7 +205,7 @@ def register_many(app: Celery, pool: ModelPool, claims: Claims,
                 merged = {k: np.concatenate([c[1][k] for c in checked]) for k in names}
                 served.observe(merged)
                 if delivery is None:
-                    future = served.batcher.submit(merged, ticket)
+                    future = served.batcher.submit(merged, ticket, linked)
         if checked:
             sizes = [len(c[2]) for c in checked]
             if delivery is None:

@@ -12,6 +12,7 @@ from celery import Celery
 from celery.exceptions import Ignore
 from celery.worker.control import inspect_command
 
+from shared import tracing
 from shared.celery_app import INFER_TASK
 from shared.claims import Claims, redis_of
 from shared.errors import DeadLettered, InferqError, InputError
@@ -156,6 +157,23 @@ def register_tasks(app: Celery, pool: ModelPool) -> None:
               variant: str | None = None, first_row: int = 0, row_ids: Any = None,
               submitted_at: float | None = None, deadline: float | None = None
               ) -> dict[str, Any]:
+        spans = tracing.start_jobs(self.request, [self.request.id], model)
+        try:
+            result = run_job(self, spans, model, inputs, version, variant, first_row,
+                             row_ids, submitted_at, deadline)
+        except Ignore:  # cancelled or expired: not run
+            tracing.end(spans, "skipped")
+            raise
+        except BaseException as exc:
+            tracing.end(spans, error=exc)
+            raise
+        if spans is not None:
+            tracing.end(spans, "ok" if result["ok"].all() else "rows_failed")
+        return result
+
+    def run_job(self: Any, spans: list[Any] | None, model: str, inputs: Any,
+                version: int | None, variant: str | None, first_row: int, row_ids: Any,
+                submitted_at: float | None, deadline: float | None) -> dict[str, Any]:
         started = time.time()
         job_id = self.request.id
         try:
@@ -189,7 +207,7 @@ def register_tasks(app: Celery, pool: ModelPool) -> None:
                 raise
             served.observe(data)
             if delivery is None:
-                future = served.batcher.submit(data, ticket)
+                future = served.batcher.submit(data, ticket, tracing.links(spans))
         if delivery is None:
             outcome = future.result(timeout=settings.visibility_timeout)
         else:

@@ -39,6 +39,7 @@ from producer.api.limits import BodyLimit, QueueDepth
 from producer.api.schemas import ModelView, Problem
 from producer.api.store import ApiStore
 from producer.client import Client
+from shared import tracing
 from shared.errors import InputError, InvalidModelName, JobNotFound, ModelNotFound, Unavailable
 from shared.repository import ModelVersion
 from shared.settings import Settings, load_settings, scrub
@@ -59,6 +60,7 @@ def create_app(settings: Settings | None = None, *, keyring: Keyring | None = No
 
         raise ConfigError("INFERQ_BROKER_URL: the API publishes to a broker that workers "
                           "consume; set it (redis://… or amqp://…)")
+    tracing.setup(settings.tracing, "inferq-api")
     client = Client(settings)
     api = Api(settings, client, ApiStore(settings, client.app),
               keyring or Keyring.from_settings(settings), QueueDepth(settings, client.app))

@@ -27,6 +27,7 @@ from producer.api.bodies import BODY_TYPES, JSON, decode_job, media_type, wants_
 from producer.api.context import Api
 from producer.api.jobs import parse_wait, submit
 from producer.api.schemas import JobRequest
+from shared import tracing
 from shared.errors import InputError
 
 PATH = re.compile(r"^/v1/models/([^/]+)/jobs$")
@@ -67,7 +68,7 @@ class FastLane:
                 job = decode_job(kind, body, query)
             status, content, extra, media = await submit(
                 self.api, who, found.group(1), job, seconds,
-                wants_msgpack(headers.get(b"accept")))
+                wants_msgpack(headers.get(b"accept")), tracing.incoming(headers))
             response = Response(content, status, extra, media_type=media)
         except Exception as exc:
             handler = self._handler(exc)
@@ -81,9 +82,12 @@ class FastLane:
         return next((handlers[cls] for cls in type(exc).__mro__ if cls in handlers), None)
 
 
+_KEPT = (b"content-type", b"accept", b"traceparent", b"tracestate")
+
+
 def _headers(scope: dict) -> dict[bytes, bytes]:
     return {name: value for name, value in scope.get("headers") or ()
-            if name in (b"content-type", b"accept")}
+            if name in _KEPT}
 
 
 def _query(scope: dict, kind: str) -> dict[str, str] | None:

@@ -26,7 +26,7 @@ from producer.api.schemas import (
 from producer.client import coerce_inputs, deadline_after, wire_inputs
 from producer.notify import RECHECK_S, Reply
 from producer.store import is_final, status_of
-from shared import claims
+from shared import claims, tracing
 from shared.errors import InputError
 from shared.schemas import FINAL_STATUSES, JobStatus, RowError
 
@@ -116,9 +116,10 @@ def _float(record: dict[str, str], key: str) -> float | None:
 
 
 def _enqueue(api: Api, who: Principal, model: str, body: JobRequest, job_id: str, *,
-             observed: bool = False) -> dict[str, str]:
+             observed: bool = False, trace: dict[str, str] | None = None) -> dict[str, str]:
     """Admit, record and send one job; -> its record. ``observed``: the caller will count
-    the job's end in the metrics itself (it waits for the reply)."""
+    the job's end in the metrics itself (it waits for the reply); ``trace``: the request's
+    trace context (``shared/tracing.py``)."""
     version, ref = api.model(model)
     inputs = coerce_inputs(version.manifest, body.inputs)
     rows = len(next(iter(inputs.values())))
@@ -133,8 +134,9 @@ def _enqueue(api: Api, who: Principal, model: str, body: JobRequest, job_id: str
               "observed": 1 if observed else None}
     flat = api.store.create_job(job_id, record, callback=callback_url is not None)
     try:
-        api.coalescer.publish(ref, job_id, wire_inputs(inputs), body.priority,
-                              deadline_after(body.expires_in))
+        with tracing.submitting(ref.name, job_id, trace):
+            api.coalescer.publish(ref, job_id, wire_inputs(inputs), body.priority,
+                                  deadline_after(body.expires_in))
     except Exception:
         api.store.drop_job(job_id)
         api.store.forget_open(ref.name, who.tenant, [job_id])
@@ -203,36 +205,38 @@ async def submit_job(model: str, body: JobRequest, request: Request, who: Who,
     api = api_of(request)
     status, content, headers, media = await submit(
         api, who, model, body, parse_wait(wait, api.settings.api_wait_max_s),
-        wants_msgpack(request.headers.get("accept")))
+        wants_msgpack(request.headers.get("accept")), tracing.incoming(request.headers))
     return Response(content, status, headers, media_type=media)
 
 
 async def submit(api: Api, who: Principal, model: str, body: JobRequest, seconds: float,
-                 msgpack_out: bool = False) -> tuple[int, bytes, dict[str, str], str]:
+                 msgpack_out: bool = False, trace: dict[str, str] | None = None
+                 ) -> tuple[int, bytes, dict[str, str], str]:
     """Enqueue, and with ``seconds`` wait for the end; -> (status, body, headers, media
     type). Shared by the route and its fast lane (``fastlane.py``)."""
-    answer = await run(api, who, model, body, seconds)
+    answer = await run(api, who, model, body, seconds, trace)
     content, media = encode(answer, msgpack_out)
     return (200 if isinstance(answer, JobView) else 202, content,
             {"Location": f"/v1/jobs/{answer.id}"}, media)
 
 
-async def run(api: Api, who: Principal, model: str, body: JobRequest, seconds: float
-              ) -> JobView | Accepted:
-    """Enqueue one job; -> its view if it ended within ``seconds``, else Accepted."""
+async def run(api: Api, who: Principal, model: str, body: JobRequest, seconds: float,
+              trace: dict[str, str] | None = None) -> JobView | Accepted:
+    """Enqueue one job; -> its view if it ended within ``seconds``, else Accepted.
+    ``trace``: the request's trace context, parent of the job's submit span."""
     job_id = uuid.uuid4().hex
     if seconds > 0 and await api.notifier.replying():
         reply = api.notifier.expect(job_id)
         try:
             record = await run_in_threadpool(_enqueue, api, who, model, body, job_id,
-                                             observed=True)
+                                             observed=True, trace=trace)
             view = await _wait_reply(api, job_id, record, who, reply, seconds)
         finally:
             api.notifier.forget(job_id)
         if view is not None:
             return view
     else:
-        await run_in_threadpool(_enqueue, api, who, model, body, job_id)
+        await run_in_threadpool(_enqueue, api, who, model, body, job_id, trace=trace)
         if seconds > 0:  # no reply channel (its subscription failed): subscribe per job
             view = await wait_final(api, job_id, who, seconds, fresh=True)
             if view.status in _FINAL:

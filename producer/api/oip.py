@@ -25,6 +25,7 @@ from producer.api.bodies import validated
 from producer.api.context import Api, Who, api_of, ready_checks
 from producer.api.jobs import WaitParam, parse_wait, run, wait_final
 from producer.api.schemas import Accepted, JobRequest, JobView
+from shared import tracing
 from shared.errors import InputError
 from shared.schemas import JobStatus, TensorSpec
 
@@ -194,7 +195,7 @@ async def _infer(request: Request, who: Any, ref: str) -> Response:
     asynchronous = parsed.parameters.get("async") is True
     job = JobRequest(inputs=inputs)
     answer = await run(api, who, ref, job, 0.0 if asynchronous
-                       else api.settings.api_wait_max_s)
+                       else api.settings.api_wait_max_s, tracing.incoming(request.headers))
     if isinstance(answer, Accepted) and not asynchronous:
         location = f"/v2/jobs/{answer.id}"
         return JSONResponse({"error": f"job {answer.id} did not end within "

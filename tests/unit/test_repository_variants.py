@@ -96,3 +96,15 @@ def test_a_changed_artifact_is_refused(repo: ModelRepository) -> None:
     v.artifact.write_bytes(b"tampered")
     with pytest.raises(ModelCorrupt, match="sha256.*corrupted"):
         v.verify()
+
+
+def test_reuse_identical_publishes_an_artifact_only_once(repo: ModelRepository) -> None:
+    with repo.staging("m") as tmp:
+        (tmp / "model.onnx").write_bytes(b"onnxint8")  # version 4's bytes
+        same = repo.publish(tmp, manifest("int8"), reuse_identical=True)
+    assert same.manifest.version == 4 and repo.versions("m") == [1, 2, 3, 4]
+    with repo.staging("m") as tmp:  # the same bytes as another variant: a new version
+        (tmp / "model.onnx").write_bytes(b"onnxint8")
+        assert repo.publish(tmp, manifest("pruned"), reuse_identical=True
+                            ).manifest.version == 5
+    assert publish(repo, "int8") == 6  # a plain publish still adds a version

@@ -157,8 +157,10 @@ def reference_stats(x: np.ndarray) -> dict[str, object]:
     return histogram_reference(x)
 
 
-def build_digits(repo_root: Path, *, seed: int = 0, epochs: int | None = None) -> ModelVersion:
-    """Train, export and publish a new fp32 ``digits`` version under ``repo_root``."""
+def build_digits(repo_root: Path, *, seed: int = 0, epochs: int | None = None,
+                 reuse_identical: bool = False) -> ModelVersion:
+    """Train, export and publish a new fp32 ``digits`` version under ``repo_root``
+    (``reuse_identical``: the version that already has this exact artifact, if any)."""
     started = time.monotonic()
     repo = ModelRepository(repo_root)
     images, labels = load_digits_data()
@@ -176,7 +178,7 @@ def build_digits(repo_root: Path, *, seed: int = 0, epochs: int | None = None) -
         }
         manifest = digits_manifest(quality=quality, reference_stats=reference_stats(x_train),
                                    notes=f"CNN trained on sklearn digits, seed {seed}")
-        version = repo.publish(tmp, manifest)
+        version = repo.publish(tmp, manifest, reuse_identical=reuse_identical)
     logger.info("built %s in %.1fs: held-out accuracy %.4f on %d rows", version.key,
                 time.monotonic() - started, quality["heldout_accuracy"], len(y_test))
     return version

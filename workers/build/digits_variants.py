@@ -112,10 +112,13 @@ class DigitsMLP(nn.Module):
 
 
 def build_digits_variants(repo_root: Path, parent: ModelVersion | None = None, *,
-                          seed: int = 0) -> dict[str, ModelVersion]:
+                          seed: int = 0, reuse_identical: bool = False
+                          ) -> dict[str, ModelVersion]:
     """Build and publish int8, pruned, distilled and torchscript versions of the fp32 parent.
 
     ``seed`` must be the one the parent was built with: it fixes the held-out split.
+    ``reuse_identical``: a variant whose artifact is already published is not published
+    again (``ModelRepository.publish``).
     """
     started = time.monotonic()
     ctx = _context(ModelRepository(repo_root), parent, seed)
@@ -126,7 +129,8 @@ def build_digits_variants(repo_root: Path, parent: ModelVersion | None = None, *
     for variant, step in steps.items():
         variant_started = time.monotonic()
         with ctx.repo.staging(NAME) as tmp:
-            built[variant] = _publish(ctx, tmp, variant, step(ctx, tmp), variant_started)
+            built[variant] = _publish(ctx, tmp, variant, step(ctx, tmp), variant_started,
+                                      reuse_identical)
     logger.info("built %d digits variants of %s in %.1fs", len(built), ctx.parent.key,
                 time.monotonic() - started)
     return built
@@ -158,7 +162,7 @@ def _context(repo: ModelRepository, parent: ModelVersion | None, seed: int) -> _
 
 
 def _publish(ctx: _Context, tmp: Path, variant: str, built: _Built,
-             started: float) -> ModelVersion:
+             started: float, reuse_identical: bool = False) -> ModelVersion:
     """Measure the staged artifact itself (quality, then speed beside the parent); publish."""
     path = tmp / built.artifact
     _, labels = _outputs(path, built.runtime, ctx.x_test)
@@ -178,7 +182,7 @@ def _publish(ctx: _Context, tmp: Path, variant: str, built: _Built,
                                 details=built.details),
         quality=quality, speed=speed, reference_stats=ctx.parent.manifest.reference_stats,
         notes=built.notes)
-    version = ctx.repo.publish(tmp, manifest)
+    version = ctx.repo.publish(tmp, manifest, reuse_identical=reuse_identical)
     logger.info("built %s (%s, %s) in %.1fs: held-out accuracy %.4f (%+.4f vs fp32), "
                 "%d bytes, %.0f rows/s at 1 thread batch %d = %.2fx fp32 (%.0f rows/s)",
                 version.key, variant, built.method, time.monotonic() - started, accuracy,

@@ -331,12 +331,24 @@ def _build_fp16(src: Path, dst: Path, tokenizer: Any, heldout: list[str],
                   notes="float16 for GPUs; CPU rows/s recorded only to show it runs")
 
 
-def build_minilm(repo_root: Path, *, variants: tuple[str, ...] = ("fp32", "int8", "fp16")
+def measured_default(published: dict[str, ModelVersion]) -> str | None:
+    """The variant to serve: int8 if it meets every target in TARGETS, else fp32; None
+    when no int8 was built (nothing was measured)."""
+    if "int8" not in published:
+        return None
+    met = published["int8"].manifest.compression.details["targets_met"]
+    return "int8" if all(met.values()) else "fp32"
+
+
+def build_minilm(repo_root: Path, *, variants: tuple[str, ...] = ("fp32", "int8", "fp16"),
+                 set_default: bool = True, reuse_identical: bool = False
                  ) -> dict[str, ModelVersion]:
     """Export, quantize, judge and publish ``minilm`` variants; set the repository default.
 
     Without ``fp32`` in ``variants`` the newest published fp32 version is the parent. The
-    default becomes int8 only if it meets every target in TARGETS, else fp32.
+    default becomes int8 only if it meets every target in TARGETS, else fp32 (with
+    ``set_default``; the choice is logged either way). ``reuse_identical``: an artifact
+    already published is not published again (``ModelRepository.publish``).
     """
     if unknown := set(variants) - {"fp32", "int8", "fp16"}:
         raise ValueError(f"unknown minilm variants {sorted(unknown)}: use fp32, int8, fp16")
@@ -378,11 +390,13 @@ def build_minilm(repo_root: Path, *, variants: tuple[str, ...] = ("fp32", "int8"
                 parent_version = None if item.variant == "fp32" else (
                     parent.manifest.version if parent else published["fp32"].manifest.version)
                 published[item.variant] = repo.publish(
-                    stage, _manifest(item, stats, parent_version))
-    if "int8" in published:
+                    stage, _manifest(item, stats, parent_version),
+                    reuse_identical=reuse_identical)
+    default = measured_default(published)
+    if default is not None:
+        if set_default:
+            repo.set_default(NAME, variant=default)
         met = published["int8"].manifest.compression.details["targets_met"]
-        default = "int8" if all(met.values()) else "fp32"
-        repo.set_default(NAME, variant=default)
         logger.info("minilm default: %s (%s)", default, "int8 meets every target"
                     if default == "int8" else "int8 misses " + ", ".join(
                         k for k, ok in met.items() if not ok))
