@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -230,6 +231,30 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def restartable_port() -> int:
+    """A free loopback port below the kernel's ephemeral range, for a server a test stops
+    and starts again on the same port. A port from ``free_port()`` lies inside that range,
+    so while the server is down an outgoing connection may get it as its local port; a
+    client retrying ``127.0.0.1:port`` in a loop can even connect to itself (TCP
+    self-connect). The restarted server then cannot bind it ("Address already in use",
+    checked here), exits, and the test stalls until its timeout: the chaos test
+    ``test_redis_with_aof_restarted_mid_job`` failing now and then under the full suite."""
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768
+    floor = 20000 if low > 21000 else 10000
+    for _ in range(200):
+        port = random.randrange(floor, low)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free port in {floor}..{low - 1}")
 
 
 class ApiProcess:

@@ -48,6 +48,21 @@ def executions(log: Path) -> int:
     return sum(int(line.split()[1]) for line in log.read_text().splitlines() if line)
 
 
+def collect_during(fault: Background, results: Iterable[ChunkResult],
+                   on_part: Callable[[int], None]) -> list[ChunkResult]:
+    """``collect`` while ``on_part`` starts ``fault``; then the fault's end. When the
+    collecting fails (a stall) and the fault itself failed (a server that did not come
+    back), the fault's error is raised: it is the cause, the stall only its symptom."""
+    try:
+        parts = collect(results, on_part)
+    except BaseException:
+        if fault.error is not None:
+            raise fault.error  # noqa: B904 - the stall stays attached as its context
+        raise
+    fault.join()
+    return parts
+
+
 def collect(results: Iterable[ChunkResult], on_part: Callable[[int], None] | None = None
             ) -> list[ChunkResult]:
     """Every chunk's result; ``on_part(n)`` after the n-th (to inject a fault there)."""

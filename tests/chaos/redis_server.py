@@ -10,7 +10,7 @@ from pathlib import Path
 
 import redis
 
-from tests.conftest import free_port, stop_process
+from tests.conftest import restartable_port, stop_process
 
 
 class RedisServer:
@@ -24,7 +24,7 @@ class RedisServer:
         self.binary = binary
         self.folder = folder
         self.folder.mkdir(parents=True, exist_ok=True)
-        self.port = free_port()
+        self.port = restartable_port()  # restarted on the same port
         self.aof = aof
         self.proc: subprocess.Popen | None = None
         self.starts = 0

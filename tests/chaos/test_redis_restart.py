@@ -13,7 +13,7 @@ from tests.chaos.harness import (
     STALL_S,
     Background,
     assert_every_row_once,
-    collect,
+    collect_during,
     settle,
     tiled,
     worker_env,
@@ -55,8 +55,8 @@ def test_redis_with_aof_restarted_mid_job(redis_env, start_redis, start_worker, 
             np.testing.assert_array_equal(meta["result"]["outputs"]["label"], label)
 
     fault = Background(restart)
-    parts = collect(handle.iter_results(timeout=STALL_S), lambda n: n == 8 and fault.start())
-    fault.join()
+    parts = collect_during(fault, handle.iter_results(timeout=STALL_S),
+                           lambda n: n == 8 and fault.start())
     answered = settle(row, parts, len(x), fault_log, back[0])
     assert len(stored) >= 8, "the restart came before any result was stored"
     assert_every_row_once(parts, answered, labels)

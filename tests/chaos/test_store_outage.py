@@ -16,7 +16,7 @@ from tests.chaos.harness import (
     assert_every_row_once,
     await_results,
     broker_name,
-    collect,
+    collect_during,
     job_problems,
     settle,
     settle_jobs,
@@ -84,8 +84,7 @@ def test_result_store_down_5s_while_workers_finish_batches(broker_env, start_red
         if n == 8:
             fault.start()
 
-    parts = collect(handle.iter_results(timeout=STALL_S), at)
-    fault.join()
+    parts = collect_during(fault, handle.iter_results(timeout=STALL_S), at)
     waiter.join(STALL_S)
     row.jobs, row.rows = len(handle.chunks) + SINGLES, len(x) + SINGLES
     answered = settle(row, parts, len(x), fault_log, back[0])

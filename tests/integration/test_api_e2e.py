@@ -28,7 +28,7 @@ import numpy as np
 import pytest
 
 from producer import signing
-from tests.conftest import free_port, stopped_after, wait_until
+from tests.conftest import free_port, restartable_port, stopped_after, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -333,7 +333,7 @@ def own_redis(tmp_path: Path) -> Iterator[Any]:
     with stopped_after() as servers:
 
         def start() -> OwnRedis:
-            server = OwnRedis(free_port(), "pw-" + uuid.uuid4().hex,
+            server = OwnRedis(restartable_port(), "pw-" + uuid.uuid4().hex,
                               tmp_path / f"redis-{len(servers)}.log")
             servers.append(server)
             server.start()
