@@ -236,11 +236,12 @@ def free_port() -> int:
 def restartable_port() -> int:
     """A free loopback port below the kernel's ephemeral range, for a server a test stops
     and starts again on the same port. A port from ``free_port()`` lies inside that range,
-    so while the server is down an outgoing connection may get it as its local port; a
-    client retrying ``127.0.0.1:port`` in a loop can even connect to itself (TCP
-    self-connect). The restarted server then cannot bind it ("Address already in use",
-    checked here), exits, and the test stalls until its timeout: the chaos test
-    ``test_redis_with_aof_restarted_mid_job`` failing now and then under the full suite."""
+    so while the server is down any outgoing connection made on the machine (the full
+    suite makes thousands) may get it as its local port and keep it. The restarted server
+    then cannot bind it ("Address already in use": checked here with a connection bound
+    to the port), exits, and the test stalls until its timeout, the likely cause of
+    ``test_redis_with_aof_restarted_mid_job`` failing now and then under the full suite.
+    Below the range, the kernel never hands the port out."""
     try:
         low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
     except (OSError, ValueError, IndexError):
