@@ -1,7 +1,8 @@
 """``python -m bench run [--quick] [--models digits,minilm] [--json PATH]``;
 ``python -m bench soak [--minutes 10]`` (worker memory over a long mixed run);
 ``python -m bench fetch`` (inferq's Redis transport against kombu's);
-``python -m bench http [--models digits] [--seconds 5]`` (native and HTTP online rows)."""
+``python -m bench http [--models digits] [--seconds 5]`` (native and HTTP online rows);
+``python -m bench tracing`` (CPU per job of the tracing hooks, off and on)."""
 
 from __future__ import annotations
 
@@ -36,6 +37,9 @@ def _parser() -> argparse.ArgumentParser:
     http.add_argument("--models", default=",".join(MODELS))
     http.add_argument("--seconds", type=float, default=5.0)
     http.add_argument("--log-level", default="WARNING")
+    tracing = sub.add_parser("tracing", help="CPU per job of the tracing hooks, off and on")
+    tracing.add_argument("--jobs", type=int, default=20_000)
+    tracing.add_argument("--log-level", default="WARNING")
     return parser
 
 
@@ -47,6 +51,10 @@ def main(argv: list[str] | None = None) -> int:
         from bench.fetch import fetch
 
         return fetch(args.messages, args.rounds)
+    if args.command == "tracing":
+        from bench.tracing import tracing_cost
+
+        return tracing_cost(args.jobs)
     if args.command == "http":
         from bench.http import http_only
 

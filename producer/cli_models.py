@@ -88,7 +88,8 @@ def models_build(
     settings = load_settings()
     bundled = _workers("build.bundled")
     try:
-        built = bundled.build_bundled(settings.model_repo, names, if_missing=if_missing)
+        built = bundled.build_bundled(settings.model_repo, names, if_missing=if_missing,
+                                      say=say)
     except ValueError as exc:
         raise InferqError(str(exc)) from None
     repo = ModelRepository(settings.model_repo)
@@ -98,8 +99,6 @@ def models_build(
             say("no new version: every artifact built is already published")
     else:
         say("nothing to build: every model already has a version")
-    for note in built.notes:
-        say(note)
 
 
 def models_list(as_json: JsonOption = False) -> None:

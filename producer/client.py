@@ -13,7 +13,7 @@ from celery import Celery
 
 from producer.coalesce import Coalescer, not_sent
 from producer.inflight import LOST_AFTER_S, MAX_RESENDS, InFlight, Sent
-from producer.store import ResultStore, is_final, status_of
+from producer.store import ResultStore, every_row_failed, is_final, status_of
 from shared import tracing
 from shared.celery_app import INFER_TASK, check_priority, make_app, model_queue
 from shared.errors import InputError
@@ -113,7 +113,7 @@ class Client:
                 priority: str = "normal", deadline: float | None = None,
                 trace: dict[str, str] | None = None, **extra: Any) -> None:
         """Send one ``inferq.infer`` message. ``trace``: the job's trace context (its
-        submit span, ``shared/tracing.py``); unset, the current span's, if any."""
+        submit span, ``shared/tracing.py``; ``{}``: none); unset, the current span's."""
         kwargs = {"model": ref.name, "variant": ref.variant, "version": ref.version,
                   "inputs": wire_inputs(inputs), "submitted_at": time.time(), **extra}
         if deadline is not None:
@@ -122,7 +122,7 @@ class Client:
                            queue=model_queue(self.settings, ref.name, priority),
                            producer=producer, retry=True,
                            retry_policy=retry_policy or PUBLISH_RETRY,
-                           headers=trace or tracing.outgoing())
+                           headers=(tracing.outgoing() if trace is None else trace) or None)
 
     def submit(self, model: str, row: Any, *, job_id: str | None = None,
                priority: str = "normal", expires_in: float | None = None) -> Job:
@@ -138,8 +138,9 @@ class Client:
         inputs = wire_inputs(coerce_inputs(version.manifest, row))
         job_id = job_id or uuid.uuid4().hex
         with tracing.submitting(ref.name, job_id):
+            carrier = tracing.outgoing()
             replying = self._send(ref, job_id, inputs, priority, deadline)
-        self.inflight.add(job_id, ref, inputs, priority, deadline, replying)
+        self.inflight.add(job_id, ref, inputs, priority, deadline, replying, carrier)
         return Job(self, job_id, ref.name)
 
     def _send(self, ref: ModelRef, job_id: str, inputs: dict[str, Any], priority: str,
@@ -204,7 +205,7 @@ class Client:
                 logger.warning("job %s unfinished after %.0f s while a job sent after it "
                                "finished: sending it again", job_id, piece)
                 self.publish(sent.ref, job_id, sent.inputs, priority=sent.priority,
-                             deadline=sent.deadline)
+                             deadline=sent.deadline, trace=sent.trace or {})
                 self.inflight.resent += 1
                 replying, resends = False, resends + 1  # its result comes on its key
 
@@ -358,4 +359,6 @@ def to_result(job_id: str, meta: dict[str, Any]) -> JobResult:
             res.batch_rows = list(value.get("batch_rows", []))
             res.truncated = list(value.get("truncated", []))
             res.finished_at = value.get("finished_at")
+            if (every_failed := every_row_failed(value)) is not None:
+                res.status, res.error = JobStatus.failed, every_failed
     return res

@@ -166,7 +166,7 @@ class Coalescer:
             it = batch[0]
             self.client.publish(ref, it.job_id, it.inputs, retry_policy=self.retry_policy,
                                 priority=priority, deadline=it.deadline,
-                                submitted_at=it.submitted_at, trace=it.trace)
+                                submitted_at=it.submitted_at, trace=it.trace or {})
             return
         jobs = [{"id": it.job_id, "inputs": it.inputs, "submitted_at": it.submitted_at}
                 for it in batch]

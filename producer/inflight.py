@@ -34,6 +34,7 @@ class Sent:
     priority: str
     deadline: float | None
     replying: bool  # sent with this process's reply channel
+    trace: dict[str, str] | None = None  # its submit span's context, for a resend
 
 
 class InFlight:
@@ -48,10 +49,11 @@ class InFlight:
         self.resent = 0
 
     def add(self, job_id: str, ref: ModelRef, inputs: dict[str, Any], priority: str,
-            deadline: float | None, replying: bool) -> None:
+            deadline: float | None, replying: bool, trace: dict[str, str] | None = None
+            ) -> None:
         with self._lock:
             self._jobs[job_id] = Sent(next(self._seq), ref, inputs, priority, deadline,
-                                      replying)
+                                      replying, trace)
             while len(self._jobs) > self.kept:  # submitted, never waited for
                 self._jobs.popitem(last=False)
 

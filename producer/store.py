@@ -37,6 +37,17 @@ def is_final(meta: dict[str, Any] | None) -> bool:
     return meta is not None and meta.get("status") in FINAL_STATES
 
 
+def every_row_failed(value: Any) -> str | None:
+    """A finished job's result whose rows all failed in the worker -> their messages, one
+    line (such a job is ``failed``, through the SDK and the API alike); else None."""
+    if not isinstance(value, dict):
+        return None
+    errors = value.get("errors") or []
+    if not errors or len(errors) < int(value.get("rows", 0) or 0):
+        return None
+    return "; ".join(str(e.get("message")) for e in errors)
+
+
 def result_value(meta: dict[str, Any] | None) -> Any:
     """A final job's result: the task's return value, its exception, JobCancelled or
     JobExpired."""

@@ -73,7 +73,5 @@ def print_json(records: Any) -> None:
 
 def say(message: str, console: Console | None = None) -> None:
     """A plain line on stderr: never wrapped or marked up, so it can be grepped."""
-    (console or _ERR).print(message, soft_wrap=True, highlight=False, markup=False)
-
-
-_ERR = Console(stderr=True)
+    (console or Console(stderr=True)).print(message, soft_wrap=True, highlight=False,
+                                            markup=False)

@@ -276,7 +276,7 @@ class ModelRepository:
         if reuse_identical:
             for known in reversed(self.all(manifest.name)):
                 if (known.manifest.variant, known.manifest.artifact_sha256) == (
-                        manifest.variant, manifest.artifact_sha256):
+                        manifest.variant, manifest.artifact_sha256) and _intact(known):
                     return known
         for _ in range(20):  # another build may take the number first
             version = self.next_version(manifest.name)
@@ -289,6 +289,16 @@ class ModelRepository:
             staged.mkdir()  # so the staging context has something to remove
             return self.load(manifest.name, version)
         raise InferqError(f"could not publish a new version of {manifest.name}")
+
+
+def _intact(version: ModelVersion) -> bool:
+    """Its artifact still matches its manifest's sha256 (a corrupted one is not reused:
+    the rebuild publishes a sound copy)."""
+    try:
+        version.verify()
+    except (ModelCorrupt, OSError):
+        return False
+    return True
 
 
 def _now() -> str:

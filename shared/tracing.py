@@ -4,19 +4,22 @@ Spans (docs/ops.md, "Tracing"):
 
 - ``inferq.submit`` (PRODUCER), in the submitting process (SDK, ``inferq api``), around
   recording and sending one job; a child of the caller's current span, or of the HTTP
-  request's ``traceparent``. Its context travels in the message headers: W3C
-  ``traceparent``/``tracestate`` for a one-job message, ``inferq_trace`` (one carrier per
-  job) for a message carrying several (``producer/coalesce.py``).
+  request's ``traceparent``. Its context travels in the message headers, always in the
+  W3C format whatever ``OTEL_PROPAGATORS`` says: ``traceparent``/``tracestate`` for a
+  one-job message, ``inferq_trace`` (one ``traceparent`` per job) for a message carrying
+  several (``producer/coalesce.py``).
 - ``inferq.job`` (CONSUMER), in the worker, a child of that submit span: from the task
-  taking the job to its result being ready.
+  taking the job to its result being ready; ``inferq.outcome`` says how it ended.
 - ``inferq.model_call`` (INTERNAL), on the batcher thread: one per model call, linked to
   the ``inferq.job`` span of every job whose rows it ran (a batch serves many traces, as
   OpenTelemetry's messaging conventions link a batch to its messages), and a child of the
   first of them, so a sampler keeps it with that job.
 
 Off unless a tracer provider is set, by :func:`setup` (``INFERQ_TRACING=otlp|console``)
-or by the application itself; off, each hook is one call that returns ``None``. The
-``opentelemetry`` packages are an optional extra (``inferq[tracing]``).
+or by the application itself; off, each hook is one call that returns ``None`` (~1 us
+per job for all of them: ``python -m bench tracing``). The ``opentelemetry`` packages
+are an optional extra (``inferq[tracing]``); a tracing setup that cannot load leaves
+tracing off, never the worker or client down.
 """
 
 from __future__ import annotations
@@ -29,10 +32,14 @@ from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 try:
-    from opentelemetry import propagate, trace
+    from opentelemetry import trace
     from opentelemetry.trace import Link, NoOpTracerProvider, ProxyTracerProvider, SpanKind
-except ImportError:  # the tracing extra is not installed: every hook is off
+    from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+    _W3C = TraceContextTextMapPropagator()  # not the global propagator: one wire format
+except Exception as exc:  # noqa: BLE001 - not installed, or broken: every hook is off
     trace = None  # type: ignore[assignment]
+    _IMPORT_ERROR = f"{type(exc).__name__}: {exc}"
 
 from shared.errors import ConfigError
 
@@ -41,6 +48,7 @@ logger = logging.getLogger(__name__)
 SUBMIT, JOB, MODEL_CALL = "inferq.submit", "inferq.job", "inferq.model_call"
 MANY_HEADER = "inferq_trace"  # a message of several jobs: one carrier per job, in order
 _FIELDS = ("traceparent", "tracestate")
+MAX_LINKS = 1024  # links per model call when inferq sets the provider up (setup())
 
 _cached: tuple[Any, Any] | None = None  # (provider, its tracer)
 _own: Any = None  # a provider for inferq's spans only (use()), before the global one
@@ -81,15 +89,20 @@ def setup(exporter: str, service: str) -> None:
     """Install a tracer provider exporting to ``exporter`` (``INFERQ_TRACING``): ``otlp``
     (OTLP over HTTP, configured by the standard ``OTEL_EXPORTER_OTLP_*`` variables),
     ``console``, or ``off``. One the application set itself is kept."""
+    global _off_until
+    _off_until = 0.0  # look at the global provider now, not after the recheck pause
     if exporter == "off" or tracer() is not None:
         return
     try:
         from opentelemetry.sdk.resources import Resource
-        from opentelemetry.sdk.trace import TracerProvider
+        from opentelemetry.sdk.trace import SpanLimits, TracerProvider
         from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter
     except ImportError:
         raise ConfigError(f"INFERQ_TRACING={exporter} needs the tracing packages: "
                           "pip install 'inferq[tracing]'") from None
+    if trace is None:
+        raise ConfigError(f"INFERQ_TRACING={exporter}: opentelemetry failed to load "
+                          f"({_IMPORT_ERROR})")
     if exporter == "otlp":
         try:
             from opentelemetry.exporter.otlp.proto.http.trace_exporter import (
@@ -104,11 +117,14 @@ def setup(exporter: str, service: str) -> None:
     # OTEL_SERVICE_NAME / OTEL_RESOURCE_ATTRIBUTES, where set, name the service instead.
     named = os.environ.get("OTEL_SERVICE_NAME") or "service.name=" in os.environ.get(
         "OTEL_RESOURCE_ATTRIBUTES", "")
+    # A model call links every job it ran: up to INFERQ_MAX_BATCH_ROWS of them, past the
+    # SDK's default of 128 links (OTEL_SPAN_LINK_COUNT_LIMIT, where set, decides).
+    limits = SpanLimits(max_links=None if "OTEL_SPAN_LINK_COUNT_LIMIT" in os.environ
+                        else MAX_LINKS)
     provider = TracerProvider(resource=Resource.create({} if named else {
-        "service.name": service}))
+        "service.name": service}), span_limits=limits)
     provider.add_span_processor(BatchSpanProcessor(span_exporter))
     trace.set_tracer_provider(provider)
-    global _off_until
     _off_until = 0.0
     logger.info("tracing on: %s exporter, service %s", exporter, service)
 
@@ -120,7 +136,9 @@ def incoming(headers: Mapping[Any, Any]) -> dict[str, str] | None:
         return None
 
     def get(name: str) -> str | None:
-        value = headers.get(name, headers.get(name.encode()))
+        value = headers.get(name)
+        if value is None and isinstance(headers, dict):  # an ASGI scope's, bytes keys
+            value = headers.get(name.encode())
         return value.decode("latin-1") if isinstance(value, bytes) else value
 
     return _clean(get)
@@ -133,7 +151,7 @@ def submitting(model: str, job_id: str, parent: Mapping[str, str] | None = None
     t = tracer()
     if t is None:
         return _NULL
-    context = propagate.extract(parent) if parent else None
+    context = _W3C.extract(parent) if parent else None
     return t.start_as_current_span(SUBMIT, context=context, kind=SpanKind.PRODUCER,
                                    attributes={"inferq.job_id": job_id,
                                                "inferq.model": model,
@@ -142,19 +160,22 @@ def submitting(model: str, job_id: str, parent: Mapping[str, str] | None = None
 
 
 def outgoing() -> dict[str, str] | None:
-    """The current span's context as message headers, or None (off, or no span)."""
+    """The current span's context as message headers (W3C ``traceparent`` and, when not
+    empty, ``tracestate``; no baggage), or None (off, or no span)."""
     if tracer() is None:
         return None
     carrier: dict[str, str] = {}
-    propagate.inject(carrier)
+    _W3C.inject(carrier)
     return carrier or None
 
 
 def many_headers(carriers: Sequence[dict[str, str] | None]) -> dict[str, Any] | None:
-    """Headers of a message carrying several jobs: each job's carrier, in order."""
+    """Headers of a message carrying several jobs: each job's ``traceparent`` only, in
+    order (55 bytes a job; a ``tracestate`` of up to 512 would weigh on big messages)."""
     if not any(carriers):
         return None
-    return {MANY_HEADER: list(carriers)}
+    return {MANY_HEADER: [{"traceparent": c["traceparent"]} if c and "traceparent" in c
+                          else None for c in carriers]}
 
 
 def carriers_of(request: Any, jobs: int) -> list[dict[str, str] | None]:
@@ -185,7 +206,7 @@ def start_jobs(request: Any, jobs: Sequence[Any], model: str) -> list[Any] | Non
     spans = []
     for carrier, job in zip(carriers_of(request, len(jobs)), jobs, strict=True):
         job_id = str(job.get("id") if isinstance(job, dict) else job)
-        context = propagate.extract(carrier) if carrier else None
+        context = _W3C.extract(carrier) if carrier else None
         spans.append(t.start_span(JOB, context=context, kind=SpanKind.CONSUMER,
                                   attributes={"inferq.job_id": job_id, "inferq.model": model,
                                               "messaging.system": "celery",
@@ -193,19 +214,32 @@ def start_jobs(request: Any, jobs: Sequence[Any], model: str) -> list[Any] | Non
     return spans
 
 
-def links(spans: Sequence[Any] | None) -> tuple[Any, ...]:
-    """What a model call links to: these job spans' contexts (the batcher's ``links``)."""
-    return () if not spans else tuple(s.get_span_context() for s in spans)
+def links(spans: Sequence[Any] | None, rows: Sequence[int] | None = None
+          ) -> tuple[tuple[int, Any], ...]:
+    """The batcher's ``links`` for job spans whose rows follow one another in one submit
+    (``rows``: each job's row count; unset, one job): (its first row, its context)."""
+    if not spans:
+        return ()
+    firsts, first = [], 0
+    for n in rows or [0] * len(spans):
+        firsts.append(first)
+        first += n
+    return tuple(zip(firsts, (s.get_span_context() for s in spans), strict=True))
 
 
-def end(spans: Sequence[Any] | None, outcome: str = "ok",
+OUTCOMES = ("ok", "rows_failed", "cancelled", "expired", "invalid", "dead_lettered",
+            "requeued", "failed")
+
+
+def end(spans: Sequence[Any] | None, outcome: str | Sequence[str] = "ok",
         error: BaseException | None = None) -> None:
-    """End job spans with ``outcome`` (ok, cancelled, expired, failed); ``error`` marks
-    them failed with it."""
+    """End job spans with their ``outcome`` (one of OUTCOMES; one for all, or one per
+    span); ``error``: they failed with it (status ERROR, the exception recorded)."""
     if not spans:
         return
-    for span in spans:
-        span.set_attribute("inferq.outcome", "failed" if error is not None else outcome)
+    each = [outcome] * len(spans) if isinstance(outcome, str) else list(outcome)
+    for span, how in zip(spans, each, strict=True):
+        span.set_attribute("inferq.outcome", how if error is None or how != "ok" else "failed")
         if error is not None:
             span.record_exception(error)
             span.set_status(trace.StatusCode.ERROR, f"{type(error).__name__}: {error}")
@@ -215,12 +249,14 @@ def end(spans: Sequence[Any] | None, outcome: str = "ok",
 def model_call(served: str, rows: int, linked: Sequence[Any]
                ) -> AbstractContextManager[Any]:
     """The ``inferq.model_call`` span of one batch of ``served`` (the model version's key,
-    such as ``digits@3``): linked to every job span in ``linked``, and a child of the
-    first sampled one, so it is kept (and shown) with that job's trace. None sampled (or
-    none linked: the jobs were not traced): no span."""
+    such as ``digits@3``): linked to every job span context in ``linked`` (repeats
+    dropped), and a child of the first sampled one, so it is kept (and shown) with that
+    job's trace. None sampled (or none linked: the jobs were not traced): no span."""
     t = tracer() if linked else None
     if t is None:
         return _NULL
+    # A job split over parts of one call is linked once (contexts are not hashable).
+    linked = list({(c.trace_id, c.span_id): c for c in linked}.values())
     parent = next((c for c in linked if c.trace_flags.sampled), None)
     if parent is None:
         return _NULL

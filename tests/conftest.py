@@ -243,19 +243,23 @@ def restartable_port() -> int:
     ``test_redis_with_aof_restarted_mid_job`` failing now and then under the full suite.
     Below the range, the kernel never hands the port out."""
     try:
-        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
-    except (OSError, ValueError, IndexError):
-        low = 32768
-    floor = 20000 if low > 21000 else 10000
+        low, high = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text(
+            ).split()[:2])
+    except (OSError, ValueError):
+        low, high = 32768, 60999
+    # Below the range where there is room, else above it.
+    span = (max(1024, low - 10000), low) if low > 3024 else (high + 1, 65536)
+    if span[1] - span[0] < 1000:
+        raise RuntimeError(f"no port range outside the ephemeral {low}..{high}")
     for _ in range(200):
-        port = random.randrange(floor, low)
+        port = random.randrange(*span)
         with socket.socket() as s:
             try:
                 s.bind(("127.0.0.1", port))
             except OSError:
                 continue
             return port
-    raise RuntimeError(f"no free port in {floor}..{low - 1}")
+    raise RuntimeError(f"no free port in {span[0]}..{span[1] - 1}")
 
 
 class ApiProcess:

@@ -71,7 +71,7 @@ class _Part:
     alone: bool = False
     guard: Callable[[], AbstractContextManager[object]] | None = None
     refused: str | None = None
-    links: tuple[object, ...] = ()  # the traced jobs' span contexts (shared/tracing.py)
+    links: tuple[object, ...] = ()  # span contexts of the traced jobs it holds rows of
 
 
 def _rows_of(inputs: Inputs) -> int:
@@ -123,9 +123,10 @@ class Batcher:
                     self._cond.notify()
 
     def submit(self, inputs: Inputs, ticket: _Ticket | None = None,
-               links: tuple[object, ...] = ()) -> Future[Outcome]:
-        """``links``: span contexts of the jobs these rows belong to, linked from the
-        trace span of each model call that runs them."""
+               links: tuple[tuple[int, object], ...] = ()) -> Future[Outcome]:
+        """``links``: (first row, span context) of each traced job these rows belong to,
+        in row order (``shared.tracing.links``); each model call's span links the jobs
+        whose rows it runs."""
         rows = _rows_of(inputs)
         future: Future[Outcome] = Future()
         if rows == 0:
@@ -144,7 +145,8 @@ class Batcher:
             for off in offsets:
                 part = {k: v[off:off + size] for k, v in inputs.items()}
                 n = min(size, rows - off)
-                self._queue.append(_Part(job, off, part, n, now, links=links))
+                self._queue.append(_Part(job, off, part, n, now,
+                                         links=_overlapping(links, off, off + n, rows)))
                 self._queued_rows += n
             self._cond.notify()
         return future
@@ -337,6 +339,17 @@ class Batcher:
         merged = _concat([(out, n) for out, _, _, n in ordered])
         job.future.set_result(Outcome(merged, all_errors,
                                       [b for _, _, b, _ in ordered if b]))
+
+
+def _overlapping(links: tuple[tuple[int, object], ...], start: int, stop: int, rows: int
+                 ) -> tuple[object, ...]:
+    """The contexts in ``links`` ((first row, context), in row order, ``rows`` in all)
+    of the jobs with a row in [start, stop)."""
+    if not links:
+        return ()
+    ends = [first for first, _ in links[1:]] + [rows]
+    return tuple(c for (first, c), end in zip(links, ends, strict=True)
+                 if first < stop and end > start)
 
 
 def _stack_rows(parts: list[tuple[Outputs | None, dict[int, str], int, int]]) -> Outcome:

@@ -120,16 +120,23 @@ def register_many(app: Celery, pool: ModelPool, claims: Claims,
                    version: int | None = None, variant: str | None = None,
                    reply_to: str | None = None) -> None:
         spans = tracing.start_jobs(self.request, jobs, model)
+        # How each job ended, for its span, keyed by id() of its dict (ids are the
+        # sender's: a malformed message may repeat one). Unset: ok.
+        outcomes: dict[int, str] = {}
         try:
-            run_message(self, spans, model, jobs, version, variant, reply_to)
+            run_message(self, spans, outcomes, model, jobs, version, variant, reply_to)
+        except Reject:  # back on the queue: the jobs run again
+            tracing.end(spans, "requeued")
+            raise
         except BaseException as exc:
             tracing.end(spans, error=exc)
             raise
-        tracing.end(spans)
+        if spans:
+            tracing.end(spans, [outcomes.get(id(j), "ok") for j in jobs])
 
-    def run_message(self: Any, spans: list[Any] | None, model: str,
-                    jobs: list[dict[str, Any]], version: int | None, variant: str | None,
-                    reply_to: str | None) -> None:
+    def run_message(self: Any, spans: list[Any] | None, outcomes: dict[int, str],
+                    model: str, jobs: list[dict[str, Any]], version: int | None,
+                    variant: str | None, reply_to: str | None) -> None:
         started = time.time()
         try:
             taken = claims.take_many([j["id"] for j in jobs])
@@ -137,7 +144,9 @@ def register_many(app: Celery, pool: ModelPool, claims: Claims,
         except STORE_DOWN as exc:
             raise give_back(exc, self.request.id) from exc
         runnable = [j for j, ok in zip(jobs, taken, strict=True) if ok]
-        linked = tracing.links(spans and [s for s, ok in zip(spans, taken, strict=True) if ok])
+        span_of = {} if not spans else {id(j): s for j, s in zip(jobs, spans, strict=True)}
+        outcomes.update({id(j): "cancelled" for j, ok in zip(jobs, taken, strict=True)
+                         if not ok})
         if len(runnable) < len(jobs):
             for _ in range(len(jobs) - len(runnable)):
                 pool.metrics.job(model, "cancelled", None, started)
@@ -155,6 +164,7 @@ def register_many(app: Celery, pool: ModelPool, claims: Claims,
             store_expired(app, [(j["id"], j["deadline"]) for j in expired], reply_to)
             for job in expired:
                 pool.metrics.job(model, "expired", job.get("submitted_at"), started)
+                outcomes[id(job)] = "expired"
         if delivery is not None:
             assert deliveries is not None
             pool.metrics.redelivered(model)
@@ -163,11 +173,13 @@ def register_many(app: Celery, pool: ModelPool, claims: Claims,
                                              [j["id"] for j in runnable])
                 store_many(app, [(j["id"], states.FAILURE, DeadLettered(reason))
                                  for j in runnable], reply_to)
+                outcomes.update({id(j): "dead_lettered" for j in runnable})
                 return
         try:
             run_jobs(runnable, model, version, variant, started, self.request.hostname,
-                     reply_to, delivery, linked)
+                     reply_to, delivery, span_of, outcomes)
         except Exception as exc:  # every job still unanswered gets this error, not silence
+            outcomes.update({id(j): "failed" for j in runnable})
             logger.exception("message %s: %d jobs failed", self.request.id, len(runnable),
                              extra={"event": "message_failed", "message_id": self.request.id,
                                     "model": model, "version": version,
@@ -188,7 +200,9 @@ def register_many(app: Celery, pool: ModelPool, claims: Claims,
     def run_jobs(runnable: list[dict[str, Any]], model: str, version: int | None,
                  variant: str | None, started: float, hostname: str | None,
                  reply_to: str | None, delivery: Delivery | None,
-                 linked: tuple[Any, ...] = ()) -> None:
+                 span_of: dict[int, Any], outcomes: dict[int, str]) -> None:
+        """``span_of``: each traced job's span, by id() of its dict; ``outcomes`` gets
+        how the jobs that did not simply succeed ended."""
         items: list[tuple[str, str, Any]] = []
         served = pool.get(model, version, variant)
         manifest = served.version.manifest
@@ -200,14 +214,17 @@ def register_many(app: Celery, pool: ModelPool, claims: Claims,
                 except InferqError as exc:
                     items.append((job["id"], states.FAILURE, exc))
                     pool.metrics.job(manifest.name, "failed", job.get("submitted_at"), started)
+                    outcomes[id(job)] = "invalid"
+            sizes = [len(c[2]) for c in checked]  # each job's valid rows, in merged order
             if checked:
                 names = checked[0][1].keys()
                 merged = {k: np.concatenate([c[1][k] for c in checked]) for k in names}
                 served.observe(merged)
                 if delivery is None:
+                    linked = () if not span_of else tracing.links(
+                        [span_of[id(c[0])] for c in checked], sizes)
                     future = served.batcher.submit(merged, ticket, linked)
         if checked:
-            sizes = [len(c[2]) for c in checked]
             if delivery is None:
                 outcome = future.result(timeout=pool.settings.visibility_timeout)
             else:
@@ -223,9 +240,11 @@ def register_many(app: Celery, pool: ModelPool, claims: Claims,
                 outcome = run_suspect(deliveries, pool, served, merged, delivery, describe)
             for (job, _, keep, labels, errors), part in zip(checked, _split(outcome, sizes),
                                                             strict=True):
-                items.append((job["id"], states.SUCCESS,
-                              finish(served, part, keep, labels, errors, job.get(
-                                  "submitted_at"), started, hostname, pool.metrics)))
+                result = finish(served, part, keep, labels, errors, job.get("submitted_at"),
+                                started, hostname, pool.metrics)
+                items.append((job["id"], states.SUCCESS, result))
+                if not result["ok"].all():
+                    outcomes[id(job)] = "rows_failed"
         store_many(app, items, reply_to)
         if delivery is not None:
             assert deliveries is not None

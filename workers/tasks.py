@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 from celery import Celery
-from celery.exceptions import Ignore
+from celery.exceptions import Ignore, Reject
 from celery.worker.control import inspect_command
 
 from shared import tracing
@@ -158,22 +158,24 @@ def register_tasks(app: Celery, pool: ModelPool) -> None:
               submitted_at: float | None = None, deadline: float | None = None
               ) -> dict[str, Any]:
         spans = tracing.start_jobs(self.request, [self.request.id], model)
+        how: dict[str, str] = {}  # how it ended, where not plainly (its span's outcome)
         try:
-            result = run_job(self, spans, model, inputs, version, variant, first_row,
+            result = run_job(self, spans, how, model, inputs, version, variant, first_row,
                              row_ids, submitted_at, deadline)
-        except Ignore:  # cancelled or expired: not run
-            tracing.end(spans, "skipped")
+        except (Ignore, Reject):  # not run (cancelled, expired), or back on the queue
+            tracing.end(spans, how.get("outcome", "requeued"))
             raise
         except BaseException as exc:
-            tracing.end(spans, error=exc)
+            tracing.end(spans, how.get("outcome", "failed"), error=exc)
             raise
         if spans is not None:
             tracing.end(spans, "ok" if result["ok"].all() else "rows_failed")
         return result
 
-    def run_job(self: Any, spans: list[Any] | None, model: str, inputs: Any,
-                version: int | None, variant: str | None, first_row: int, row_ids: Any,
-                submitted_at: float | None, deadline: float | None) -> dict[str, Any]:
+    def run_job(self: Any, spans: list[Any] | None, how: dict[str, str], model: str,
+                inputs: Any, version: int | None, variant: str | None, first_row: int,
+                row_ids: Any, submitted_at: float | None, deadline: float | None
+                ) -> dict[str, Any]:
         started = time.time()
         job_id = self.request.id
         try:
@@ -186,15 +188,18 @@ def register_tasks(app: Celery, pool: ModelPool) -> None:
                         extra={"event": "job_skipped", "job_id": job_id, "model": model,
                                "worker": self.request.hostname})
             pool.metrics.job(model, "cancelled", None, started)
+            how["outcome"] = "cancelled"
             raise Ignore()  # acked; the cancel already stored the job's final state
         if deadline is not None and started > deadline:
             store_expired(app, [(job_id, deadline)])
             pool.metrics.job(model, "expired", submitted_at, started)
+            how["outcome"] = "expired"
             raise Ignore()
         if delivery is not None:
             assert deliveries is not None
             pool.metrics.redelivered(model)
             if deliveries.too_many(delivery):
+                how["outcome"] = "dead_lettered"
                 raise DeadLettered(dead_letter_message(deliveries, pool, delivery, self.name,
                                                        model, [job_id]))
         served = pool.get(model, version, variant)
@@ -204,6 +209,7 @@ def register_tasks(app: Celery, pool: ModelPool) -> None:
                                                        first_row, row_ids)
             except InferqError:
                 pool.metrics.job(model, "failed", submitted_at, started)
+                how["outcome"] = "invalid"
                 raise
             served.observe(data)
             if delivery is None:

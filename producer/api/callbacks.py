@@ -27,6 +27,7 @@ from producer.api.batches import batch_view
 from producer.api.context import Api
 from producer.api.jobs import job_view
 from producer.api.urls import UrlRefused, resolve_public
+from shared.schemas import FINAL_STATUSES
 
 logger = logging.getLogger(__name__)
 
@@ -88,7 +89,7 @@ class Dispatcher:
         try:
             if kind == "job":
                 view: Any = job_view(self.api, ident, who)
-                final = view.status.value in ("succeeded", "failed", "cancelled")
+                final = view.status in FINAL_STATUSES  # expired jobs too
             else:
                 view = batch_view(self.api, ident, who)
                 final = view.status in ("completed", "cancelled")

@@ -25,7 +25,7 @@ from producer.api.schemas import (
 )
 from producer.client import coerce_inputs, deadline_after, wire_inputs
 from producer.notify import RECHECK_S, Reply
-from producer.store import is_final, status_of
+from producer.store import every_row_failed, is_final, status_of
 from shared import claims, tracing
 from shared.errors import InputError
 from shared.schemas import FINAL_STATUSES, JobStatus, RowError
@@ -105,9 +105,8 @@ def build_view(job_id: str, record: dict[str, str], meta: dict[str, Any],
         view.errors = [RowError(row=e["row"], field=e.get("field"), message=e["message"])
                        for e in info.get("errors", [])]
         view.truncated = list(info.get("truncated", []))
-        if view.errors and len(view.errors) >= int(info.get("rows", 0) or 0):
-            view.status = JobStatus.failed  # no row succeeded
-            view.error = "; ".join(e.message for e in view.errors)
+        if (every_failed := every_row_failed(info)) is not None:
+            view.status, view.error = JobStatus.failed, every_failed
     return view
 
 
@@ -132,15 +131,15 @@ def _enqueue(api: Api, who: Principal, model: str, body: JobRequest, job_id: str
     record = {"tenant": who.tenant, "key_id": who.key_id, "model": ref.name, "ref": model,
               "rows": rows, "submitted_at": time.time(), "callback_url": callback_url,
               "observed": 1 if observed else None}
-    flat = api.store.create_job(job_id, record, callback=callback_url is not None)
-    try:
-        with tracing.submitting(ref.name, job_id, trace):
+    with tracing.submitting(ref.name, job_id, trace):
+        flat = api.store.create_job(job_id, record, callback=callback_url is not None)
+        try:
             api.coalescer.publish(ref, job_id, wire_inputs(inputs), body.priority,
                                   deadline_after(body.expires_in))
-    except Exception:
-        api.store.drop_job(job_id)
-        api.store.forget_open(ref.name, who.tenant, [job_id])
-        raise
+        except Exception:
+            api.store.drop_job(job_id)
+            api.store.forget_open(ref.name, who.tenant, [job_id])
+            raise
     audit("submit", who, job_id=job_id, model=model, rows=rows)
     return flat
 

@@ -56,6 +56,7 @@ def collect_during(fault: Background, results: Iterable[ChunkResult],
     try:
         parts = collect(results, on_part)
     except BaseException:
+        fault.wait(10)  # a fault still at work may yet fail: give it a moment
         if fault.error is not None:
             raise fault.error  # noqa: B904 - the stall stays attached as its context
         raise
@@ -144,6 +145,11 @@ class Background:
     def start(self) -> None:
         if not self._thread.is_alive() and self._thread.ident is None:
             self._thread.start()
+
+    def wait(self, timeout: float) -> None:
+        """Wait up to ``timeout`` for the fault to end, raising nothing."""
+        if self._thread.ident is not None:
+            self._thread.join(timeout)
 
     def join(self, timeout: float = 60.0) -> None:
         if self._thread.ident is None:

@@ -28,7 +28,13 @@ import numpy as np
 import pytest
 
 from producer import signing
-from tests.conftest import free_port, restartable_port, stopped_after, wait_until
+from tests.conftest import (
+    client_for,
+    free_port,
+    restartable_port,
+    stopped_after,
+    wait_until,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -284,6 +290,36 @@ def test_webhooks_signed_and_retried(redis_env, start_worker, start_api, receive
         assert http.get(f"/v1/jobs/{job_id}", headers=other).status_code == 404
         assert http.get(f"/v1/batches/{batch_id}", headers=other).status_code == 404
     assert len(receiver.hits["/hooks/job"]) == 2 and len(receiver.hits["/hooks/batch"]) == 2
+
+
+@pytest.mark.timeout(120)
+def test_expired_and_all_rows_failed_jobs_get_their_callback_and_one_status(
+        redis_env, start_worker, start_api, receiver, digits):
+    """A job whose deadline passed before any worker took it ends ``expired`` and its
+    callback is delivered; a job whose only row failed in the worker is ``failed``, the
+    same through the API, its callback and the SDK."""
+    api = start_api(api_env(redis_env))
+    with httpx.Client(base_url=api.url, headers=AUTH, timeout=30, limits=LIMITS) as http:
+        late = http.post("/v1/models/digits/jobs", json={
+            "inputs": digits["x"][3].tolist(), "expires_in": 0.2,
+            "callback_url": receiver.url + "/hooks/late"})
+        assert late.status_code == 202, late.text
+        start_worker(  # starting takes seconds: the deadline has passed when it consumes
+            {**redis_env, "INFERQ_FAULT_INJECTION": "raise_on=-7"})
+        bad_row = digits["x"][4].copy()
+        bad_row[0, 0, 0] = -7  # valid input that makes the model raise
+        bad = http.post("/v1/models/digits/jobs", json={
+            "inputs": bad_row.tolist(), "callback_url": receiver.url + "/hooks/bad"})
+        assert bad.status_code == 202, bad.text
+
+        for path, job_id, status in (("/hooks/late", late.json()["id"], "expired"),
+                                     ("/hooks/bad", bad.json()["id"], "failed")):
+            (_, body), (_, again) = receiver.wait(path, 2, timeout=30)  # a 500, then a 200
+            sent = json.loads(again)["job"]
+            assert (sent["id"], sent["status"]) == (job_id, status), sent
+            assert http.get(f"/v1/jobs/{job_id}").json()["status"] == status
+            assert client_for(redis_env).get(job_id).status.value == status
+        assert "injected fault" in sent["error"]
 
 
 # -- 4. a Redis outage -----------------------------------------------------------------------

@@ -126,6 +126,7 @@ def _check_chain(receiver: Receiver, submits: dict[str, Any]) -> None:
         assert job.trace_id == submit.trace_id
         assert job.parent_span_id == submit.span_id
         assert job.kind == job.SPAN_KIND_CONSUMER
+        assert _attr(job, "inferq.outcome") == "ok"
         linking = [c for c in calls if any(
             link.trace_id == job.trace_id and link.span_id == job.span_id
             for link in c.links)]
@@ -193,6 +194,21 @@ def test_the_api_continues_the_callers_trace(redis_env, start_worker, start_api,
                   if _attr(s, "inferq.job_id") == job_id)
     assert submit.trace_id.hex() == trace_id and submit.parent_span_id.hex() == parent_id
     _check_chain(receiver, {job_id: submit})
+
+    # The Open Inference Protocol route (not the fast lane) continues it the same way.
+    other_parent = "1111111111111111"
+    answer = httpx.post(f"{api.url}/v2/models/digits/infer", json={
+        "parameters": {"async": True},
+        "inputs": [{"name": "image", "datatype": "FP32", "shape": [1, 1, 8, 8],
+                    "data": digits["x"][0].ravel().tolist()}]},
+        headers={"Authorization": "Bearer trace-key",
+                 "traceparent": f"00-{trace_id}-{other_parent}-01"}, timeout=30)
+    assert answer.status_code == 202, answer.text
+    oip_job = answer.json()["id"]
+    submit = next(s for s in _wait_for(receiver, tracing.SUBMIT, 2)
+                  if _attr(s, "inferq.job_id") == oip_job)
+    assert submit.trace_id.hex() == trace_id and submit.parent_span_id.hex() == other_parent
+    _check_chain(receiver, {oip_job: submit})
 
 
 def test_garbage_trace_headers_do_not_stop_a_traced_worker(redis_env, start_worker,

@@ -108,3 +108,9 @@ def test_reuse_identical_publishes_an_artifact_only_once(repo: ModelRepository) 
         assert repo.publish(tmp, manifest("pruned"), reuse_identical=True
                             ).manifest.version == 5
     assert publish(repo, "int8") == 6  # a plain publish still adds a version
+    for version in (2, 4, 6):  # every copy corrupted: the rebuild publishes a sound one
+        (repo.load("m", version).artifact).write_bytes(b"corrupted")
+    with repo.staging("m") as tmp:
+        (tmp / "model.onnx").write_bytes(b"onnxint8")
+        assert repo.publish(tmp, manifest("int8"), reuse_identical=True
+                            ).manifest.version == 7

@@ -56,6 +56,33 @@ def test_submit_span_continues_an_http_callers_trace(spans: InMemorySpanExporter
     assert sent["traceparent"].split("-")[2] == format(span.context.span_id, "016x")
 
 
+def test_incoming_reads_starlette_and_asgi_headers(spans: InMemorySpanExporter) -> None:
+    from starlette.datastructures import Headers
+
+    real = Headers(raw=[(b"traceparent", PARENT.encode()), (b"tracestate", b"k=v")])
+    assert tracing.incoming(real) == {"traceparent": PARENT, "tracestate": "k=v"}
+    assert tracing.incoming(Headers(raw=[(b"accept", b"*/*")])) is None
+    assert tracing.incoming({b"traceparent": PARENT.encode()}) == {"traceparent": PARENT}
+
+
+def test_message_headers_are_w3c_only_and_lean(spans: InMemorySpanExporter,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """Whatever OTEL_PROPAGATORS the process has, the wire format is W3C; a message of
+    several jobs carries each job's traceparent alone."""
+    from opentelemetry import baggage, context
+
+    token = context.attach(baggage.set_baggage("user", "secret"))
+    try:
+        with tracing.submitting("digits", "a", {"traceparent": PARENT,
+                                                "tracestate": "vendor=" + "x" * 200}):
+            sent = tracing.outgoing()
+    finally:
+        context.detach(token)
+    assert sent is not None and set(sent) == {"traceparent", "tracestate"}  # no baggage
+    many = tracing.many_headers([sent, None])
+    assert many == {tracing.MANY_HEADER: [{"traceparent": sent["traceparent"]}, None]}
+
+
 def test_job_spans_are_children_of_their_carriers_and_linked_by_the_model_call(
         spans: InMemorySpanExporter) -> None:
     with tracing.submitting("digits", "a"):
@@ -63,7 +90,8 @@ def test_job_spans_are_children_of_their_carriers_and_linked_by_the_model_call(
     request = SimpleNamespace(**tracing.many_headers([a, None]))  # type: ignore[arg-type]
     jobs = tracing.start_jobs(request, [{"id": "a"}, {"id": "b"}], "digits")
     assert jobs is not None
-    with tracing.model_call("digits@1", 2, tracing.links(jobs)):
+    assert [first for first, _ in tracing.links(jobs, [3, 2])] == [0, 3]
+    with tracing.model_call("digits@1", 5, [c for _, c in tracing.links(jobs, [3, 2])]):
         pass
     tracing.end(jobs[:1])
     tracing.end(jobs[1:], error=ValueError("bad row"))

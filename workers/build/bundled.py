@@ -10,6 +10,7 @@ bare model name serves is reported, never made silently.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,13 +33,18 @@ class Built:
 
 
 def build_bundled(repo_root: Path, names: list[str] | None = None, *,
-                  if_missing: bool = False) -> Built:
-    """Build each bundled model (fp32 and its variants) into ``repo_root``."""
+                  if_missing: bool = False, say: Callable[[str], None] = logger.info
+                  ) -> Built:
+    """Build each bundled model (fp32 and its variants) into ``repo_root``; ``say`` gets
+    each change of what a bare name serves as it is made (a later model's build may
+    still fail)."""
     repo = ModelRepository(repo_root)
     built = Built()
+    unknown = [n for n in names or () if n not in BUNDLED]
+    if unknown:  # before building anything
+        raise ValueError(f"unknown bundled model {unknown[0]!r}; bundled: "
+                         f"{', '.join(BUNDLED)}")
     for name in names or list(BUNDLED):
-        if name not in BUNDLED:
-            raise ValueError(f"unknown bundled model {name!r}; bundled: {', '.join(BUNDLED)}")
         known = set(repo.versions(name))
         if if_missing and known:
             logger.info("%s is already built; keeping it", name)
@@ -47,7 +53,10 @@ def build_bundled(repo_root: Path, names: list[str] | None = None, *,
         versions, measured = _BUILDERS[name](repo)
         built.versions += versions
         built.new += [v for v in versions if v.manifest.version not in known]
-        built.notes += _set_default(repo, name, measured, chosen, before)
+        notes = _set_default(repo, name, measured, chosen, before)
+        for note in notes:
+            say(note)
+        built.notes += notes
     return built
 
 
