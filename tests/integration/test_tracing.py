@@ -183,32 +183,24 @@ def test_the_api_continues_the_callers_trace(redis_env, start_worker, start_api,
     env = {**_traced(redis_env, receiver), "INFERQ_API_KEYS": "acme:trace-key"}
     start_worker(env)
     api = start_api(env)
-    trace_id, parent_id = "4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7"
-    answer = httpx.post(f"{api.url}/v1/models/digits/jobs?wait=20",
-                        json={"inputs": {"image": digits["x"][:2].tolist()}},
-                        headers={"Authorization": "Bearer trace-key",
-                                 "traceparent": f"00-{trace_id}-{parent_id}-01"}, timeout=30)
-    assert answer.status_code == 200, answer.text
-    job_id = answer.json()["id"]
-    submit = next(s for s in _wait_for(receiver, tracing.SUBMIT, 1)
-                  if _attr(s, "inferq.job_id") == job_id)
-    assert submit.trace_id.hex() == trace_id and submit.parent_span_id.hex() == parent_id
-    _check_chain(receiver, {job_id: submit})
-
-    # The Open Inference Protocol route (not the fast lane) continues it the same way.
-    other_parent = "1111111111111111"
-    answer = httpx.post(f"{api.url}/v2/models/digits/infer", json={
-        "parameters": {"async": True},
-        "inputs": [{"name": "image", "datatype": "FP32", "shape": [1, 1, 8, 8],
-                    "data": digits["x"][0].ravel().tolist()}]},
-        headers={"Authorization": "Bearer trace-key",
-                 "traceparent": f"00-{trace_id}-{other_parent}-01"}, timeout=30)
-    assert answer.status_code == 202, answer.text
-    oip_job = answer.json()["id"]
-    submit = next(s for s in _wait_for(receiver, tracing.SUBMIT, 2)
-                  if _attr(s, "inferq.job_id") == oip_job)
-    assert submit.trace_id.hex() == trace_id and submit.parent_span_id.hex() == other_parent
-    _check_chain(receiver, {oip_job: submit})
+    trace_id = "4bf92f3577b34da6a3ce929d0e0e4736"
+    oip = {"parameters": {"async": True},  # the OIP route, not the fast lane
+           "inputs": [{"name": "image", "datatype": "FP32", "shape": [1, 1, 8, 8],
+                       "data": digits["x"][0].ravel().tolist()}]}
+    for n, (path, body, status, parent_id) in enumerate([
+            ("/v1/models/digits/jobs?wait=20",
+             {"inputs": {"image": digits["x"][:2].tolist()}}, 200, "00f067aa0ba902b7"),
+            ("/v2/models/digits/infer", oip, 202, "1111111111111111")], start=1):
+        answer = httpx.post(api.url + path, json=body, timeout=30, headers={
+            "Authorization": "Bearer trace-key",
+            "traceparent": f"00-{trace_id}-{parent_id}-01"})
+        assert answer.status_code == status, answer.text
+        job_id = answer.json()["id"]
+        submit = next(s for s in _wait_for(receiver, tracing.SUBMIT, n)
+                      if _attr(s, "inferq.job_id") == job_id)
+        assert submit.trace_id.hex() == trace_id
+        assert submit.parent_span_id.hex() == parent_id
+        _check_chain(receiver, {job_id: submit})
 
 
 def test_garbage_trace_headers_do_not_stop_a_traced_worker(redis_env, start_worker,
