@@ -151,9 +151,27 @@ def compress(
     _show(ModelRepository(settings.model_repo), [version.manifest.name])
 
 
+def example_input(
+    model: Annotated[str, typer.Argument(help="digits or minilm")],
+    output: Annotated[Path, typer.Option(help="the file to write; its suffix picks the "
+                                         "format (digits: .npy .csv .jsonl .parquet; "
+                                         "minilm: .txt .jsonl .csv .parquet)")],
+    rows: Annotated[int, typer.Option(help="rows to write (the set repeats)")] = 1_797,
+) -> None:
+    """Write an input file for a bundled model (scikit-learn's digits images, or the
+    bundled sentences) to try `inferq score` on."""
+    tool = _workers("build.examples")
+    try:
+        written = tool.write_example(model, output, rows)
+    except ValueError as exc:
+        raise InferqError(str(exc)) from None
+    say(f"wrote {written:,} {model} inputs to {output}")
+
+
 def register(app: typer.Typer, models_app: typer.Typer) -> None:
     models_app.command("build")(models_build)
     models_app.command("list")(models_list)
     models_app.command("show")(models_show)
     models_app.command("default")(models_default)
     app.command("compress")(compress)
+    app.command("example-input")(example_input)

@@ -201,3 +201,56 @@ def test_models_list_piped_is_plain_and_whole_and_json_for_programs(model_repo):
     records = json.loads(proc.stdout)
     assert {r["version"] for r in records} >= {"digits@1"}
     assert sum(r["serves"] for r in records if r["version"].startswith("digits@")) == 1
+
+
+@pytest.mark.parametrize("suffix", [".npy", ".csv", ".jsonl", ".parquet"])
+def test_example_input_for_digits_is_read_back_row_for_row(tmp_path, digits, model_repo,
+                                                           suffix):
+    from producer.readers import read_chunks
+    from shared.repository import ModelRepository
+
+    path = tmp_path / f"X{suffix}"
+    proc = run_cli(["example-input", "digits", "--output", str(path), "--rows", "2000"], {})
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr.strip() == f"wrote 2,000 digits inputs to {path}"
+    spec = ModelRepository(model_repo).resolve("digits").manifest.input()
+    chunks = list(read_chunks(path, spec, 512))
+    assert sum(c.rows for c in chunks) == 2000 and not any(c.errors for c in chunks)
+    rows = np.concatenate([c.data for c in chunks]).reshape(2000, -1)
+    tiled = np.resize(digits["x"], (2000, 1, 8, 8)).reshape(2000, -1)
+    np.testing.assert_array_equal(rows, tiled)
+
+
+@pytest.mark.parametrize("suffix", [".txt", ".jsonl", ".csv", ".parquet"])
+def test_example_input_for_minilm_is_read_back_row_for_row(tmp_path, bundled_repo, suffix):
+    from producer.text_inputs import read_text_chunks
+    from shared.repository import ModelRepository
+
+    path = tmp_path / f"S{suffix}"
+    assert run_cli(["example-input", "minilm", "--output", str(path), "--rows", "30"],
+                   {}).returncode == 0
+    spec = ModelRepository(bundled_repo).resolve("minilm").manifest.input()
+    texts = [t for c in read_text_chunks(path, spec, 8) for t in c.data]
+    assert len(texts) == 30 and all(isinstance(t, str) and t for t in texts)
+
+
+def test_the_readme_batch_quickstart_runs_as_pasted(tmp_path, model_repo):
+    """`inferq example-input` then `inferq score`, embedded (no broker)."""
+    env = {"INFERQ_MODEL_REPO": str(model_repo), "INFERQ_HOME": str(tmp_path / "home")}
+    assert run_cli(["example-input", "digits", "--output", "X.npy", "--rows", "300"], env,
+                   cwd=tmp_path).returncode == 0
+    proc = run_cli(["score", "--model", "digits", "--input", "X.npy", "--output",
+                    "preds.parquet"], env, timeout=180, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert pq.read_table(tmp_path / "preds.parquet").num_rows == 300
+
+
+@pytest.mark.parametrize("args, problem", [
+    (["nope", "--output", "X.npy"], "model: no example input for 'nope'"),
+    (["digits", "--output", "X.txt"], "output: digits inputs are written as"),
+    (["digits", "--output", "X.npy", "--rows", "0"], "rows: must be at least 1"),
+])
+def test_example_input_refuses_in_one_line(tmp_path, args, problem):
+    proc = run_cli(["example-input", *args], {}, cwd=tmp_path)
+    assert proc.returncode == 2 and problem in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
