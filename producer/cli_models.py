@@ -158,8 +158,9 @@ def example_input(
                                          "minilm: .txt .jsonl .csv .parquet)")],
     rows: Annotated[int, typer.Option(help="rows to write (the set repeats)")] = 1_797,
 ) -> None:
-    """Write an input file for a bundled model (scikit-learn's digits images, or the
-    bundled sentences) to try `inferq score` on."""
+    """Write an input file for a bundled model, to try `inferq score` on.
+
+    digits: scikit-learn's digits images; minilm: the bundled sentences."""
     tool = _workers("build.examples")
     try:
         written = tool.write_example(model, output, rows)
