@@ -114,8 +114,10 @@ def test_mark_queued_reads_back_queued_with_its_model(store: ResultStore, client
     assert not res.done
 
 
-def test_success_keeps_numpy_outputs_row_errors_and_batch_sizes(
+def test_a_job_whose_every_row_failed_is_failed_and_keeps_its_outputs(
         app: Celery, client: Client, fake: fakeredis.FakeRedis) -> None:
+    """The worker stores it as a task success; the SDK reads it ``failed``, as the API
+    does (one rule: producer.store.every_row_failed), with its outputs and row errors."""
     errors = [{"index": 0, "row": 0, "field": None, "message": "row 0: model said no"}]
     app.backend.store_result("job-2", worker_result(errors=errors, ok=np.array([False])),
                              states.SUCCESS)
@@ -124,7 +126,8 @@ def test_success_keeps_numpy_outputs_row_errors_and_batch_sizes(
     assert isinstance(stored["result"]["outputs"]["label"], np.ndarray)
 
     res = client.get("job-2")
-    assert res.status is JobStatus.succeeded and res.done
+    assert res.status is JobStatus.failed and res.done
+    assert res.error == "row 0: model said no"
     assert res.model == "digits" and res.version == 1
     assert res.outputs is not None and set(res.outputs) == {"label", "probabilities"}
     label, probs = res.outputs["label"], res.outputs["probabilities"]
@@ -135,7 +138,17 @@ def test_success_keeps_numpy_outputs_row_errors_and_batch_sizes(
     assert res.errors == [RowError(row=0, field=None, message="row 0: model said no")]
     assert res.batch_rows == [4]
     assert res.submitted_at == 100.0 and res.finished_at == 101.0
-    assert res.error is None
+
+
+def test_a_job_with_some_rows_failed_succeeded_with_its_row_errors(
+        app: Celery, client: Client) -> None:
+    errors = [{"index": 1, "row": 1, "field": None, "message": "row 1: model said no"}]
+    app.backend.store_result("job-5", worker_result(
+        rows=2, errors=errors, ok=np.array([True, False]),
+        outputs={"label": np.array([3, 0], np.int64)}), states.SUCCESS)
+    res = client.get("job-5")
+    assert res.status is JobStatus.succeeded and res.error is None
+    assert res.errors == [RowError(row=1, field=None, message="row 1: model said no")]
 
 
 def test_started_reads_as_running_without_outputs(app: Celery, client: Client) -> None:
