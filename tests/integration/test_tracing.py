@@ -9,7 +9,6 @@ from __future__ import annotations
 import gzip
 import http.server
 import threading
-import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -36,8 +35,8 @@ class Receiver(http.server.ThreadingHTTPServer):
 
     def __init__(self) -> None:
         super().__init__(("127.0.0.1", 0), _Handler)
-        self.spans: list[Any] = []  # opentelemetry.proto Span messages, with their service
-        self.lock = threading.Lock()
+        self.spans: list[Any] = []  # opentelemetry.proto Span messages
+        self.lock = threading.Condition()  # notified on every export
 
     @property
     def url(self) -> str:
@@ -60,6 +59,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             for resource_spans in request.resource_spans:
                 for scope_spans in resource_spans.scope_spans:
                     self.server.spans.extend(scope_spans.spans)
+            self.server.lock.notify_all()
         reply = trace_service_pb2.ExportTraceServiceResponse().SerializeToString()
         self.send_response(200)
         self.send_header("Content-Type", "application/x-protobuf")
@@ -98,14 +98,18 @@ def _traced(env: dict[str, str], receiver: Receiver) -> dict[str, str]:
             "OTEL_BSP_SCHEDULE_DELAY": "100"}
 
 
-def _wait_for(receiver: Receiver, name: str, count: int, timeout: float = 20) -> list[Any]:
-    deadline = time.monotonic() + timeout
-    while len(found := receiver.named(name)) < count:
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{count} {name} spans not exported in {timeout} s "
-                               f"(got {len(found)})")
-        time.sleep(0.05)  # spans exported by another process: nothing to wait on
-    return found
+def _wait_for(receiver: Receiver, name: str, job_ids: set[str], timeout: float = 20
+              ) -> dict[str, Any]:
+    """The ``name`` spans of ``job_ids``, by job id, once all were exported (woken by each
+    export)."""
+    def found() -> dict[str, Any]:
+        return {_attr(s, "inferq.job_id"): s for s in receiver.named(name)}
+
+    with receiver.lock:
+        if not receiver.lock.wait_for(lambda: job_ids <= found().keys(), timeout):
+            raise TimeoutError(f"{name} spans of {sorted(job_ids - found().keys())} not "
+                               f"exported in {timeout} s")
+        return found()
 
 
 def _attr(span: Any, key: str) -> Any:
@@ -118,8 +122,7 @@ def _attr(span: Any, key: str) -> Any:
 def _check_chain(receiver: Receiver, submits: dict[str, Any]) -> None:
     """Every submit span (job id -> span) has one job span as its child in the worker,
     and exactly one model call links to that job span."""
-    jobs = {_attr(s, "inferq.job_id"): s for s in _wait_for(receiver, tracing.JOB,
-                                                             len(submits))}
+    jobs = _wait_for(receiver, tracing.JOB, set(submits))
     calls = receiver.named(tracing.MODEL_CALL)
     for job_id, submit in submits.items():
         job = jobs[job_id]
@@ -187,17 +190,16 @@ def test_the_api_continues_the_callers_trace(redis_env, start_worker, start_api,
     oip = {"parameters": {"async": True},  # the OIP route, not the fast lane
            "inputs": [{"name": "image", "datatype": "FP32", "shape": [1, 1, 8, 8],
                        "data": digits["x"][0].ravel().tolist()}]}
-    for n, (path, body, status, parent_id) in enumerate([
+    for path, body, status, parent_id in [
             ("/v1/models/digits/jobs?wait=20",
              {"inputs": {"image": digits["x"][:2].tolist()}}, 200, "00f067aa0ba902b7"),
-            ("/v2/models/digits/infer", oip, 202, "1111111111111111")], start=1):
+            ("/v2/models/digits/infer", oip, 202, "1111111111111111")]:
         answer = httpx.post(api.url + path, json=body, timeout=30, headers={
             "Authorization": "Bearer trace-key",
             "traceparent": f"00-{trace_id}-{parent_id}-01"})
         assert answer.status_code == status, answer.text
         job_id = answer.json()["id"]
-        submit = next(s for s in _wait_for(receiver, tracing.SUBMIT, n)
-                      if _attr(s, "inferq.job_id") == job_id)
+        submit = _wait_for(receiver, tracing.SUBMIT, {job_id})[job_id]
         assert submit.trace_id.hex() == trace_id
         assert submit.parent_span_id.hex() == parent_id
         _check_chain(receiver, {job_id: submit})
@@ -226,11 +228,9 @@ def test_garbage_trace_headers_do_not_stop_a_traced_worker(redis_env, start_work
                          kwargs={"model": "digits", "jobs": [
                              {"id": "garbage-trace-4", "inputs": {"image": [x]}}]},
                          headers={tracing.MANY_HEADER: "not a list"})
-    for job_id in ("garbage-trace-1", "garbage-trace-2", "garbage-trace-3",
-                   "garbage-trace-4"):
+    ids = {f"garbage-trace-{i}" for i in range(1, 5)}
+    for job_id in ids:
         assert client.wait(job_id, timeout=30).outputs["label"].tolist() == [
             digits["label"][0]]
-    jobs = _wait_for(receiver, tracing.JOB, 4)
-    assert {_attr(s, "inferq.job_id") for s in jobs} >= {
-        "garbage-trace-1", "garbage-trace-2", "garbage-trace-3", "garbage-trace-4"}
-    assert all(s.parent_span_id == b"" for s in jobs)  # new traces
+    jobs = _wait_for(receiver, tracing.JOB, ids)
+    assert all(jobs[i].parent_span_id == b"" for i in ids)  # new traces
