@@ -123,6 +123,10 @@ def test_int8_is_static(variants: dict[str, ModelVersion],
     assert m.compression.method == "int8-static"
     assert "QuantizeLinear" in ops and not ops & {"ConvInteger", "DynamicQuantizeLinear"}
     assert "dynamic" in m.compression.details["tried"]
+    graph = onnx.load(str(variants["int8"].artifact)).graph
+    softmax_out = {o for n in graph.node if n.op_type == "Softmax" for o in n.output}
+    assert not any(n.op_type == "QuantizeLinear" and n.input[0] in softmax_out
+                   for n in graph.node), "probabilities quantized: they would not sum to 1"
     # calibrated scales: a row's output does not depend on its batch-mates
     x = heldout[0][:64]
     batched, _ = run(variants["int8"], x)
