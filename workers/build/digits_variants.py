@@ -35,7 +35,7 @@ from torch import nn
 from torch.nn import functional
 
 from shared.errors import ModelNotFound
-from shared.repository import ModelRepository, ModelVersion
+from shared.repository import ModelRepository, ModelVersion, as_repository
 from shared.schemas import Compression
 from workers.build.digits import (
     BATCH_SIZE,
@@ -111,7 +111,7 @@ class DigitsMLP(nn.Module):
         return torch.softmax(logits, dim=1), torch.argmax(logits, dim=1)
 
 
-def build_digits_variants(repo_root: Path, parent: ModelVersion | None = None, *,
+def build_digits_variants(repo_root: ModelRepository | Path, parent: ModelVersion | None = None, *,
                           seed: int = 0, reuse_identical: bool = False
                           ) -> dict[str, ModelVersion]:
     """Build and publish int8, pruned, distilled and torchscript versions of the fp32 parent.
@@ -121,7 +121,7 @@ def build_digits_variants(repo_root: Path, parent: ModelVersion | None = None, *
     again (``ModelRepository.publish``).
     """
     started = time.monotonic()
-    ctx = _context(ModelRepository(repo_root), parent, seed)
+    ctx = _context(as_repository(repo_root), parent, seed)
     steps: dict[str, Callable[[_Context, Path], _Built]] = {
         "int8": _int8, "pruned": _pruned, "distilled": _distilled, "torchscript": _torchscript,
     }
@@ -141,7 +141,8 @@ def _context(repo: ModelRepository, parent: ModelVersion | None, seed: int) -> _
         try:
             parent = repo.resolve(f"{NAME}:fp32")
         except ModelNotFound:
-            parent = build_digits(repo.root, seed=seed)
+            parent = build_digits(repo, seed=seed)
+    parent = repo.materialize(parent)  # a parent in a bucket: its files, checked
     parent.verify()
     x_train, x_test, y_train, y_test = split(seed)
     stats = parent.manifest.reference_stats
@@ -289,8 +290,11 @@ def _int8_candidates(src: Path, folder: Path, x_train: np.ndarray) -> dict[str, 
     weights = {init.name: init.dims for init in graph.initializer}
     one_channel = [n.name for n in graph.node
                    if n.op_type == "Conv" and list(weights.get(n.input[1], []))[1:2] == [1]]
+    # reduce_range (7-bit weights): uint8 x full-range int8 products saturate in ORT's
+    # kernels on x86 CPUs without VNNI (workers/build/compress_ops.py); the artifact must be
+    # right on whichever CPU serves it.
     common: dict[str, Any] = {"quant_format": QuantFormat.QDQ, "per_channel": True,
-                              "activation_type": QuantType.QUInt8,
+                              "reduce_range": True, "activation_type": QuantType.QUInt8,
                               "weight_type": QuantType.QInt8}
     out = {name: folder / f"{name}.onnx"
            for name in ("static_all_ops", "static_fp32_first_conv", "dynamic")}
@@ -302,7 +306,7 @@ def _int8_candidates(src: Path, folder: Path, x_train: np.ndarray) -> dict[str, 
     quantize_static(str(pre), str(out["static_fp32_first_conv"]), _Calibration(x_train),
                     op_types_to_quantize=["Conv", "Gemm", "MatMul", "Relu", "MaxPool", "Flatten"],
                     nodes_to_exclude=one_channel, **common)
-    quantize_dynamic(str(pre), str(out["dynamic"]))
+    quantize_dynamic(str(pre), str(out["dynamic"]), reduce_range=True)
     return out
 
 

@@ -27,6 +27,12 @@ class InputPlan:
     alpha: float = 0.5  # SmoothQuant migration strength
 
 
+# Weights use -63..63 (7 bits, ORT's reduce_range): on x86 CPUs without VNNI, ORT's u8s8
+# kernels add pairs of uint8 x int8 products in 16 bits, and 255 * 127 * 2 overflows
+# (saturates) where 255 * 63 * 2 does not. With full-range weights nearest-neighbour
+# agreement fell to 0.95 on an AVX2-only EPYC (0.97+ on a VNNI CPU); the artifact must be
+# right on whatever CPU serves it.
+WEIGHT_LEVELS = 63
 GELU_SHIFT = 0.17  # erf-GELU's minimum is -0.16997
 # fp32 outlier channels for qkv and ffn_out only: those for ffn_in (4) cost ~6% of the speed
 # (an fp32 [tokens, 1536] MatMul and Add per layer) for a mean cosine of 0.99981 instead of
@@ -60,7 +66,7 @@ def gptq(w: np.ndarray, hessian: np.ndarray, scale: np.ndarray) -> np.ndarray:
     u = np.linalg.cholesky(np.linalg.inv(h)).T
     q = np.empty_like(w)
     for k in range(len(w)):
-        q[k] = np.clip(np.round(w[k] / scale), -127, 127)
+        q[k] = np.clip(np.round(w[k] / scale), -WEIGHT_LEVELS, WEIGHT_LEVELS)
         err = (w[k] - q[k] * scale) / u[k, k]
         w[k + 1:] -= np.outer(u[k, k + 1:], err)
     return q[np.argsort(order)].astype(np.int8)
@@ -188,7 +194,7 @@ def _quantize_matmul(g: _Graph, node: Any, w: np.ndarray, bias: np.ndarray, outp
     """
     keep, name = q["keep"], "q8" + node.name.replace("/", "_")
     wk = w[keep] * q["smooth"][keep, None]
-    scale = np.maximum(np.abs(wk).max(0), 1e-12) / 127
+    scale = np.maximum(np.abs(wk).max(0), 1e-12) / WEIGHT_LEVELS
     wq = np.zeros(w.shape, np.int8)
     wq[keep] = gptq(wk, q["hessian"], scale)
     y = g.node("MatMulIntegerToFloat", [q["q"], g.const(name + "_w", wq), q["one"],
