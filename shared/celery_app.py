@@ -112,7 +112,10 @@ def make_app(settings: Settings) -> Celery:
         # consumer's messages back in seconds (shared/redis_transport.py).
         app.conf.broker_transport = RELIABLE_REDIS
         app.conf.broker_transport_options.update(
-            priority_suffix=HIGH_SUFFIX, owner_dead_after=settings.consumer_dead_after)
+            priority_suffix=HIGH_SUFFIX, owner_dead_after=settings.consumer_dead_after,
+            # Each deployment (queue prefix) sweeps only its own unacked messages, with its
+            # own visibility timeout, when several share one Redis database.
+            state_prefix=settings.queue_prefix)
     # Control messages (ping, inspect, our own broadcasts) in JSON, which `celery inspect`
     # and Flower speak; Celery would otherwise use the task serializer.
     app.control.mailbox.serializer = "json"

@@ -70,6 +70,7 @@ class Heartbeat:
 
     def __init__(self, channel: Channel, interval: float):
         self.owner = channel.owner
+        self.consumers_key = channel.consumers_key
         self.interval = interval
         # Its own connection, with timeouts: a half-open socket or a pool busy with acks
         # must not silence a live owner (its messages would be restored while it works).
@@ -87,7 +88,7 @@ class Heartbeat:
     def _run(self) -> None:
         while not self._stop.is_set():
             try:
-                self._beat(keys=[CONSUMERS_KEY], args=[self.owner])
+                self._beat(keys=[self.consumers_key], args=[self.owner])
             except Exception as exc:  # the broker is away: the next beat tries again
                 logger.debug("heartbeat of %s failed: %s", self.owner, exc)
             self._stop.wait(self.interval)
@@ -107,14 +108,16 @@ class QoS(kombu_redis.QoS):
             super().append(message, delivery_tag)
 
     def _remove_from_indices(self, delivery_tag: str, pipe: Any = None) -> Any:
-        return super()._remove_from_indices(delivery_tag, pipe).hdel(OWNER_KEY, delivery_tag)
+        return super()._remove_from_indices(delivery_tag, pipe).hdel(self.channel.owner_key,
+                                                                     delivery_tag)
 
     def restore_visible(self, start: int = 0, num: int = 10, interval: int = 10) -> None:
         if not (self._vrestore_count % (interval or 1)):
             try:
                 with self.channel.conn_or_acquire() as client:
                     marked = client.register_script(SWEEP_DEAD)(
-                        keys=[CONSUMERS_KEY, OWNER_KEY, self.unacked_index_key],
+                        keys=[self.channel.consumers_key, self.channel.owner_key,
+                              self.unacked_index_key],
                         args=[self.channel.owner_dead_after])
             except self.channel.ResponseError:  # a full noeviction server, say
                 logger.exception("sweeping dead consumers failed; the next sweep tries again")
@@ -140,7 +143,8 @@ class QoS(kombu_redis.QoS):
             except Exception:  # kombu's loads raises many kinds (__type__ hooks, nesting)
                 valid = False
             if not valid:
-                pipe.lpush(GARBAGE_KEY, raw).ltrim(GARBAGE_KEY, 0, GARBAGE_KEPT - 1)
+                garbage = self.channel.garbage_key
+                pipe.lpush(garbage, raw).ltrim(garbage, 0, GARBAGE_KEPT - 1)
                 return
             self.channel._do_restore_message(message, exchange, routing_key, pipe, leftmost)
 
@@ -180,14 +184,24 @@ class Channel(kombu_redis.Channel):
     priority_suffix = ""
     #: seconds without a heartbeat after which an owner's messages are restored
     owner_dead_after = 10.0
+    #: prefix of this deployment's bookkeeping keys (unacked records, owners, consumers,
+    #: garbage): deployments sharing a database never sweep each other's messages
+    state_prefix = ""
     from_transport_options = (  # type: ignore[assignment]
-        *kombu_redis.Channel.from_transport_options, "priority_suffix", "owner_dead_after")
+        *kombu_redis.Channel.from_transport_options, "priority_suffix", "owner_dead_after",
+        "state_prefix")
 
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
         if self.global_keyprefix:
             raise ValueError("inferq's Redis transport does not support global_keyprefix; "
                              "use INFERQ_QUEUE_PREFIX or another database")
+        p = self.state_prefix
+        self.unacked_key = p + self.unacked_key
+        self.unacked_index_key = p + self.unacked_index_key
+        self.unacked_mutex_key = p + self.unacked_mutex_key
+        self.owner_key, self.consumers_key, self.garbage_key = (
+            p + OWNER_KEY, p + CONSUMERS_KEY, p + GARBAGE_KEY)
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:12]}"
         self.recorded: set[str] = set()  # tags FETCH recorded, until QoS.append sees them
         self._fetch_next = True  # else wait on the wake markers first
@@ -207,7 +221,7 @@ class Channel(kombu_redis.Channel):
         return queues
 
     def _fetch_keys(self, queues: list[str]) -> list[str]:
-        keys = [self.unacked_key, self.unacked_index_key, OWNER_KEY, CONSUMERS_KEY]
+        keys = [self.unacked_key, self.unacked_index_key, self.owner_key, self.consumers_key]
         for queue in queues:
             keys += [self._q_for_pri(queue, pri) for pri in self.priority_steps]
             keys.append(wake_key(queue))
@@ -353,7 +367,7 @@ class Channel(kombu_redis.Channel):
             "body": "", "content-type": "application/x-inferq-refused",
             "content-encoding": "binary",
             "headers": {REFUSED_HEADER: reason, "inferq_raw_bytes": len(raw),
-                        "inferq_kept_in": GARBAGE_KEY},
+                        "inferq_kept_in": self.garbage_key},
             "properties": {"delivery_tag": tag, "body_encoding": None,
                            "delivery_info": {"exchange": "", "routing_key": queue}},
         }
@@ -367,7 +381,7 @@ class Channel(kombu_redis.Channel):
         """Move a fetched entry that is not a message from its record to the garbage list."""
         with self.conn_or_acquire() as client:
             pipe = client.pipeline()
-            pipe.lpush(GARBAGE_KEY, raw).ltrim(GARBAGE_KEY, 0, GARBAGE_KEPT - 1)
+            pipe.lpush(self.garbage_key, raw).ltrim(self.garbage_key, 0, GARBAGE_KEPT - 1)
             self.qos._remove_from_indices(tag, pipe).execute()
 
     def basic_get(self, queue: str, no_ack: bool = False, **kwargs: Any) -> Any:

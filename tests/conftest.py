@@ -90,6 +90,7 @@ def _settings_env(broker: str, backend: str, model_repo: Path, home: Path, **ext
         "INFERQ_MODEL_REPO": str(model_repo),
         "INFERQ_HOME": str(home),
         "INFERQ_QUEUE_PREFIX": f"t{uuid.uuid4().hex[:10]}.",
+        "INFERQ_RESULT_EXPIRES": "3600",  # what a test leaves in the shared database goes
     }
     env.update(extra)
     return env
@@ -98,7 +99,12 @@ def _settings_env(broker: str, backend: str, model_repo: Path, home: Path, **ext
 def _cleanup(env: dict[str, str]) -> None:
     import redis
 
-    redis.Redis.from_url(env["INFERQ_RESULT_BACKEND"]).flushdb()
+    # Only this test's keys: another test session may share the database (never flush it).
+    # Queues, wake markers, the transport's records and the API's keys carry the test's
+    # queue prefix; Celery's result keys (named by random job ids) expire on their own.
+    store = redis.Redis.from_url(env["INFERQ_RESULT_BACKEND"])
+    for key in store.scan_iter(match=f"*{env['INFERQ_QUEUE_PREFIX']}*", count=1000):
+        store.delete(key)
     if env["INFERQ_BROKER_URL"].startswith("amqp"):
         from kombu import Connection
 

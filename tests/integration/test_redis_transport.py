@@ -181,3 +181,33 @@ def test_a_fetch_whose_reply_was_lost_is_put_back(store):
         assert not store.hexists("unacked", tag) and not store.hexists(OWNER_KEY, tag)
         assert store.llen(queue.name) == 1
     assert _receive([queue], 1, timeout=10) == [({"n": 3}, True)]
+
+
+def test_deployments_sharing_a_database_never_sweep_each_others_messages(store):
+    """Two deployments (queue prefixes) on one Redis database, one with a 1 s visibility
+    timeout: its restore sweep brings back its own overdue message but leaves alone the one
+    the other deployment is still working on (with kombu's shared ``unacked`` records it
+    redelivered that one: a second run of a job still running)."""
+    fast, slow = (f"{NAME}-{uuid.uuid4().hex[:6]}-{d}." for d in ("fast", "slow"))
+    fast_q, slow_q = (Queue(p + "infer", Exchange(p + "infer", type="direct"),
+                            routing_key=p + "infer") for p in (fast, slow))
+    _publish(fast_q, {"fast": 1})
+    _publish(slow_q, {"slow": 1})
+    with Connection(URL, transport=RELIABLE_REDIS,
+                    transport_options={**OPTIONS, "state_prefix": slow}) as slow_conn, \
+            Connection(URL, transport=RELIABLE_REDIS,
+                       transport_options={**OPTIONS, "state_prefix": fast,
+                                          "visibility_timeout": 1}) as fast_conn:
+        slow_channel, fast_channel = slow_conn.default_channel, fast_conn.default_channel
+        slow_q(slow_channel).declare()
+        fast_q(fast_channel).declare()
+        held = slow_channel.basic_get(slow_q.name)  # working on it, not acked
+        assert held.payload == {"slow": 1}
+        assert fast_channel.basic_get(fast_q.name).payload == {"fast": 1}
+        time.sleep(1.5)  # both now older than the fast deployment's visibility timeout
+        fast_channel.qos.restore_visible(num=1000, interval=1)
+        assert store.llen(fast_q.name) == 1  # its own message: back on its queue
+        assert store.llen(slow_q.name) == 0  # the other's: still held
+        assert store.hexists(slow + "unacked", held.delivery_tag)  # in its own records
+        held.ack()
+        assert not store.hexists(slow + "unacked", held.delivery_tag)
