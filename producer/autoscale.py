@@ -340,10 +340,10 @@ def _broker_errors() -> tuple[type[BaseException], ...]:
 
 
 def _models_in_repo(settings: Settings) -> list[str]:
-    from shared.repository import ModelRepository
+    from shared.repository import open_repository
 
     try:
-        return ModelRepository(settings.model_repo).names()
+        return open_repository(settings).names()
     except (OSError, InferqError):
         return []
 

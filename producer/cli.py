@@ -18,6 +18,7 @@ from rich.console import Console
 from producer import autoscale, cli_dead, cli_drift, cli_models, top
 from producer.tables import say
 from shared.errors import InferqError, Unavailable
+from shared.repository import open_repository
 from shared.settings import Settings, load_settings, scrub
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
@@ -209,7 +210,7 @@ def demo(log_level: str = "WARNING") -> None:
     _setup_logging(log_level)
     settings = load_settings()
     build = _workers("build.digits")
-    version = build.ensure_digits(settings.model_repo)
+    version = build.ensure_digits(open_repository(settings))
     images, labels = build.load_digits_data()
     out.print(run_demo(settings, _client(settings, ["digits"]), version, images, labels))
 

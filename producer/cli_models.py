@@ -11,7 +11,7 @@ from rich.console import Console
 
 from producer.tables import Grid, print_json, say, show
 from shared.errors import InferqError
-from shared.repository import ModelRepository, ModelVersion, parse_model_ref
+from shared.repository import ModelRepository, ModelVersion, open_repository, parse_model_ref
 from shared.settings import load_settings
 
 out = Console()
@@ -28,7 +28,7 @@ def _workers(module: str):  # noqa: ANN202 - a module
 
 
 def _repo() -> ModelRepository:
-    return ModelRepository(load_settings().model_repo)
+    return open_repository(load_settings())
 
 
 def _record(v: ModelVersion, default: ModelVersion | None, parent_speed: dict[int, float]
@@ -85,14 +85,12 @@ def models_build(
     if_missing: Annotated[bool, typer.Option(help="skip a model that has a version")] = False,
 ) -> None:
     """Build the bundled models and every variant into INFERQ_MODEL_REPO, measured."""
-    settings = load_settings()
+    repo = _repo()
     bundled = _workers("build.bundled")
     try:
-        built = bundled.build_bundled(settings.model_repo, names, if_missing=if_missing,
-                                      say=say)
+        built = bundled.build_bundled(repo, names, if_missing=if_missing, say=say)
     except ValueError as exc:
         raise InferqError(str(exc)) from None
-    repo = ModelRepository(settings.model_repo)
     if built.versions:
         _show(repo, sorted({v.manifest.name for v in built.versions}))
         if not built.new:
@@ -144,11 +142,11 @@ def compress(
     threads: Annotated[int, typer.Option(help="threads for the speed measurement")] = 1,
 ) -> None:
     """Compress your own ONNX or TorchScript model into a new version, with a report."""
-    settings = load_settings()
+    repo = _repo()
     tool = _workers("build.compress")
     parent, version = tool.compress(model_file, calibration=calibration, method=method,
-                                    repo_root=settings.model_repo, name=name, threads=threads)
-    _show(ModelRepository(settings.model_repo), [version.manifest.name])
+                                    repo_root=repo, name=name, threads=threads)
+    _show(repo, [version.manifest.name])
 
 
 def example_input(

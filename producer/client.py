@@ -17,7 +17,7 @@ from producer.store import ResultStore, every_row_failed, is_final, status_of
 from shared import tracing
 from shared.celery_app import INFER_TASK, check_priority, make_app, model_queue
 from shared.errors import InputError
-from shared.repository import ModelRef, ModelRepository, ModelVersion, parse_model_ref
+from shared.repository import ModelRef, ModelVersion, open_repository, parse_model_ref
 from shared.schemas import JobResult, JobStatus, Manifest, RowError
 from shared.settings import Settings, load_settings
 from shared.validation import as_row, check_rows, check_text_rows
@@ -45,7 +45,7 @@ class Client:
     def __init__(self, settings: Settings | None = None, app: Celery | None = None):
         self.settings = settings or load_settings()
         self.app = app or make_app(self.settings)
-        self.repo = ModelRepository(self.settings.model_repo)
+        self.repo = open_repository(self.settings)
         self.store = ResultStore(self.app)
         # With a Redis result store, workers also publish this process's results on its
         # own channel: a waiting job needs no subscription of its own (producer/waiter.py).

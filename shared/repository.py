@@ -23,10 +23,13 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from shared.errors import InferqError, InvalidModelName, ModelNotFound, UnsafeModelPath
 from shared.schemas import MODEL_NAME, Manifest, check_model_name, check_variant
+
+if TYPE_CHECKING:
+    from shared.settings import Settings
 
 MANIFEST = "manifest.json"
 DEFAULT = "default.json"
@@ -85,6 +88,24 @@ class ModelVersion:
                                "was replaced — rebuild or restore it")
 
 
+def as_repository(where: ModelRepository | Path | str) -> ModelRepository:
+    """A repository object from one, or from a folder (the builders take either)."""
+    return where if isinstance(where, ModelRepository) else ModelRepository(where)
+
+
+def open_repository(settings: Settings) -> ModelRepository:
+    """The repository ``INFERQ_MODEL_REPO`` names: a folder, or a bucket URL read through
+    the cache in ``INFERQ_MODEL_CACHE`` (shared/remote_repository.py)."""
+    from shared.objectstore import is_remote
+
+    if not is_remote(settings.model_repo):
+        return ModelRepository(settings.model_repo.removeprefix("file://"))
+    from shared.remote_repository import RemoteRepository
+
+    return RemoteRepository.open(settings.model_repo, settings.effective_model_cache(),
+                                 settings.model_refresh_s)
+
+
 def sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
@@ -125,6 +146,16 @@ def _checked_version(version: int) -> int:
 class ModelRepository:
     def __init__(self, root: Path | str):
         self.root = Path(root)
+
+    @property
+    def location(self) -> str:
+        """Where the repository is, for messages: its folder, made absolute."""
+        return str(self.root) if self.root.is_absolute() else str(self.root.resolve())
+
+    def materialize(self, version: ModelVersion) -> ModelVersion:
+        """Make the version's files readable at ``version.path`` (here they already are;
+        a repository in a bucket downloads them into its cache)."""
+        return version
 
     # -- confinement ---------------------------------------------------------------------
     def _is_inside(self, path: Path) -> bool:
@@ -235,7 +266,7 @@ class ModelRepository:
                             f"(variants: {', '.join(variants)})")
 
     def _unknown(self, name: str) -> str:
-        where = str(self.root.resolve()) if not self.root.is_absolute() else str(self.root)
+        where = self.location
         fix = ("set INFERQ_MODEL_REPO to the repository's folder or build the "
                "bundled models there with `inferq models build`")
         if not self.root.is_dir():
@@ -276,8 +307,21 @@ class ModelRepository:
         if reuse_identical:
             for known in reversed(self.all(manifest.name)):
                 if (known.manifest.variant, known.manifest.artifact_sha256) == (
-                        manifest.variant, manifest.artifact_sha256) and _intact(known):
+                        manifest.variant, manifest.artifact_sha256) and self._intact(known):
                     return known
+        return self._place(staged, manifest)
+
+    def _intact(self, version: ModelVersion) -> bool:
+        """Its artifact still matches its manifest's sha256 (a corrupted one is not reused:
+        the rebuild publishes a sound copy)."""
+        try:
+            version.verify()
+        except (ModelCorrupt, OSError):
+            return False
+        return True
+
+    def _place(self, staged: Path, manifest: Manifest) -> ModelVersion:
+        """Move the staged folder in under the next free version number."""
         for _ in range(20):  # another build may take the number first
             version = self.next_version(manifest.name)
             final = manifest.model_copy(update={"version": version})
@@ -289,16 +333,6 @@ class ModelRepository:
             staged.mkdir()  # so the staging context has something to remove
             return self.load(manifest.name, version)
         raise InferqError(f"could not publish a new version of {manifest.name}")
-
-
-def _intact(version: ModelVersion) -> bool:
-    """Its artifact still matches its manifest's sha256 (a corrupted one is not reused:
-    the rebuild publishes a sound copy)."""
-    try:
-        version.verify()
-    except (ModelCorrupt, OSError):
-        return False
-    return True
 
 
 def _now() -> str:

@@ -43,8 +43,16 @@ class Settings(BaseSettings):
     home: Path = Field(
         Path.home() / ".inferq", description="local state: the embedded result store, caches"
     )
-    model_repo: Path = Field(Path("models"), description="the model repository folder")
-    queue_prefix: str = Field("", description="prefix of every queue name (isolation)")
+    model_repo: str = Field("models", description="the model repository: a folder, or a "
+                            "bucket URL (s3://bucket/prefix; gs://, az:// with fsspec)")
+    model_cache: Path | None = Field(None, description="bucket repositories: the local "
+                                     "cache of manifests and artifacts (default: "
+                                     "INFERQ_HOME/model-cache)")
+    model_refresh_s: float = Field(5.0, gt=0, le=3600, description="bucket repositories: "
+                                   "seconds between listings (new versions, defaults)")
+    queue_prefix: str = Field("", description="prefix of every queue name and of the "
+                              "broker's bookkeeping keys: deployments sharing a Redis "
+                              "database stay apart")
     result_expires: int = Field(7 * 24 * 3600, ge=60, description="seconds a result is kept")
     visibility_timeout: int = Field(
         3600, ge=1, description="Redis broker: seconds before an unacked message is redelivered"
@@ -117,6 +125,11 @@ class Settings(BaseSettings):
     def _empty_is_none(cls, value: object) -> object:
         return None if value == "" else value
 
+    @field_validator("model_repo", mode="before")
+    @classmethod
+    def _path_is_text(cls, value: object) -> object:
+        return os.fspath(value) if isinstance(value, os.PathLike) else value
+
     @field_validator("queue_prefix")
     @classmethod
     def _plain_prefix(cls, value: str) -> str:
@@ -150,6 +163,9 @@ class Settings(BaseSettings):
             "INFERQ_RESULT_BACKEND: required when INFERQ_BROKER_URL is not Redis "
             "(set it to a redis:// URL so results persist and any process can read them)"
         )
+
+    def effective_model_cache(self) -> Path:
+        return self.model_cache or self.home / "model-cache"
 
     def effective_ort_threads(self) -> int:
         return self.ort_threads or (os.cpu_count() or 1)

@@ -16,7 +16,7 @@ from celery.worker import WorkController
 from shared import tracing
 from shared.celery_app import make_app, model_queues
 from shared.errors import ConfigError
-from shared.repository import ModelRepository
+from shared.repository import open_repository
 from shared.settings import Settings
 from workers.pool import ModelPool
 from workers.tasks import register_tasks
@@ -50,11 +50,11 @@ def _survive_restore_without_connection() -> None:
 def prepare(settings: Settings, models: list[str] | None, app: Celery | None = None
             ) -> tuple[Celery, ModelPool, list[str]]:
     """Build the app, load and warm every served model before consuming anything."""
-    repo = ModelRepository(settings.model_repo)
+    repo = open_repository(settings)
     models = models or repo.names()
     if not models:
         raise ConfigError(
-            f"INFERQ_MODEL_REPO: no models in {settings.model_repo.resolve()}; "
+            f"INFERQ_MODEL_REPO: no models in {repo.location}; "
             "build them with `inferq models build` or pass --models")
     app = app or make_app(settings)
     _survive_restore_without_connection()

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from shared.repository import ModelRef, ModelRepository, ModelVersion
+from shared.repository import ModelRef, ModelVersion, open_repository
 from shared.settings import Settings
 from workers import faults
 from workers.batcher import Batcher, is_device_lost
@@ -66,7 +66,7 @@ class Served:
 class ModelPool:
     def __init__(self, settings: Settings):
         self.settings = settings
-        self.repo = ModelRepository(settings.model_repo)
+        self.repo = open_repository(settings)
         self._served: dict[str, Served] = {}
         self.metrics = WorkerMetrics(settings.device)
         self._latest: dict[str, tuple[float, ModelVersion]] = {}
@@ -98,6 +98,7 @@ class ModelPool:
 
     def _load(self, version: ModelVersion) -> Served:
         s = self.settings
+        version = self.repo.materialize(version)  # from a bucket: downloaded, checked
         version.verify()
         runtime = load_runtime(version, threads=s.effective_ort_threads(), device=s.device)
         runtime.warm_up(s.max_batch_rows)

@@ -13,6 +13,7 @@ import logging
 import re
 import time
 from collections.abc import AsyncIterator, Mapping
+from pathlib import Path
 from typing import Any
 
 import redis
@@ -41,6 +42,7 @@ from producer.api.store import ApiStore
 from producer.client import Client
 from shared import tracing
 from shared.errors import InputError, InvalidModelName, JobNotFound, ModelNotFound, Unavailable
+from shared.objectstore import is_remote
 from shared.repository import ModelVersion
 from shared.settings import Settings, load_settings, scrub
 
@@ -152,7 +154,10 @@ def public_text(settings: Settings, text: str) -> str:
     for folder in {str(uploads), str(uploads.resolve())}:
         text = re.sub(re.escape(folder) + r"/[\w.-]+", "the uploaded file", text)
     # The absolute path only: a relative one ("models") is also an ordinary word.
-    text = text.replace(str(settings.model_repo.resolve()), "the model repository")
+    repo = settings.model_repo
+    shown = repo if is_remote(repo) else str(Path(repo).resolve())
+    text = text.replace(shown.rstrip("/"), "the model repository")
+    text = text.replace(str(settings.effective_model_cache().resolve()), "the model cache")
     return text
 
 

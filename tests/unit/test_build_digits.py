@@ -93,8 +93,8 @@ def test_ensure_digits_builds_when_missing(
     # Stands in for the build so the suite trains at most twice.
     calls: list[Path] = []
 
-    def fake_build(root: Path, **_: object) -> ModelVersion:
-        calls.append(root)
+    def fake_build(repo: ModelRepository, **_: object) -> ModelVersion:
+        calls.append(repo.root)
         return first
 
     monkeypatch.setattr("workers.build.digits.build_digits", fake_build)

@@ -24,7 +24,7 @@ def test_defaults() -> None:
     assert s.broker_url is None and s.result_backend is None
     assert s.embedded
     assert s.home == Path.home() / ".inferq"
-    assert s.model_repo == Path("models")
+    assert s.model_repo == "models"
     assert s.queue_prefix == ""
     assert s.max_batch_rows == 512
     assert s.max_delay_ms == 5.0

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from shared.errors import ModelNotFound
-from shared.repository import ModelRepository, ModelVersion
+from shared.repository import ModelRepository, ModelVersion, as_repository
 
 logger = logging.getLogger(__name__)
 
@@ -32,13 +32,13 @@ class Built:
     notes: list[str] = field(default_factory=list)
 
 
-def build_bundled(repo_root: Path, names: list[str] | None = None, *,
+def build_bundled(repo_root: ModelRepository | Path, names: list[str] | None = None, *,
                   if_missing: bool = False, say: Callable[[str], None] = logger.info
                   ) -> Built:
     """Build each bundled model (fp32 and its variants) into ``repo_root``; ``say`` gets
     each change of what a bare name serves as it is made (a later model's build may
     still fail)."""
-    repo = ModelRepository(repo_root)
+    repo = as_repository(repo_root)
     built = Built()
     unknown = [n for n in names or () if n not in BUNDLED]
     if unknown:  # before building anything
@@ -98,8 +98,8 @@ def _digits(repo: ModelRepository) -> tuple[list[ModelVersion], str]:
     from workers.build.digits import build_digits
     from workers.build.digits_variants import build_digits_variants
 
-    parent = build_digits(repo.root, reuse_identical=True)
-    variants = build_digits_variants(repo.root, parent, reuse_identical=True)
+    parent = build_digits(repo, reuse_identical=True)
+    variants = build_digits_variants(repo, parent, reuse_identical=True)
     int8 = variants.get("int8")
     measured = "int8" if int8 is not None and _meets_digits_int8(int8) else "fp32"
     return [parent, *variants.values()], measured
@@ -114,7 +114,7 @@ def _meets_digits_int8(version: ModelVersion) -> bool:
 def _minilm(repo: ModelRepository) -> tuple[list[ModelVersion], str]:
     from workers.build.minilm import build_minilm, measured_default
 
-    published = build_minilm(repo.root, set_default=False, reuse_identical=True)
+    published = build_minilm(repo, set_default=False, reuse_identical=True)
     return list(published.values()), measured_default(published) or "fp32"
 
 

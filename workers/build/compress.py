@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from shared.repository import ModelRepository, ModelVersion, sha256_file
+from shared.repository import ModelRepository, ModelVersion, as_repository, sha256_file
 from shared.schemas import Compression, Manifest, TensorSpec, check_model_name
 from workers.build.compress_calibration import npy_spec, read_calibration
 from workers.build.compress_common import CompressError, Runtime, dtype_name, jit_load
@@ -65,7 +65,7 @@ class Source:
 # ---------------------------------------------------------------------------- the entry point
 
 
-def compress(model_file: Path, *, calibration: Path, method: str, repo_root: Path,
+def compress(model_file: Path, *, calibration: Path, method: str, repo_root: ModelRepository | Path,
              name: str | None = None, threads: int = 1,
              max_rows: int = 2000) -> tuple[ModelVersion, ModelVersion]:
     """Publish ``model_file`` (once) and its compressed form; return (parent, compressed)."""
@@ -81,7 +81,7 @@ def compress(model_file: Path, *, calibration: Path, method: str, repo_root: Pat
     model_name = sanitize_name(source.path.stem if name is None else name)
     specs = source.inputs or [npy_spec(Path(calibration), source.arg_name)]
     rows = read_calibration(Path(calibration), specs, max_rows)
-    repo = ModelRepository(repo_root)
+    repo = as_repository(repo_root)
     with tempfile.TemporaryDirectory(prefix="inferq-compress-") as tmp:
         out = Path(tmp) / ARTIFACTS[source.runtime]
         details = _compress_file(source, how, out, rows, Path(tmp))

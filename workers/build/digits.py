@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from shared.repository import ModelRepository, ModelVersion
+from shared.repository import ModelRepository, ModelVersion, as_repository
 from shared.schemas import Manifest, Preprocessing, TensorSpec
 from workers.drift import histogram_reference
 
@@ -157,12 +157,12 @@ def reference_stats(x: np.ndarray) -> dict[str, object]:
     return histogram_reference(x)
 
 
-def build_digits(repo_root: Path, *, seed: int = 0, epochs: int | None = None,
+def build_digits(repo_root: ModelRepository | Path, *, seed: int = 0, epochs: int | None = None,
                  reuse_identical: bool = False) -> ModelVersion:
     """Train, export and publish a new fp32 ``digits`` version under ``repo_root``
     (``reuse_identical``: the version that already has this exact artifact, if any)."""
     started = time.monotonic()
-    repo = ModelRepository(repo_root)
+    repo = as_repository(repo_root)
     images, labels = load_digits_data()
     x_train, x_test, y_train, y_test = split(seed)
     with _torch_settings(seed):
@@ -184,9 +184,9 @@ def build_digits(repo_root: Path, *, seed: int = 0, epochs: int | None = None,
     return version
 
 
-def ensure_digits(repo_root: Path) -> ModelVersion:
+def ensure_digits(repo_root: ModelRepository | Path) -> ModelVersion:
     """The latest ``digits`` version in ``repo_root``, building version 1 if there is none."""
-    repo = ModelRepository(repo_root)
+    repo = as_repository(repo_root)
     if repo.versions(NAME):
         return repo.resolve(NAME)
-    return build_digits(repo_root)
+    return build_digits(repo)

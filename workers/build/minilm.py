@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from shared.repository import ModelRepository, ModelVersion
+from shared.repository import ModelRepository, ModelVersion, as_repository
 from shared.schemas import Compression, Manifest, Preprocessing, TensorSpec
 from workers.build.measure import ort_session, speed_record
 from workers.build.minilm_eval import (
@@ -340,7 +340,8 @@ def measured_default(published: dict[str, ModelVersion]) -> str | None:
     return "int8" if all(met.values()) else "fp32"
 
 
-def build_minilm(repo_root: Path, *, variants: tuple[str, ...] = ("fp32", "int8", "fp16"),
+def build_minilm(repo_root: ModelRepository | Path, *,
+                 variants: tuple[str, ...] = ("fp32", "int8", "fp16"),
                  set_default: bool = True, reuse_identical: bool = False
                  ) -> dict[str, ModelVersion]:
     """Export, quantize, judge and publish ``minilm`` variants; set the repository default.
@@ -353,7 +354,7 @@ def build_minilm(repo_root: Path, *, variants: tuple[str, ...] = ("fp32", "int8"
     if unknown := set(variants) - {"fp32", "int8", "fp16"}:
         raise ValueError(f"unknown minilm variants {sorted(unknown)}: use fp32, int8, fp16")
     started = time.monotonic()
-    repo = ModelRepository(repo_root)
+    repo = as_repository(repo_root)
     heldout = load_sentences("heldout")
     with tempfile.TemporaryDirectory(prefix="minilm-") as tmp:
         work = Path(tmp)
@@ -367,7 +368,7 @@ def build_minilm(repo_root: Path, *, variants: tuple[str, ...] = ("fp32", "int8"
             built.append(fp32)
             parent = None
         else:
-            parent = repo.resolve(f"{NAME}:fp32")
+            parent = repo.materialize(repo.resolve(f"{NAME}:fp32"))
             shutil.copy(parent.artifact, work / "fp32.onnx")
             parent_emb = run_feeds(ort_session(work / "fp32.onnx", 2, RUNTIME_OPTIONS), feeds)
         if "int8" in variants:

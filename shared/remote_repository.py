@@ -1,0 +1,251 @@
+"""A model repository in object storage (``INFERQ_MODEL_REPO=s3://bucket/prefix``), read
+through a local cache.
+
+The bucket holds the same layout as a folder (``<name>/<version>/{manifest.json, artifact}``,
+``<name>/default.json``). The cache (``INFERQ_MODEL_CACHE/<hash of the URL>``) mirrors every
+manifest and default, re-listed at most every ``INFERQ_MODEL_REFRESH_S`` seconds, so
+resolving, hot reload and rollback work exactly as on a folder; an artifact is downloaded
+once per version, when a worker first serves it, checked against its manifest's sha256 and
+only then moved into the cache (a corrupted object is refused, nothing half-written is
+ever loaded). Producers and the API read manifests only, never artifacts.
+
+Publishing writes a version, then its pointer: a ``.claim`` object created only if absent
+(S3's conditional write) reserves the number, the files go up, the manifest last; readers
+list versions by their manifests, so they never see half a model. ``default.json`` is one
+PUT. A bucket that is away leaves workers serving what their cache holds.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+import threading
+import time
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from shared.errors import InferqError, ModelNotFound
+from shared.objectstore import ObjectStore, open_store
+from shared.repository import (
+    DEFAULT,
+    MANIFEST,
+    MAX_VERSION_DIGITS,
+    ModelCorrupt,
+    ModelRef,
+    ModelRepository,
+    ModelVersion,
+    _now,
+    _write_atomic,
+    sha256_file,
+)
+from shared.schemas import MODEL_NAME, Manifest
+
+logger = logging.getLogger(__name__)
+
+CLAIM = ".claim"
+
+
+def cache_folder(cache_root: Path, url: str) -> Path:
+    """One cache folder per repository URL: two buckets never mix."""
+    return cache_root / hashlib.sha256(url.encode()).hexdigest()[:16]
+
+
+class RemoteRepository(ModelRepository):
+    def __init__(self, store: ObjectStore, cache_root: Path, refresh_s: float = 5.0):
+        super().__init__(cache_folder(cache_root, store.url))
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.store = store
+        self.refresh_s = refresh_s
+        self._listing: dict[str, str] = {}  # key -> token, as last listed
+        self._mirrored: dict[str, str] = {}  # manifest/default key -> token mirrored
+        self._listed_at = -float("inf")
+        self._lock = threading.RLock()
+
+    @classmethod
+    def open(cls, url: str, cache_root: Path, refresh_s: float = 5.0) -> RemoteRepository:
+        return cls(open_store(url), cache_root, refresh_s)
+
+    @property
+    def location(self) -> str:
+        return self.store.url
+
+    # -- mirroring manifests and defaults ------------------------------------------------
+    def refresh(self, *, force: bool = False) -> None:
+        """List the bucket and mirror every changed manifest and default (throttled)."""
+        with self._lock:
+            if not force and time.monotonic() - self._listed_at < self.refresh_s:
+                return
+            try:
+                listing = self.store.listing()
+            except Exception as exc:  # the bucket is away: serve what the cache holds
+                self._listed_at = time.monotonic()  # and try again later, not per call
+                logger.warning("model repository %s: listing failed (%s); serving the "
+                               "cached manifests", self.store.url, _short(exc))
+                if force:
+                    raise InferqError(f"model repository {self.store.url} cannot be listed: "
+                                      f"{_short(exc)}") from None
+                return
+            for key, token in listing.items():
+                if _mirrored_kind(key) and self._mirrored.get(key) != token:
+                    self._mirror(key, token)
+            for path in self._cached_pointers():  # removed from the bucket: forget it
+                key = path.relative_to(self.root).as_posix()
+                if key not in listing:
+                    path.unlink(missing_ok=True)
+                    self._mirrored.pop(key, None)
+            self._listing = listing
+            self._listed_at = time.monotonic()
+
+    def _cached_pointers(self) -> list[Path]:
+        """The manifests and defaults in the cache (the artifacts stay, keyed by version)."""
+        return [p for p in [*self.root.glob(f"*/{DEFAULT}"), *self.root.glob(f"*/*/{MANIFEST}")]
+                if _mirrored_kind(p.relative_to(self.root).as_posix())]
+
+    def _mirror(self, key: str, token: str) -> None:
+        try:
+            data = self.store.read(key)
+        except Exception as exc:  # gone between list and read, say: the next refresh
+            logger.warning("model repository %s: reading %s failed (%s)", self.store.url,
+                           key, _short(exc))
+            return
+        path = self.root / key
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _write_atomic(path, data.decode("utf-8", "replace"))
+        self._mirrored[key] = token
+
+    def names(self) -> list[str]:
+        self.refresh()
+        return super().names()
+
+    def versions(self, name: str) -> list[int]:
+        self.refresh()
+        return super().versions(name)
+
+    def default(self, name: str) -> dict[str, Any]:
+        self.refresh()
+        return super().default(name)
+
+    # -- artifacts -----------------------------------------------------------------------
+    def materialize(self, version: ModelVersion) -> ModelVersion:
+        """Download the version's files into the cache once, sha256 checked first."""
+        folder = f"{version.manifest.name}/{version.manifest.version}/"
+        with self._lock:
+            wanted = {key: self.root / key for key in self.store.listing(folder)
+                      if _version_file(key, folder)}
+            self._inside(version.artifact)
+            missing = {k: p for k, p in wanted.items() if not p.is_file()}
+            if not missing:
+                return version
+            with tempfile.TemporaryDirectory(prefix=".tmp-", dir=self.root) as tmp:
+                fetched = {}
+                for key, final in missing.items():
+                    self._inside(final)
+                    local = Path(tmp) / key.replace("/", "_")
+                    self.store.download(key, local)
+                    fetched[local] = final
+                self._check(version, fetched)
+                for local, final in fetched.items():
+                    final.parent.mkdir(parents=True, exist_ok=True)
+                    os.replace(local, final)
+            logger.info("model %s: downloaded %d files from %s", version.key, len(missing),
+                        self.store.url)
+        return version
+
+    def _check(self, version: ModelVersion, fetched: dict[Path, Path]) -> None:
+        want = version.manifest.artifact_sha256
+        local = next((p for p, final in fetched.items() if final == version.artifact), None)
+        if local is None:
+            if not version.artifact.is_file():
+                raise ModelNotFound(f"model {version.key}: {self.store.url}"
+                                    f"{version.manifest.name}/{version.manifest.version}/"
+                                    f"{version.manifest.artifact} is missing from the bucket")
+            return
+        got = sha256_file(local)
+        if want and got != want:
+            raise ModelCorrupt(f"model {version.key}: {self.store.url}"
+                               f"{version.manifest.name}/{version.manifest.version}/"
+                               f"{version.manifest.artifact} has sha256 {got[:12]}…, its "
+                               f"manifest says {want[:12]}…; refused (rebuild or restore "
+                               "the object)")
+
+    # -- publishing ----------------------------------------------------------------------
+    def next_version(self, name: str) -> int:
+        """Past every number in the bucket, claimed or published."""
+        numbers = [int(part[1]) for part in (k.split("/") for k in self._listing)
+                   if len(part) >= 3 and part[0] == name and _is_version(part[1])]
+        return max([*numbers, *super().versions(name), 0]) + 1
+
+    def _intact(self, version: ModelVersion) -> bool:
+        return True  # the bucket's copy is checked against its sha256 when downloaded
+
+    def _place(self, staged: Path, manifest: Manifest) -> ModelVersion:
+        self.refresh(force=True)
+        for _ in range(20):  # another publisher may claim the number first
+            version = self.next_version(manifest.name)
+            folder = f"{manifest.name}/{version}/"
+            if not self.store.create(folder + CLAIM, _now().encode()):
+                self.refresh(force=True)
+                continue
+            final = manifest.model_copy(update={"version": version})
+            (staged / MANIFEST).write_text(final.model_dump_json(indent=2))
+            files = sorted(p for p in staged.rglob("*") if p.is_file() and p.name != MANIFEST)
+            for path in files:
+                self.store.upload(path, folder + path.relative_to(staged).as_posix())
+            self.store.upload(staged / MANIFEST, folder + MANIFEST)  # the version appears
+            target = self.root / manifest.name / str(version)
+            shutil.rmtree(target, ignore_errors=True)
+            os.rename(staged, target)
+            staged.mkdir()  # so the staging context has something to remove
+            self.refresh(force=True)
+            return self.load(manifest.name, version)
+        raise InferqError(f"could not claim a new version of {manifest.name} in "
+                          f"{self.store.url}")
+
+    def set_default(self, name: str, *, variant: str | None = None,
+                    version: int | None = None) -> ModelVersion:
+        if (variant is None) == (version is None):
+            raise ValueError("give a variant or a version")
+        self.refresh(force=True)
+        target = self.resolve(ModelRef(name, variant, version))  # must exist
+        data = json.dumps({"variant": variant, "version": version, "set_at": _now()},
+                          indent=2)
+        self.store.write(f"{name}/{DEFAULT}", data.encode())  # the pointer: one PUT
+        self.refresh(force=True)
+        return target
+
+    def _unknown(self, name: str) -> str:
+        have = ", ".join(self.names()) or "none"
+        return (f"unknown model {name!r} in {self.store.url} (INFERQ_MODEL_REPO; it holds: "
+                f"{have}); publish it there with `inferq models build` or "
+                "`inferq compress`")
+
+
+def _is_version(part: str) -> bool:
+    return part.isascii() and part.isdigit() and len(part) <= MAX_VERSION_DIGITS
+
+
+def _mirrored_kind(key: str) -> bool:
+    """A manifest (``name/N/manifest.json``) or a default (``name/default.json``) with a
+    valid name and version: nothing else from the bucket is written by a refresh."""
+    parts = key.split("/")
+    if not parts or not MODEL_NAME.fullmatch(parts[0]):
+        return False
+    return ((len(parts) == 2 and parts[1] == DEFAULT)
+            or (len(parts) == 3 and _is_version(parts[1]) and parts[2] == MANIFEST))
+
+
+def _version_file(key: str, folder: str) -> bool:
+    """A file of the version other than its manifest and claim, at a plain relative path."""
+    rest = key[len(folder):]
+    parts = PurePosixPath(rest).parts
+    return (key.startswith(folder) and bool(rest) and rest not in (MANIFEST, CLAIM)
+            and not rest.startswith("/") and ".." not in parts and "." not in parts
+            and not rest.endswith("/"))
+
+
+def _short(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {str(exc)[:200]}"
