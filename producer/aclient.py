@@ -28,6 +28,7 @@ import numpy as np
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from producer.chunks import check_fits
 from producer.client import (
     PUBLISH_RETRY,
     Client,
@@ -89,6 +90,7 @@ class AsyncClient:
         deadline = deadline_after(expires_in)
         version, ref = self.client.model(model)
         inputs = wire_inputs(coerce_inputs(version.manifest, row))
+        check_fits(self.client.settings, inputs)
         job_id = job_id or uuid.uuid4().hex
         if self.coalescer.reply_to is not None:
             if await self.notifier.replying():  # type: ignore[union-attr]

@@ -340,10 +340,10 @@ def _broker_errors() -> tuple[type[BaseException], ...]:
 
 
 def _models_in_repo(settings: Settings) -> list[str]:
-    from shared.repository import open_repository
+    from shared.catalog import open_for_clients
 
     try:
-        return open_repository(settings).names()
+        return open_for_clients(settings).names()
     except (OSError, InferqError):
         return []
 

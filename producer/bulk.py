@@ -29,7 +29,14 @@ from celery.exceptions import BackendStoreError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from producer.chunks import Chunk, ChunkResult, array_chunks, chunk_rows_for, merge
+from producer.chunks import (
+    Chunk,
+    ChunkResult,
+    array_chunks,
+    chunk_budget,
+    chunk_rows_for,
+    merge,
+)
 from producer.client import Client
 from producer.coalesce import not_sent
 from producer.store import is_final, result_value
@@ -292,8 +299,8 @@ class BatchHandle:
         pipeline = Pipeline(client, model, batch_id or uuid.uuid4().hex,
                             max_in_flight=10**9, priority=priority, deadline=deadline)
         manifest = pipeline.version.manifest
-        chunks = list(array_chunks(manifest.input(), rows,
-                                   chunk_rows_for(manifest, chunk_rows)))
+        size = chunk_rows_for(manifest, chunk_rows, budget=chunk_budget(client.settings))
+        chunks = list(array_chunks(manifest.input(), rows, size))
         return cls(pipeline, chunks)
 
     def iter_results(self, timeout: float | None = None) -> Iterator[ChunkResult]:

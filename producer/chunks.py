@@ -4,10 +4,13 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
+from shared.errors import InputError
 from shared.schemas import Manifest, RowError, TensorSpec
+from shared.settings import Settings
 from shared.validation import check_rows
 
 # Bulk chunk size when INFERQ_CHUNK_ROWS is unset: about CHUNK_BYTES of decoded input per
@@ -18,18 +21,48 @@ from shared.validation import check_rows
 # Text rows have no fixed size: TEXT_CHUNK_ROWS. docs/design.md, "Chunk size".
 CHUNK_BYTES = 1 << 20
 MIN_CHUNK_ROWS, MAX_CHUNK_ROWS, TEXT_CHUNK_ROWS = 16, 16_384, 1024
+# Amazon SQS takes messages of at most 256 KiB, and input bytes grow by 16/9 on the way
+# (kombu base64-encodes the binary body, then its SQS transport the whole JSON envelope):
+# 128 KiB of input per message (228 KiB sent) leaves room for the envelope.
+SQS_MESSAGE_LIMIT = 256 << 10
+SQS_CHUNK_BYTES = 128 << 10
 
 
-def chunk_rows_for(manifest: Manifest, configured: int | None = None) -> int:
+def chunk_budget(settings: Settings) -> int:
+    """Input bytes per bulk message on this broker."""
+    return SQS_CHUNK_BYTES if settings.broker_is_sqs else CHUNK_BYTES
+
+
+def check_fits(settings: Settings, inputs: dict[str, Any]) -> None:
+    """One job's inputs must fit one message: on SQS, SQS_CHUNK_BYTES of them."""
+    if not settings.broker_is_sqs:
+        return
+    size = sum(_nbytes(v) for v in inputs.values())
+    if size > SQS_CHUNK_BYTES:
+        raise InputError(f"inputs: {size:,} bytes, over the {SQS_CHUNK_BYTES >> 10} KiB of "
+                         "input one Amazon SQS message carries; score these rows as a bulk "
+                         "job, which splits them into messages that fit", field="inputs")
+
+
+def _nbytes(value: Any) -> int:
+    if isinstance(value, np.ndarray) and value.dtype != object:
+        return int(value.nbytes)
+    if isinstance(value, np.ndarray | list | tuple):
+        return sum(_nbytes(v) for v in value)
+    return len(value.encode()) if isinstance(value, str) else 8
+
+
+def chunk_rows_for(manifest: Manifest, configured: int | None = None, *,
+                   budget: int = CHUNK_BYTES) -> int:
     """Rows per bulk message for this model: ``configured`` when given, else sized by the
-    bytes of one input row (see CHUNK_BYTES)."""
+    bytes of one input row to ``budget`` (``chunk_budget``; see CHUNK_BYTES)."""
     if configured:
         return configured
     if any(spec.dtype == "string" for spec in manifest.inputs):
-        return TEXT_CHUNK_ROWS
+        return max(MIN_CHUNK_ROWS, TEXT_CHUNK_ROWS * budget // CHUNK_BYTES)
     row_bytes = sum(int(np.prod([max(d, 1) for d in spec.row_shape], dtype=np.int64))
                     * spec.np_dtype.itemsize for spec in manifest.inputs)
-    rows = max(1, CHUNK_BYTES // max(row_bytes, 1))
+    rows = max(1, budget // max(row_bytes, 1))
     return min(MAX_CHUNK_ROWS, max(MIN_CHUNK_ROWS, 1 << (rows.bit_length() - 1)))
 
 

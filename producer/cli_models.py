@@ -10,6 +10,7 @@ import typer
 from rich.console import Console
 
 from producer.tables import Grid, print_json, say, show
+from shared.catalog import Publisher
 from shared.errors import InferqError
 from shared.repository import ModelRepository, ModelVersion, open_repository, parse_model_ref
 from shared.settings import load_settings
@@ -29,6 +30,12 @@ def _workers(module: str):  # noqa: ANN202 - a module
 
 def _repo() -> ModelRepository:
     return open_repository(load_settings())
+
+
+def _announce(repo: ModelRepository, names: list[str]) -> None:
+    """Put the changed models' manifests in the result store's catalog now, so clients
+    with no model folder see them before a worker's next round (shared/catalog.py)."""
+    Publisher(load_settings(), repo, names).publish_once()
 
 
 def _record(v: ModelVersion, default: ModelVersion | None, parent_speed: dict[int, float]
@@ -92,6 +99,7 @@ def models_build(
     except ValueError as exc:
         raise InferqError(str(exc)) from None
     if built.versions:
+        _announce(repo, sorted({v.manifest.name for v in built.versions}))
         _show(repo, sorted({v.manifest.name for v in built.versions}))
         if not built.new:
             say("no new version: every artifact built is already published")
@@ -131,6 +139,7 @@ def models_default(
         chosen = repo.set_default(name, version=parse_model_ref(f"{name}{target}").version)
     else:
         chosen = repo.set_default(name, variant=target)
+    _announce(repo, [name])
     out.print(f"{name} now serves {chosen.key} ({chosen.manifest.variant})")
 
 
@@ -146,6 +155,7 @@ def compress(
     tool = _workers("build.compress")
     parent, version = tool.compress(model_file, calibration=calibration, method=method,
                                     repo_root=repo, name=name, threads=threads)
+    _announce(repo, [version.manifest.name])
     _show(repo, [version.manifest.name])
 
 

@@ -11,13 +11,15 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from celery import Celery
 
+from producer.chunks import check_fits
 from producer.coalesce import Coalescer, not_sent
 from producer.inflight import LOST_AFTER_S, MAX_RESENDS, InFlight, Sent
 from producer.store import ResultStore, every_row_failed, is_final, status_of
 from shared import tracing
+from shared.catalog import open_for_clients
 from shared.celery_app import INFER_TASK, check_priority, make_app, model_queue
 from shared.errors import InputError
-from shared.repository import ModelRef, ModelVersion, open_repository, parse_model_ref
+from shared.repository import ModelRef, ModelVersion, parse_model_ref
 from shared.schemas import JobResult, JobStatus, Manifest, RowError
 from shared.settings import Settings, load_settings
 from shared.validation import as_row, check_rows, check_text_rows
@@ -45,7 +47,7 @@ class Client:
     def __init__(self, settings: Settings | None = None, app: Celery | None = None):
         self.settings = settings or load_settings()
         self.app = app or make_app(self.settings)
-        self.repo = open_repository(self.settings)
+        self.repo = open_for_clients(self.settings)
         self.store = ResultStore(self.app)
         # With a Redis result store, workers also publish this process's results on its
         # own channel: a waiting job needs no subscription of its own (producer/waiter.py).
@@ -136,6 +138,7 @@ class Client:
         deadline = deadline_after(expires_in)
         version, ref = self.model(model)
         inputs = wire_inputs(coerce_inputs(version.manifest, row))
+        check_fits(self.settings, inputs)
         job_id = job_id or uuid.uuid4().hex
         with tracing.submitting(ref.name, job_id):
             carrier = tracing.outgoing()

@@ -24,6 +24,7 @@ from kombu.utils.url import maybe_sanitize_url
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from producer.chunks import SQS_CHUNK_BYTES
 from shared import tracing
 from shared.celery_app import INFER_MANY_TASK, model_queue
 from shared.claims import redis_of
@@ -105,9 +106,11 @@ class Coalescer:
         # Where the worker also publishes each message's results (producer/waiter.py);
         # with one, every job goes as inferq.infer_many, even alone.
         self.reply_to = reply_to
-        # Half the workers' payload cap: a shared message must never be one they refuse.
-        self.max_bytes = client.settings.max_message_bytes // 2 if client is not None \
-            else 2**31
+        # Half the workers' payload cap: a shared message must never be one they refuse;
+        # on SQS, what fits its message limit (producer/chunks.py).
+        self.max_bytes = 2**31 if client is None else (
+            SQS_CHUNK_BYTES if client.settings.broker_is_sqs
+            else client.settings.max_message_bytes // 2)
         self._lock = threading.Lock()
         self._groups: dict[tuple[str, str | None, int | None, str], _Group] = {}
         self.messages = 0

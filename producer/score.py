@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from producer.bulk import Pipeline, finished_chunks
-from producer.chunks import ChunkResult, chunk_rows_for
+from producer.chunks import ChunkResult, chunk_budget, chunk_rows_for
 from producer.client import Client
 from producer.readers import count_rows, read_chunks
 from producer.writers import open_writer
@@ -83,7 +83,8 @@ def score_file(client: Client, model: str, source: Path, output: Path, *,
         raise InputError(f"input file {source} does not exist")
     pipeline = Pipeline(client, model, "", stall_timeout=stall_timeout)
     manifest = pipeline.version.manifest
-    chunk_rows = chunk_rows_for(manifest, chunk_rows or client.settings.chunk_rows)
+    chunk_rows = chunk_rows_for(manifest, chunk_rows or client.settings.chunk_rows,
+                                budget=chunk_budget(client.settings))
     pipeline.batch_id = _batch_id(model, source, output, chunk_rows, resume)
     total = count_rows(source)
     if total == 0:

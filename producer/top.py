@@ -279,10 +279,10 @@ def _models(settings: Settings, models: str | None) -> list[str]:
     names = [m.strip() for m in (models or "").split(",") if m.strip()]
     if names:
         return names
-    from shared.repository import open_repository
+    from shared.catalog import open_for_clients
 
     try:
-        names = open_repository(settings).names()
+        names = open_for_clients(settings).names()
     except (OSError, InferqError):
         names = []
     if not names:

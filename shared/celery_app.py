@@ -6,6 +6,8 @@ Producers send tasks by name (``send_task``) and never import worker code, so an
 
 from __future__ import annotations
 
+import os
+
 from celery import Celery
 from kombu import Exchange, Queue
 
@@ -20,6 +22,7 @@ INFER_MANY_TASK = "inferq.infer_many"  # several jobs in one message (producer/c
 PRIORITIES = ("high", "normal")  # a worker takes from a model's high queue first
 HIGH_SUFFIX = ".high"
 RELIABLE_REDIS = "shared.redis_transport:Transport"
+SAFE_SQS = "shared.sqs_transport:Transport"
 
 
 def check_priority(priority: str) -> str:
@@ -50,6 +53,21 @@ def model_queue(settings: Settings, model: str, priority: str = "normal") -> Que
 def model_queues(settings: Settings, model: str) -> list[Queue]:
     """The queues a worker serving ``model`` consumes, high first."""
     return [model_queue(settings, model, p) for p in PRIORITIES]
+
+
+def sqs_options(settings: Settings) -> dict[str, object]:
+    """kombu's SQS transport, from the standard AWS settings (``AWS_DEFAULT_REGION``,
+    ``AWS_ENDPOINT_URL`` for an SQS-compatible server, credentials from the usual chain)."""
+    return {
+        "region": os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+        or "us-east-1",
+        # SQS redelivers a message not deleted within this (at most 12 h): as on Redis, it
+        # must exceed the longest job.
+        "visibility_timeout": min(settings.visibility_timeout, 43_200),
+        # Long polls that return as soon as a message arrives, back to back.
+        "wait_time_seconds": 10,
+        "polling_interval": 0,
+    }
 
 
 def make_app(settings: Settings) -> Celery:
@@ -116,6 +134,12 @@ def make_app(settings: Settings) -> Celery:
             # Each deployment (queue prefix) sweeps only its own unacked messages, with its
             # own visibility timeout, when several share one Redis database.
             state_prefix=settings.queue_prefix)
+    if settings.broker_is_sqs:
+        app.conf.broker_transport = SAFE_SQS  # malformed messages refused, not fatal
+        app.conf.broker_transport_options.update(sqs_options(settings))
+        # Broadcasts (ping, inspect, Flower) need a fanout exchange, which kombu builds
+        # from SNS topics on SQS: not offered here (docs/ops.md, "Amazon SQS").
+        app.conf.worker_enable_remote_control = False
     # Control messages (ping, inspect, our own broadcasts) in JSON, which `celery inspect`
     # and Flower speak; Celery would otherwise use the task serializer.
     app.control.mailbox.serializer = "json"

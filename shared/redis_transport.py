@@ -44,6 +44,7 @@ from kombu.utils.encoding import bytes_to_str
 from kombu.utils.json import dumps, loads
 from redis.exceptions import NoScriptError
 
+from shared.envelope import is_message, stand_in
 from shared.redis_scripts import BEAT, FETCH, PUT, SWEEP_DEAD
 
 logger = logging.getLogger(__name__)
@@ -54,7 +55,6 @@ GARBAGE_KEY = "_inferq.garbage"  # list: raw queue entries that were not message
 GARBAGE_KEPT = 10_000
 WAKE_PREFIX = "_inferq.wake."
 WAKE_TTL_MS = 60_000  # a marker only matters for a moment; queues come and go (replies)
-REFUSED_HEADER = "inferq_refused"  # on a stand-in message for an entry that was garbage
 
 
 def wake_key(queue: str) -> str:
@@ -139,7 +139,7 @@ class QoS(kombu_redis.QoS):
                 return
             try:
                 message, exchange, routing_key = loads(bytes_to_str(raw))
-                valid = _is_message(message)
+                valid = is_message(message)
             except Exception:  # kombu's loads raises many kinds (__type__ hooks, nesting)
                 valid = False
             if not valid:
@@ -161,19 +161,6 @@ def _wake_commands(queue: str) -> list[tuple[Any, ...]]:
 def _wake(pipe: Any, queue: str) -> None:
     for command, *args in _wake_commands(queue):
         getattr(pipe, command)(*args)
-
-
-def _is_message(payload: Any) -> bool:
-    """The envelope kombu's virtual Message reads, and restores by (its body is checked
-    when decoded): headers a mapping, a whole-number priority or none."""
-    if not isinstance(payload, dict):
-        return False
-    props = payload.get("properties")
-    priority = props.get("priority") if isinstance(props, dict) else None
-    return (isinstance(props, dict) and isinstance(props.get("delivery_info"), dict)
-            and isinstance(payload.get("headers", {}), dict)
-            and isinstance(payload.get("body", ""), str | None)
-            and (priority is None or (type(priority) is int and 0 <= priority <= 255)))
 
 
 class Channel(kombu_redis.Channel):
@@ -339,7 +326,7 @@ class Channel(kombu_redis.Channel):
         """Hand a recorded message to its consumer; an entry that is not one is refused."""
         try:
             payload = loads(bytes_to_str(raw))
-            valid = _is_message(payload)
+            valid = is_message(payload)
         except Exception:  # kombu's loads raises many kinds (__type__ hooks, nesting)
             valid = False
         if not valid:
@@ -363,17 +350,12 @@ class Channel(kombu_redis.Channel):
         a stand-in message saying so (the worker dead-letters it and acks)."""
         logger.error("queue %s: refused an entry of %d bytes: %s", queue, len(raw), reason)
         self._keep_garbage(raw, tag)
-        stand_in = {
-            "body": "", "content-type": "application/x-inferq-refused",
-            "content-encoding": "binary",
-            "headers": {REFUSED_HEADER: reason, "inferq_raw_bytes": len(raw),
-                        "inferq_kept_in": self.garbage_key},
-            "properties": {"delivery_tag": tag, "body_encoding": None,
-                           "delivery_info": {"exchange": "", "routing_key": queue}},
-        }
+        refused = stand_in(reason, len(raw), {
+            "delivery_tag": tag, "delivery_info": {"exchange": "", "routing_key": queue}},
+            inferq_kept_in=self.garbage_key)
         self.recorded.add(tag)
         try:
-            self.connection._deliver(stand_in, queue)
+            self.connection._deliver(refused, queue)
         finally:
             self.recorded.discard(tag)
 
@@ -396,7 +378,7 @@ class Channel(kombu_redis.Channel):
             return None
         try:
             payload = loads(bytes_to_str(reply[1]))
-            valid = _is_message(payload)
+            valid = is_message(payload)
         except Exception:
             valid = False
         if not valid:

@@ -219,9 +219,9 @@ class RemoteRepository(ModelRepository):
 
     def _unknown(self, name: str) -> str:
         have = ", ".join(self.names()) or "none"
-        return (f"unknown model {name!r} in {self.store.url} (INFERQ_MODEL_REPO; it holds: "
-                f"{have}); publish it there with `inferq models build` or "
-                "`inferq compress`")
+        hint = getattr(self.store, "hint", "publish it there with `inferq models build` or "
+                       "`inferq compress`")
+        return f"unknown model {name!r} in {self.store.url} (it holds: {have}); {hint}"
 
 
 def _is_version(part: str) -> bool:

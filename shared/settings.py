@@ -48,6 +48,10 @@ class Settings(BaseSettings):
     model_cache: Path | None = Field(None, description="bucket repositories: the local "
                                      "cache of manifests and artifacts (default: "
                                      "INFERQ_HOME/model-cache)")
+    model_source: Literal["auto", "repo", "store"] = Field(
+        "auto", description="what producers and the API validate against: the repository, "
+        "or the model catalog workers keep in the result store (auto: the repository when "
+        "it is a bucket or an existing folder, else the catalog)")
     model_refresh_s: float = Field(5.0, gt=0, le=3600, description="bucket repositories: "
                                    "seconds between listings (new versions, defaults)")
     queue_prefix: str = Field("", description="prefix of every queue name and of the "
@@ -147,6 +151,10 @@ class Settings(BaseSettings):
                 yield name, scrub(value)
             else:
                 yield name, value
+
+    @property
+    def broker_is_sqs(self) -> bool:
+        return (self.broker_url or "").startswith("sqs://")
 
     @property
     def embedded(self) -> bool:

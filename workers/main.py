@@ -69,6 +69,7 @@ def prepare(settings: Settings, models: list[str] | None, app: Celery | None = N
         pool.metrics.serve(settings.metrics_port)
     for name in models:
         pool.get(name)
+    pool.publish_catalog(models)  # clients validate against it (shared/catalog.py)
     register_tasks(app, pool)
     app.conf.task_queues = [q for name in models for q in model_queues(settings, name)]
     return app, pool, models

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from shared.catalog import Publisher
 from shared.repository import ModelRef, ModelVersion, open_repository
 from shared.settings import Settings
 from workers import faults
@@ -71,6 +72,7 @@ class ModelPool:
         self.metrics = WorkerMetrics(settings.device)
         self._latest: dict[str, tuple[float, ModelVersion]] = {}
         self._lock = threading.Lock()
+        self._catalog: Publisher | None = None
 
     def get(self, name: str, version: int | None = None, variant: str | None = None) -> Served:
         resolved = self._resolve(ModelRef(name, variant, version))
@@ -130,6 +132,12 @@ class ModelPool:
     def stats(self) -> dict[str, dict[str, float]]:
         return {key: served.snapshot() for key, served in self._served.items()}
 
+    def publish_catalog(self, names: list[str]) -> None:
+        """Keep ``names``' manifests in the result store's catalog (shared/catalog.py)."""
+        self._catalog = Publisher(self.settings, self.repo, names).start()
+
     def close(self) -> None:
+        if self._catalog is not None:
+            self._catalog.stop()
         for served in self._served.values():
             served.batcher.stop()

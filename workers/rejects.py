@@ -27,7 +27,7 @@ from celery.worker.consumer import Consumer as CeleryConsumer
 from kombu.serialization import prepare_accept_content
 from vine import promise
 
-from shared.redis_transport import REFUSED_HEADER
+from shared.envelope import REFUSED_HEADER
 
 logger = logging.getLogger(__name__)
 

@@ -28,7 +28,7 @@ from producer.api.auth import Principal
 from producer.api.context import FAST_PUBLISH, Api, Who, api_of, audit, not_found
 from producer.api.schemas import BatchRequest, BatchView, CallbackInfo, Problem
 from producer.bulk import chunk_id, publish_chunk
-from producer.chunks import Chunk, chunk_rows_for, merge
+from producer.chunks import Chunk, chunk_budget, chunk_rows_for, merge
 from producer.client import deadline_after
 from producer.readers import SUPPORTED, count_rows, read_chunks
 from producer.store import is_final, result_value
@@ -120,7 +120,8 @@ def _publish(api: Api, who: Principal, batch_id: str, model: str, callback_url: 
     version, ref = api.model(model)
     callback_url = api.check_callback(who, callback_url)  # every body kind, same checks
     spec = version.manifest.input()
-    chunk_rows = chunk_rows_for(version.manifest, api.settings.chunk_rows)
+    chunk_rows = chunk_rows_for(version.manifest, api.settings.chunk_rows,
+                                budget=chunk_budget(api.settings))
     total = count_rows(path)
     cap = api.settings.api_max_batch_rows
     if total is not None and total > cap:

@@ -23,6 +23,7 @@ from producer.api.schemas import (
     Problem,
     Timings,
 )
+from producer.chunks import check_fits
 from producer.client import coerce_inputs, deadline_after, wire_inputs
 from producer.notify import RECHECK_S, Reply
 from producer.store import every_row_failed, is_final, status_of
@@ -121,6 +122,7 @@ def _enqueue(api: Api, who: Principal, model: str, body: JobRequest, job_id: str
     trace context (``shared/tracing.py``)."""
     version, ref = api.model(model)
     inputs = coerce_inputs(version.manifest, body.inputs)
+    check_fits(api.settings, inputs)
     rows = len(next(iter(inputs.values())))
     if rows > api.settings.api_max_job_rows:
         raise HTTPException(413, f"inputs: {rows} rows in one job; the limit is "

@@ -12,6 +12,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
+from shared.errors import InputError, ModelNotFound
 from tests.conftest import client_for, run_cli, wait_until
 from tests.moto_server import moto_server
 
@@ -25,18 +26,29 @@ def s3(tmp_path: Path):
         yield aws
 
 
+@pytest.mark.parametrize("broker", ["redis", "sqs"])
 def test_models_in_a_bucket_serve_a_producer_with_no_model_folder(
-        redis_env, s3, start_worker, digits, model_repo, tmp_path, monkeypatch):
-    for key, value in s3.items():
-        monkeypatch.setenv(key, value)
+        broker, redis_env, s3, start_worker, digits, model_repo, tmp_path, monkeypatch):
     bucket = f"inferq-models-{uuid.uuid4().hex[:8]}"
-    client = boto3.client("s3")
+    client = boto3.client("s3", endpoint_url=s3["AWS_ENDPOINT_URL"],
+                          aws_access_key_id=s3["AWS_ACCESS_KEY_ID"],
+                          aws_secret_access_key=s3["AWS_SECRET_ACCESS_KEY"],
+                          region_name=s3["AWS_DEFAULT_REGION"])
     client.create_bucket(Bucket=bucket)
-    shared = {**redis_env, **s3, "INFERQ_MODEL_REPO": f"s3://{bucket}/models",
-              "INFERQ_MODEL_REFRESH_S": "1"}
-    builder = {**shared, "INFERQ_HOME": str(tmp_path / "builder")}
-    worker_env = {**shared, "INFERQ_HOME": str(tmp_path / "worker")}
-    producer = {**shared, "INFERQ_HOME": str(tmp_path / "producer")}
+    queues = dict(redis_env)
+    if broker == "sqs":  # the same moto server speaks SQS; the results stay on Redis
+        pytest.importorskip("pycurl")
+        queues.update(INFERQ_BROKER_URL="sqs://", **s3)
+        for key, value in s3.items():  # the SDK in this process sends through SQS
+            monkeypatch.setenv(key, value)
+    in_bucket = {**queues, **s3, "INFERQ_MODEL_REPO": f"s3://{bucket}/models",
+                 "INFERQ_MODEL_REFRESH_S": "1"}
+    builder = {**in_bucket, "INFERQ_HOME": str(tmp_path / "builder")}
+    worker_env = {**in_bucket, "INFERQ_HOME": str(tmp_path / "worker")}
+    # The producer host: the broker and the result store; no models, no bucket access
+    # (on Redis no AWS credentials at all).
+    producer = {**queues, "INFERQ_MODEL_REPO": str(tmp_path / "no-such-folder"),
+                "INFERQ_HOME": str(tmp_path / "producer")}
 
     # Publish: the fp32 model and an int8 variant of it, through the CLI.
     calibration = tmp_path / "calibration.npy"
@@ -57,8 +69,9 @@ def test_models_in_a_bucket_serve_a_producer_with_no_model_folder(
     src, out = tmp_path / "x.npy", tmp_path / "scores.parquet"
     np.save(src, digits["x"])
     proc = run_cli(["score", "--model", "digits", "-i", str(src), "-o", str(out),
-                    "--chunk-rows", "1000", "--stall-timeout", "60"], producer)
+                    "--stall-timeout", "60"], producer)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    print(f"\n{broker}: {proc.stderr.strip().splitlines()[-1]}")
     table = pq.read_table(out).to_pydict()
     assert table["row"] == list(range(10_000))
     np.testing.assert_array_equal(table["label"], digits["label"])
@@ -72,8 +85,14 @@ def test_models_in_a_bucket_serve_a_producer_with_no_model_folder(
     restored = sdk.wait(sdk.submit("digits:int8", {"image": digits["x"][:2]}).id, timeout=60)
     assert restored.status.value == "succeeded" and restored.version == 2
 
+    # The producer validates against the catalog the worker keeps in the result store.
+    with pytest.raises(InputError, match="image"):
+        sdk.submit("digits", {"image": np.zeros((1, 3, 3), np.float32)})
+    with pytest.raises(ModelNotFound, match="unknown model 'nope' in the model catalog"):
+        sdk.submit("nope", {"image": digits["x"][:1]})
+
     # A default moved in the bucket reaches the running worker, no restart.
-    proc = run_cli(["models", "default", "digits", "int8"], producer)
+    proc = run_cli(["models", "default", "digits", "int8"], builder)
     assert proc.returncode == 0 and "digits now serves digits@2" in proc.stdout, proc.stderr
 
     def serves_int8() -> bool:
@@ -88,3 +107,4 @@ def test_models_in_a_bucket_serve_a_producer_with_no_model_folder(
     assert cached == {"model.onnx"}
     assert len(list((tmp_path / "worker" / "model-cache").rglob("model.onnx"))) == 2
     assert not list((tmp_path / "producer").rglob("*.onnx"))
+    assert client_for(producer).model("digits")[0].key == "digits@2"  # the catalog moved too
