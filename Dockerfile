@@ -38,7 +38,7 @@ COPY workers/ workers/
 
 FROM base AS client
 # The HTTP API and direct broker access; `pip install inferq` alone is the HTTP client.
-RUN pip install ".[api,tracing]"
+RUN pip install ".[api,tracing,s3,sqs]"
 WORKDIR /app
 USER inferq
 ENTRYPOINT ["inferq"]
@@ -49,7 +49,7 @@ FROM base AS worker
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
 # torch==2.13.0 is pinned by the worker extra; from the CPU index pip picks 2.13.0+cpu
 # (a local version sorts above plain 2.13.0). An empty TORCH_INDEX_URL means PyPI only.
-RUN pip install ${TORCH_INDEX_URL:+--extra-index-url "$TORCH_INDEX_URL"} ".[worker,tracing]"
+RUN pip install ${TORCH_INDEX_URL:+--extra-index-url "$TORCH_INDEX_URL"} ".[worker,tracing,s3,sqs]"
 WORKDIR /app
 # Created and owned here, before VOLUME: a new named volume is seeded from the image's
 # folder, ownership included, so the non-root `models` one-shot can write into it.

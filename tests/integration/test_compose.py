@@ -24,6 +24,7 @@ ROOT = Path(__file__).resolve().parents[2]
 COMPOSE_FILE = ROOT / "docker-compose.yml"
 DOCKERFILE = ROOT / "Dockerfile"
 PROMETHEUS_CONFIG = ROOT / "deploy" / "prometheus" / "prometheus.yml"
+BUCKET_OVERRIDE = ROOT / "deploy" / "compose" / "models-in-bucket.yml"
 PASSWORD_VAR = "INFERQ_REDIS_PASSWORD"
 PASSWORD_MESSAGE = f"set {PASSWORD_VAR}"
 WORKER_SERVICES = ("worker", "worker-cpu")
@@ -261,9 +262,10 @@ def _docker_compose() -> str:
     return exe
 
 
-def _config(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+def _config(env: dict[str, str], *overrides: Path) -> subprocess.CompletedProcess[str]:
+    files = [arg for path in (COMPOSE_FILE, *overrides) for arg in ("-f", str(path))]
     return subprocess.run(
-        [_docker_compose(), "-f", str(COMPOSE_FILE), "config"],
+        [_docker_compose(), *files, "config"],
         cwd=ROOT,
         env=env,
         capture_output=True,
@@ -299,6 +301,28 @@ def test_docker_compose_config_requires_the_redis_password():
     result = _config(_env(RABBITMQ_DEFAULT_USER="u", RABBITMQ_DEFAULT_PASS="p"))
     assert result.returncode != 0
     assert PASSWORD_MESSAGE in result.stderr, result.stderr
+
+
+def test_the_models_in_a_bucket_variant_merges_onto_the_file():
+    """deploy/compose/models-in-bucket.yml: workers and the build read the bucket (their
+    volume is only a cache), the API reads the model catalog; every variable it sets is a
+    setting or a standard AWS one."""
+    from shared.settings import ENV_PREFIX, Settings
+
+    result = _config(_env(**{PASSWORD_VAR: "x", "INFERQ_MODEL_BUCKET": "s3://b/models"}),
+                     BUCKET_OVERRIDE)
+    assert result.returncode == 0, result.stderr
+    merged = yaml.safe_load(result.stdout)["services"]
+    settings = {f"{ENV_PREFIX}{name.upper()}" for name in Settings.model_fields}
+    for name in ("models", *WORKER_SERVICES):
+        env = merged[name]["environment"]
+        assert env["INFERQ_MODEL_REPO"] == "s3://b/models"
+        assert env["INFERQ_MODEL_CACHE"] == "/app/models"
+        assert all(k in settings or k.startswith(("AWS_", "OTEL_")) for k in env), env
+    assert merged["worker"]["environment"]["INFERQ_BROKER_URL"].startswith("redis://")
+    assert merged["api"]["environment"]["INFERQ_MODEL_SOURCE"] == "store"
+    missing = _config(_env(**{PASSWORD_VAR: "x"}), BUCKET_OVERRIDE)
+    assert missing.returncode != 0 and "set INFERQ_MODEL_BUCKET" in missing.stderr
 
 
 # --- (c) commands are real inferq sub-commands ------------------------------------------

@@ -372,3 +372,44 @@ def test_documented_inferq_commands_parse() -> None:
     assert any(c.startswith("inferq autoscale") for c in commands)
     for line in commands:
         _parse_cli(shlex.split(line))
+
+
+# --- the models-in-a-bucket overlay (deploy/k8s-bucket) ----------------------------------
+
+
+def _rendered_bucket_overlay() -> list[dict[str, Any]]:
+    exe = shutil.which("kubectl")
+    if exe is None:
+        pytest.skip("kubectl is not on PATH (its built-in kustomize renders the overlay)")
+    proc = subprocess.run([exe, "kustomize", str(ROOT / "deploy" / "k8s-bucket")],
+                          capture_output=True, text=True, timeout=60, check=False)
+    assert proc.returncode == 0, proc.stderr
+    return [d for d in yaml.safe_load_all(proc.stdout) if d]
+
+
+def test_the_bucket_overlay_needs_no_shared_volume() -> None:
+    docs = _rendered_bucket_overlay()
+    assert not [d for d in docs if d["kind"] == "PersistentVolumeClaim"]
+    fields = {f"{ENV_PREFIX}{name.upper()}" for name in Settings.model_fields}
+    config = next(d for d in docs if d["kind"] == "ConfigMap")["data"]
+    load_settings(model_repo=config["INFERQ_MODEL_REPO"], home="/tmp")
+    pods = {d["metadata"]["name"]: d["spec"]["template"]["spec"] for d in docs
+            if d["kind"] in ("Deployment", "Job")}
+    for name, pod in pods.items():
+        volumes = {v["name"]: v for v in pod.get("volumes", [])}
+        assert all("persistentVolumeClaim" not in v for v in volumes.values()), name
+        for container in pod["containers"]:
+            env = {e["name"]: e for e in container.get("env", [])}
+            assert all(k in fields or k.startswith("AWS_") for k in env), (name, env)
+            if name == "inferq-api":
+                assert env["INFERQ_MODEL_SOURCE"]["value"] == "store"
+                assert not container.get("volumeMounts") and not volumes
+                continue
+            ref = env["INFERQ_MODEL_REPO"]["valueFrom"]["configMapKeyRef"]
+            assert ref["name"] == next(d for d in docs if d["kind"] == "ConfigMap")[
+                "metadata"]["name"]
+            mount = next(m for m in container["volumeMounts"] if m["name"] == "models")
+            assert mount["mountPath"] == env["INFERQ_MODEL_CACHE"]["value"]
+            assert not mount.get("readOnly") and "emptyDir" in volumes["models"]
+    assert {"inferq-worker-gpu", "inferq-worker-cpu", "inferq-models-build",
+            "inferq-api"} <= pods.keys()
