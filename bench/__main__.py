@@ -2,7 +2,8 @@
 ``python -m bench soak [--minutes 10]`` (worker memory over a long mixed run);
 ``python -m bench fetch`` (inferq's Redis transport against kombu's);
 ``python -m bench http [--models digits] [--seconds 5]`` (native and HTTP online rows);
-``python -m bench tracing`` (CPU per job of the tracing hooks, off and on)."""
+``python -m bench tracing`` (CPU per job of the tracing hooks, off and on);
+``python -m bench brokers [--rows 100000]`` (bulk and single jobs through Redis and SQS)."""
 
 from __future__ import annotations
 
@@ -40,6 +41,10 @@ def _parser() -> argparse.ArgumentParser:
     tracing = sub.add_parser("tracing", help="CPU per job of the tracing hooks, off and on")
     tracing.add_argument("--jobs", type=int, default=20_000)
     tracing.add_argument("--log-level", default="WARNING")
+    brokers = sub.add_parser("brokers", help="bulk and single digits jobs: Redis vs SQS")
+    brokers.add_argument("--rows", type=int, default=100_000)
+    brokers.add_argument("--singles", type=int, default=50)
+    brokers.add_argument("--log-level", default="WARNING")
     return parser
 
 
@@ -51,6 +56,10 @@ def main(argv: list[str] | None = None) -> int:
         from bench.fetch import fetch
 
         return fetch(args.messages, args.rounds)
+    if args.command == "brokers":
+        from bench.brokers import brokers
+
+        return brokers(args.rows, args.singles)
     if args.command == "tracing":
         from bench.tracing import tracing_cost
 

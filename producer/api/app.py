@@ -41,7 +41,14 @@ from producer.api.schemas import ModelView, Problem
 from producer.api.store import ApiStore
 from producer.client import Client
 from shared import tracing
-from shared.errors import InputError, InvalidModelName, JobNotFound, ModelNotFound, Unavailable
+from shared.errors import (
+    ConfigError,
+    InputError,
+    InvalidModelName,
+    JobNotFound,
+    ModelNotFound,
+    Unavailable,
+)
 from shared.objectstore import is_remote
 from shared.repository import ModelVersion
 from shared.settings import Settings, load_settings, scrub
@@ -158,6 +165,8 @@ def public_text(settings: Settings, text: str) -> str:
     shown = repo if is_remote(repo) else str(Path(repo).resolve())
     text = text.replace(shown.rstrip("/"), "the model repository")
     text = text.replace(str(settings.effective_model_cache().resolve()), "the model cache")
+    with contextlib.suppress(ConfigError):  # the catalog's messages name the result store
+        text = text.replace(scrub(settings.effective_result_backend()), "the result store")
     return text
 
 

@@ -106,3 +106,27 @@ async def test_no_key_gets_401_before_the_body_is_read(redis_env):
         r = await api.post("/v1/batches", content=b"{", headers={
             "Authorization": "Bearer wrong", "content-type": "application/json"})
         assert_problem(r, 401, "API key")
+
+
+async def test_an_api_on_the_model_catalog_names_no_store_address(redis_env, model_repo,
+                                                                   tmp_path):
+    """An API with no model folder validates against the catalog in the result store;
+    its errors name neither the folder nor the store's address."""
+    import redis as redis_client
+
+    from shared import catalog
+    from shared.repository import ModelRepository
+
+    store = redis_client.Redis.from_url(redis_env["INFERQ_RESULT_BACKEND"])
+    catalog.publish(store, catalog.catalog_key(redis_env["INFERQ_QUEUE_PREFIX"]),
+                    ModelRepository(model_repo), ["digits"])
+    env = {**redis_env, "INFERQ_MODEL_REPO": str(tmp_path / "none")}
+    async with serve(env, model_source="store") as api:
+        listed = await api.get("/v1/models")
+        bad = await api.post("/v1/models/digits/jobs", json={"inputs": [0.0] * 3})
+        unknown = await api.post("/v1/models/nope/jobs", json={"inputs": [0.0] * 64})
+    assert listed.status_code == 200 and "digits" in listed.text
+    assert bad.status_code == 422 and "image" in bad.text
+    problem = assert_problem(unknown, 404, "'nope'")
+    assert "redis://" not in unknown.text and "6379" not in unknown.text
+    assert "the result store" in problem["detail"] and "holds: digits" in problem["detail"]

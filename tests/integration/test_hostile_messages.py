@@ -93,16 +93,23 @@ def _crafted(client: Any) -> list[tuple[str, bytes, str, dict[str, Any]]]:
     ]
 
 
-def test_malformed_messages_never_stop_a_worker(broker_env, start_worker, digits):
-    """Each message is refused before Celery's strategy runs it, dead-lettered with a
-    reason, and the same worker goes on serving (before: an empty body made every worker
-    that took it exit, and ``celery.accumulate`` ran)."""
-    worker = start_worker(broker_env)
-    client = client_for(broker_env)
+def start_and_send_crafted(env: dict[str, str], start_worker: Any
+                           ) -> tuple[Any, Any, Any, list[Any]]:
+    """A worker, a client, the digits queue, and every crafted message sent to it."""
+    worker = start_worker(env)
+    client = client_for(env)
     queue = model_queue(client.settings, "digits")
     crafted = _crafted(client)
     for _, body, content_type, headers in crafted:
         _publish_raw(client, queue, body, content_type, headers)
+    return worker, client, queue, crafted
+
+
+def test_malformed_messages_never_stop_a_worker(broker_env, start_worker, digits):
+    """Each message is refused before Celery's strategy runs it, dead-lettered with a
+    reason, and the same worker goes on serving (before: an empty body made every worker
+    that took it exit, and ``celery.accumulate`` ran)."""
+    worker, client, queue, crafted = start_and_send_crafted(broker_env, start_worker)
     garbage = 0
     if broker_env["INFERQ_BROKER_URL"].startswith("redis"):
         r = redis.Redis.from_url(broker_env["INFERQ_BROKER_URL"])

@@ -15,7 +15,6 @@ import numpy as np
 import pytest
 import redis
 
-from shared.celery_app import model_queue
 from shared.dead_letters import read_dead_letters
 from shared.errors import InputError
 from tests.conftest import (
@@ -27,7 +26,7 @@ from tests.conftest import (
     need,
     wait_until,
 )
-from tests.integration.test_hostile_messages import _crafted, _publish_raw
+from tests.integration.test_hostile_messages import start_and_send_crafted
 from tests.moto_server import moto_server
 
 pytestmark = pytest.mark.integration
@@ -71,12 +70,7 @@ def test_jobs_and_bulk_through_sqs(sqs_env, start_worker, digits):
 
 
 def test_malformed_messages_on_sqs_never_stop_a_worker(sqs_env, aws, start_worker, digits):
-    worker = start_worker(sqs_env)
-    client = client_for(sqs_env)
-    queue = model_queue(client.settings, "digits")
-    crafted = _crafted(client)
-    for _, body, content_type, headers in crafted:
-        _publish_raw(client, queue, body, content_type, headers)
+    worker, client, queue, crafted = start_and_send_crafted(sqs_env, start_worker)
     sqs = _sqs(aws)
     url = sqs.get_queue_url(QueueName=queue.name.replace(".", "-"))["QueueUrl"]
     raw = ["not json", "[1, 2]", '{"properties": 3}', "@@@" * 1000,
