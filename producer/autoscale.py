@@ -235,6 +235,9 @@ def serving_workers(app: Any, prefix: str, queues: Sequence[str] | None
                     ) -> tuple[list[str], list[str]]:
     """Live workers consuming any of ``queues`` (``inspect active_queues``), and the queues;
     with ``queues`` None, every model queue a live worker consumes."""
+    from shared.celery_app import require_broadcasts
+
+    require_broadcasts(app, "finding the workers that serve a queue")
     active: dict[str, list[dict[str, Any]]] = (
         app.control.inspect(timeout=INSPECT_TIMEOUT_S).active_queues() or {})
     if queues is None:

@@ -33,6 +33,7 @@ from producer.chunks import (
     Chunk,
     ChunkResult,
     array_chunks,
+    check_fits,
     chunk_budget,
     chunk_rows_for,
     merge,
@@ -83,6 +84,10 @@ def publish_chunk(client: Client, ref: ModelRef, input_name: str, job_id: str, c
                   producer: object, *, keep_data: bool = False, **kwargs: Any) -> None:
     """Send a chunk's valid rows, labelled with their input row numbers; then drop the
     data unless ``keep_data`` (only what merging needs is kept)."""
+    # Text rows have no fixed size: a chunk of long ones may not fit an SQS message.
+    check_fits(client.settings, {input_name: chunk.data},
+               f"chunk of rows {chunk.start}..{chunk.start + chunk.rows - 1}",
+               "pass fewer rows per chunk (--chunk-rows, INFERQ_CHUNK_ROWS)")
     extra: dict[str, Any] = {}
     if len(chunk.keep) == chunk.rows:
         extra["first_row"] = chunk.start

@@ -33,15 +33,21 @@ def chunk_budget(settings: Settings) -> int:
     return SQS_CHUNK_BYTES if settings.broker_is_sqs else CHUNK_BYTES
 
 
-def check_fits(settings: Settings, inputs: dict[str, Any]) -> None:
-    """One job's inputs must fit one message: on SQS, SQS_CHUNK_BYTES of them."""
+def check_fits(settings: Settings, inputs: dict[str, Any], what: str = "inputs",
+               fix: str = "score these rows as a bulk job, which splits them into messages "
+               "that fit") -> None:
+    """One message's inputs must fit it: on SQS, SQS_CHUNK_BYTES of them."""
     if not settings.broker_is_sqs:
         return
-    size = sum(_nbytes(v) for v in inputs.values())
+    size = payload_bytes(inputs)
     if size > SQS_CHUNK_BYTES:
-        raise InputError(f"inputs: {size:,} bytes, over the {SQS_CHUNK_BYTES >> 10} KiB of "
-                         "input one Amazon SQS message carries; score these rows as a bulk "
-                         "job, which splits them into messages that fit", field="inputs")
+        raise InputError(f"{what}: {size:,} bytes of input, over the {SQS_CHUNK_BYTES >> 10} "
+                         f"KiB one Amazon SQS message carries; {fix}", field="inputs")
+
+
+def payload_bytes(inputs: dict[str, Any]) -> int:
+    """Input bytes as they travel: arrays' bytes, text's UTF-8 bytes."""
+    return sum(_nbytes(v) for v in inputs.values())
 
 
 def _nbytes(value: Any) -> int:
@@ -58,12 +64,14 @@ def chunk_rows_for(manifest: Manifest, configured: int | None = None, *,
     bytes of one input row to ``budget`` (``chunk_budget``; see CHUNK_BYTES)."""
     if configured:
         return configured
+    # Under a message limit (SQS) the budget decides alone: no floor of 16 rows.
+    least = MIN_CHUNK_ROWS if budget >= CHUNK_BYTES else 1
     if any(spec.dtype == "string" for spec in manifest.inputs):
-        return max(MIN_CHUNK_ROWS, TEXT_CHUNK_ROWS * budget // CHUNK_BYTES)
+        return max(least, TEXT_CHUNK_ROWS * budget // CHUNK_BYTES)
     row_bytes = sum(int(np.prod([max(d, 1) for d in spec.row_shape], dtype=np.int64))
                     * spec.np_dtype.itemsize for spec in manifest.inputs)
     rows = max(1, budget // max(row_bytes, 1))
-    return min(MAX_CHUNK_ROWS, max(MIN_CHUNK_ROWS, 1 << (rows.bit_length() - 1)))
+    return min(MAX_CHUNK_ROWS, max(least, 1 << (rows.bit_length() - 1)))
 
 
 @dataclass

@@ -20,10 +20,11 @@ def drift(
     timeout: Annotated[float, typer.Option(help="seconds to wait for workers")] = 5.0,
 ) -> None:
     """Drift of MODEL's inputs (PSI vs its reference data), summed over live workers."""
-    from shared.celery_app import make_app
+    from shared.celery_app import make_app, require_broadcasts
     from workers.drift import DRIFT_THRESHOLD, report
 
     app = make_app(load_settings())
+    require_broadcasts(app, "inferq drift")
     replies = app.control.broadcast("inferq_drift", reply=True, timeout=timeout)
     states: dict[str, list[dict]] = {}
     for reply in replies:

@@ -35,7 +35,7 @@ def _repo() -> ModelRepository:
 def _announce(repo: ModelRepository, names: list[str]) -> None:
     """Put the changed models' manifests in the result store's catalog now, so clients
     with no model folder see them before a worker's next round (shared/catalog.py)."""
-    Publisher(load_settings(), repo, names).publish_once()
+    Publisher(load_settings(), repo, names, prune=True).publish_once()
 
 
 def _record(v: ModelVersion, default: ModelVersion | None, parent_speed: dict[int, float]

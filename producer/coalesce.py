@@ -24,7 +24,7 @@ from kombu.utils.url import maybe_sanitize_url
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from producer.chunks import SQS_CHUNK_BYTES
+from producer.chunks import SQS_CHUNK_BYTES, payload_bytes
 from shared import tracing
 from shared.celery_app import INFER_MANY_TASK, model_queue
 from shared.claims import redis_of
@@ -73,14 +73,12 @@ class _Group:
     leading: bool = False
 
 
+JOB_BYTES = 256  # what a job adds to a message besides its inputs (id, fields, trace)
+
+
 def _nbytes(inputs: dict[str, Any]) -> int:
-    """An input's size on the wire: an array's bytes; text, ~64 bytes an item."""
-    total = 0
-    for value in inputs.values():
-        nbytes = getattr(value, "nbytes", None)
-        total += nbytes if nbytes is not None else 64 * (len(value) if hasattr(
-            value, "__len__") else 1)
-    return total
+    """A job's size in a message: its inputs' bytes (text as UTF-8) and JOB_BYTES."""
+    return payload_bytes(inputs) + JOB_BYTES
 
 
 def take(pending: list[Item], max_bytes: int) -> list[Item]:

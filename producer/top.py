@@ -247,7 +247,7 @@ def open_sources(settings: Settings, timeout: float = CONTROL_TIMEOUT_S) -> Iter
         raise ConfigError("INFERQ_BROKER_URL: top watches a broker's queues and workers; "
                           "set it (redis://… or amqp://…)")
     from producer.autoscale import DepthReader
-    from shared.celery_app import make_app
+    from shared.celery_app import make_app, require_broadcasts
     from shared.claims import redis_of
     from shared.dead_letters import dead_letters_key, read_dead_letters
 
@@ -256,6 +256,7 @@ def open_sources(settings: Settings, timeout: float = CONTROL_TIMEOUT_S) -> Iter
     store = redis_of(app.backend)
 
     def ping() -> list[str]:
+        require_broadcasts(app, "inferq top's worker list")
         return [name for reply in app.control.ping(timeout=timeout) or [] for name in reply]
 
     def stats(workers: list[str]) -> dict[str, Stats]:

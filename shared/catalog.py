@@ -50,14 +50,18 @@ def entries(repo: ModelRepository, names: list[str]) -> dict[str, bytes]:
     return found
 
 
-def publish(redis: Any, key: str, repo: ModelRepository, names: list[str] | None = None
-            ) -> int:
-    """Write the catalog entries of ``names`` (default: every model), removing those of
-    versions or defaults no longer there; -> entries written."""
+def publish(redis: Any, key: str, repo: ModelRepository, names: list[str] | None = None,
+            *, prune: bool = True) -> int:
+    """Write the catalog entries of ``names`` (default: every model); ``prune``: also
+    remove those of versions or defaults no longer in ``repo``. -> entries written.
+
+    Workers do not prune: one whose view of a bucket is a few seconds old would remove
+    what another worker or ``inferq models`` just published. ``inferq models`` prunes,
+    right after its own change."""
     names = repo.names() if names is None else names
     fresh = entries(repo, names)
     stale = [f.decode() for f in redis.hkeys(key)
-             if f.decode().split("/", 1)[0] in names and f.decode() not in fresh]
+             if f.decode().split("/", 1)[0] in names and f.decode() not in fresh] if prune else []
     pipe = redis.pipeline()
     if stale:
         pipe.hdel(key, *stale)
@@ -73,7 +77,7 @@ class CatalogStore:
     def __init__(self, redis: Any, key: str, where: str):
         self._redis = redis
         self.key = key
-        self.url = f"the model catalog in {where}"
+        self.url = f"the model catalog {key} in {where}"  # also names its cache folder
         self.hint = ("start a worker serving it (workers publish the catalog), or point "
                      "INFERQ_MODEL_REPO at the repository")
 
@@ -143,12 +147,13 @@ def _redis_store(settings: Settings) -> str:
 class Publisher:
     """A worker's daemon thread that keeps its models' catalog entries fresh."""
 
-    def __init__(self, settings: Settings, repo: ModelRepository, names: list[str]):
+    def __init__(self, settings: Settings, repo: ModelRepository, names: list[str], *,
+                 prune: bool = False):
         import redis
 
         self.url = _redis_store(settings)
         self.key = catalog_key(settings.queue_prefix)
-        self.repo, self.names = repo, names
+        self.repo, self.names, self.prune = repo, names, prune
         self.interval = settings.model_refresh_s
         self._redis = redis.Redis.from_url(self.url, socket_connect_timeout=2.0,
                                            socket_timeout=5.0) if self.url else None
@@ -163,7 +168,7 @@ class Publisher:
 
     def publish_once(self) -> None:
         try:
-            publish(self._redis, self.key, self.repo, self.names)
+            publish(self._redis, self.key, self.repo, self.names, prune=self.prune)
         except Exception as exc:  # the store or the bucket is away: the next round
             logger.warning("publishing the model catalog failed: %s: %s",
                            type(exc).__name__, str(exc)[:200])

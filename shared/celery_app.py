@@ -12,7 +12,7 @@ from celery import Celery
 from kombu import Exchange, Queue
 
 from shared import codec, filestore
-from shared.errors import InputError
+from shared.errors import ConfigError, InputError
 from shared.settings import Settings
 
 INFER_TASK = "inferq.infer"
@@ -53,6 +53,14 @@ def model_queue(settings: Settings, model: str, priority: str = "normal") -> Que
 def model_queues(settings: Settings, model: str) -> list[Queue]:
     """The queues a worker serving ``model`` consumes, high first."""
     return [model_queue(settings, model, p) for p in PRIORITIES]
+
+
+def require_broadcasts(app: Celery, what: str) -> None:
+    """Refuse, naming ``what``, where workers take no broadcasts (Amazon SQS)."""
+    if not app.conf.worker_enable_remote_control:
+        raise ConfigError(f"{what} asks the workers over Celery's broadcasts, which inferq's "
+                          "workers do not take on Amazon SQS (INFERQ_BROKER_URL=sqs://); "
+                          "watch their Prometheus metrics instead")
 
 
 def sqs_options(settings: Settings) -> dict[str, object]:

@@ -47,6 +47,7 @@ from shared.schemas import MODEL_NAME, Manifest
 logger = logging.getLogger(__name__)
 
 CLAIM = ".claim"
+FETCHED = ".fetched"  # in a cached version folder: the hash of the manifest its files match
 
 
 def cache_folder(cache_root: Path, url: str) -> Path:
@@ -63,7 +64,9 @@ class RemoteRepository(ModelRepository):
         self._listing: dict[str, str] = {}  # key -> token, as last listed
         self._mirrored: dict[str, str] = {}  # manifest/default key -> token mirrored
         self._listed_at = -float("inf")
-        self._lock = threading.RLock()
+        self._refreshing = threading.Lock()  # one listing at a time
+        self._locks: dict[str, threading.Lock] = {}  # a download lock per version folder
+        self._locks_lock = threading.Lock()
 
     @classmethod
     def open(cls, url: str, cache_root: Path, refresh_s: float = 5.0) -> RemoteRepository:
@@ -75,33 +78,49 @@ class RemoteRepository(ModelRepository):
 
     # -- mirroring manifests and defaults ------------------------------------------------
     def refresh(self, *, force: bool = False) -> None:
-        """List the bucket and mirror every changed manifest and default (throttled)."""
-        with self._lock:
-            if not force and time.monotonic() - self._listed_at < self.refresh_s:
-                return
-            try:
-                listing = self.store.listing()
-            except Exception as exc:  # the bucket is away: serve what the cache holds
-                self._listed_at = time.monotonic()  # and try again later, not per call
-                logger.warning("model repository %s: listing failed (%s); serving the "
-                               "cached manifests", self.store.url, _short(exc))
-                if force:
-                    raise InferqError(f"model repository {self.store.url} cannot be listed: "
-                                      f"{_short(exc)}") from None
-                return
-            for key, token in listing.items():
-                if _mirrored_kind(key) and self._mirrored.get(key) != token:
-                    self._mirror(key, token)
-            for path in self._cached_pointers():  # removed from the bucket: forget it
-                key = path.relative_to(self.root).as_posix()
-                if key not in listing:
-                    path.unlink(missing_ok=True)
-                    self._mirrored.pop(key, None)
-            self._listing = listing
-            self._listed_at = time.monotonic()
+        """List the bucket and mirror every changed manifest and default (throttled).
+
+        One thread lists at a time; the others go on with the cache meanwhile (a slow or
+        unreachable bucket never holds up resolving). ``force`` waits for its own listing
+        and raises when the bucket cannot be listed."""
+        if not force and time.monotonic() - self._listed_at < self.refresh_s:
+            return
+        if not self._refreshing.acquire(blocking=force):
+            return  # another thread is listing
+        try:
+            self._refresh(force)
+        finally:
+            self._refreshing.release()
+
+    def _refresh(self, force: bool) -> None:
+        try:
+            listing = self.store.listing()
+        except Exception as exc:  # the bucket is away: serve what the cache holds
+            self._listed_at = time.monotonic()  # and try again later, not per call
+            logger.warning("model repository %s: listing failed (%s); serving the cached "
+                           "manifests", self.store.url, _short(exc))
+            if force:
+                raise InferqError(f"model repository {self.store.url} cannot be listed: "
+                                  f"{_short(exc)}") from None
+            return
+        for key, token in listing.items():
+            # Also when the file is gone: another process sharing the cache, with an
+            # older listing, may have removed it.
+            if _mirrored_kind(key) and (self._mirrored.get(key) != token
+                                        or not (self.root / key).is_file()):
+                self._mirror(key, token)
+        for path in self._cached_pointers():  # removed from the bucket: forget it
+            key = path.relative_to(self.root).as_posix()
+            if key not in listing:
+                if key.endswith("/" + MANIFEST):  # the version's files go with it
+                    shutil.rmtree(path.parent, ignore_errors=True)
+                path.unlink(missing_ok=True)
+                self._mirrored.pop(key, None)
+        self._listing = listing
+        self._listed_at = time.monotonic()
 
     def _cached_pointers(self) -> list[Path]:
-        """The manifests and defaults in the cache (the artifacts stay, keyed by version)."""
+        """The manifests and defaults in the cache."""
         return [p for p in [*self.root.glob(f"*/{DEFAULT}"), *self.root.glob(f"*/*/{MANIFEST}")]
                 if _mirrored_kind(p.relative_to(self.root).as_posix())]
 
@@ -131,44 +150,54 @@ class RemoteRepository(ModelRepository):
 
     # -- artifacts -----------------------------------------------------------------------
     def materialize(self, version: ModelVersion) -> ModelVersion:
-        """Download the version's files into the cache once, sha256 checked first."""
-        folder = f"{version.manifest.name}/{version.manifest.version}/"
-        with self._lock:
-            wanted = {key: self.root / key for key in self.store.listing(folder)
-                      if _version_file(key, folder)}
-            self._inside(version.artifact)
-            missing = {k: p for k, p in wanted.items() if not p.is_file()}
-            if not missing:
+        """Download the version's files into the cache once, sha256 checked before they
+        are moved in. The files are current while the marker in the version's folder
+        holds the hash of the manifest they were downloaded for: a version number
+        reused, or files replaced in the bucket under a new manifest, are downloaded
+        again. Only this version's downloads wait on each other."""
+        self._inside(version.artifact)
+        folder = version.path.relative_to(self.root).as_posix() + "/"
+        current = _manifest_hash(version)
+        with self._version_lock(folder):
+            if _read(version.path / FETCHED) == current:
                 return version
-            with tempfile.TemporaryDirectory(prefix=".tmp-", dir=self.root) as tmp:
-                fetched = {}
-                for key, final in missing.items():
-                    self._inside(final)
-                    local = Path(tmp) / key.replace("/", "_")
-                    self.store.download(key, local)
-                    fetched[local] = final
-                self._check(version, fetched)
-                for local, final in fetched.items():
-                    final.parent.mkdir(parents=True, exist_ok=True)
-                    os.replace(local, final)
-            logger.info("model %s: downloaded %d files from %s", version.key, len(missing),
-                        self.store.url)
+            try:
+                keys = [k for k in self.store.listing(folder) if _version_file(k, folder)]
+            except Exception as exc:
+                raise InferqError(f"model {version.key}: {self.store.url}{folder} cannot be "
+                                  f"listed ({_short(exc)}); its files are not cached yet"
+                                  ) from None
+            self._download(version, folder, keys)
+            _write_atomic(version.path / FETCHED, current)
         return version
 
-    def _check(self, version: ModelVersion, fetched: dict[Path, Path]) -> None:
-        want = version.manifest.artifact_sha256
+    def _version_lock(self, folder: str) -> threading.Lock:
+        with self._locks_lock:
+            return self._locks.setdefault(folder, threading.Lock())
+
+    def _download(self, version: ModelVersion, folder: str, keys: list[str]) -> None:
+        with tempfile.TemporaryDirectory(prefix=".tmp-", dir=self.root) as tmp:
+            fetched = {}
+            for i, key in enumerate(keys):
+                final = self._inside(self.root / key)
+                local = Path(tmp) / str(i)
+                self.store.download(key, local)
+                fetched[local] = final
+            self._check(version, folder, fetched)
+            for local, final in fetched.items():
+                final.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(local, final)
+        logger.info("model %s: downloaded %d files from %s", version.key, len(keys),
+                    self.store.url)
+
+    def _check(self, version: ModelVersion, folder: str, fetched: dict[Path, Path]) -> None:
+        where = f"{self.store.url}{folder}{version.manifest.artifact}"
         local = next((p for p, final in fetched.items() if final == version.artifact), None)
         if local is None:
-            if not version.artifact.is_file():
-                raise ModelNotFound(f"model {version.key}: {self.store.url}"
-                                    f"{version.manifest.name}/{version.manifest.version}/"
-                                    f"{version.manifest.artifact} is missing from the bucket")
-            return
-        got = sha256_file(local)
+            raise ModelNotFound(f"model {version.key}: {where} is missing from the bucket")
+        want, got = version.manifest.artifact_sha256, sha256_file(local)
         if want and got != want:
-            raise ModelCorrupt(f"model {version.key}: {self.store.url}"
-                               f"{version.manifest.name}/{version.manifest.version}/"
-                               f"{version.manifest.artifact} has sha256 {got[:12]}…, its "
+            raise ModelCorrupt(f"model {version.key}: {where} has sha256 {got[:12]}…, its "
                                f"manifest says {want[:12]}…; refused (rebuild or restore "
                                "the object)")
 
@@ -200,8 +229,10 @@ class RemoteRepository(ModelRepository):
             shutil.rmtree(target, ignore_errors=True)
             os.rename(staged, target)
             staged.mkdir()  # so the staging context has something to remove
-            self.refresh(force=True)
-            return self.load(manifest.name, version)
+            published = self.load(manifest.name, version)
+            _write_atomic(target / FETCHED, _manifest_hash(published))  # its files, here
+            self._listed_at = -float("inf")  # published: a failing listing now is no error
+            return published
         raise InferqError(f"could not claim a new version of {manifest.name} in "
                           f"{self.store.url}")
 
@@ -222,6 +253,17 @@ class RemoteRepository(ModelRepository):
         hint = getattr(self.store, "hint", "publish it there with `inferq models build` or "
                        "`inferq compress`")
         return f"unknown model {name!r} in {self.store.url} (it holds: {have}); {hint}"
+
+
+def _manifest_hash(version: ModelVersion) -> str:
+    return hashlib.sha256(version.manifest.model_dump_json().encode()).hexdigest()
+
+
+def _read(path: Path) -> str | None:
+    try:
+        return path.read_text()
+    except OSError:
+        return None
 
 
 def _is_version(part: str) -> bool:

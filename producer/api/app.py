@@ -162,7 +162,7 @@ def public_text(settings: Settings, text: str) -> str:
         text = re.sub(re.escape(folder) + r"/[\w.-]+", "the uploaded file", text)
     # The absolute path only: a relative one ("models") is also an ordinary word.
     repo = settings.model_repo
-    shown = repo if is_remote(repo) else str(Path(repo).resolve())
+    shown = repo if is_remote(repo) else str(Path(repo.removeprefix("file://")).resolve())
     text = text.replace(shown.rstrip("/"), "the model repository")
     text = text.replace(str(settings.effective_model_cache().resolve()), "the model cache")
     with contextlib.suppress(ConfigError):  # the catalog's messages name the result store

@@ -55,7 +55,9 @@ def test_removed_versions_and_defaults_leave_the_catalog(repo, tmp_path):
     assert redis.hexists(KEY, "m/default.json") and redis.hexists(KEY, "other/1/manifest.json")
     (repo.root / "m" / "default.json").unlink()
     (repo.root / "m" / "2" / "manifest.json").unlink()
-    catalog.publish(redis, KEY, repo, ["m"])
+    catalog.publish(redis, KEY, repo, ["m"], prune=False)  # a worker: adds, never removes
+    assert redis.hexists(KEY, "m/2/manifest.json") and redis.hexists(KEY, "m/default.json")
+    catalog.publish(redis, KEY, repo, ["m"])  # `inferq models`, after its change
     assert sorted(f.decode() for f in redis.hkeys(KEY)) == [
         "m/1/manifest.json", "other/1/manifest.json"]  # another worker's model stays
 
@@ -63,8 +65,8 @@ def test_removed_versions_and_defaults_leave_the_catalog(repo, tmp_path):
 def test_an_unknown_model_names_the_catalog_and_what_to_do(repo, tmp_path):
     redis = fakeredis.FakeRedis()
     catalog.publish(redis, KEY, repo, ["m"])
-    with pytest.raises(ModelNotFound, match=r"unknown model 'nope' in the model catalog in "
-                       r"redis \(it holds: m\); start a worker serving it"):
+    with pytest.raises(ModelNotFound, match=r"unknown model 'nope' in the model catalog "
+                       r"t.inferq.catalog in redis \(it holds: m\); start a worker serving"):
         _reader(redis, tmp_path).resolve("nope")
 
 

@@ -154,3 +154,23 @@ def test_chunk_rows_count_every_input_and_a_setting_wins() -> None:
     two = manifest_taking(IMAGE, TensorSpec(name="mask", dtype="float32", shape=[-1, 1, 8, 8]))
     assert chunk_rows_for(two) == 2048
     assert chunk_rows_for(two, 300) == 300
+
+
+def test_on_sqs_chunks_and_jobs_fit_its_message_limit() -> None:
+    from producer.chunks import SQS_CHUNK_BYTES, check_fits, chunk_budget
+    from shared.errors import InputError
+    from shared.settings import load_settings
+
+    sqs = load_settings(broker_url="sqs://", result_backend="redis://127.0.0.1:6379/12")
+    redis = load_settings(broker_url="redis://127.0.0.1:6379/12")
+    assert chunk_budget(sqs) == SQS_CHUNK_BYTES and chunk_budget(redis) == 1 << 20
+    assert chunk_rows_for(manifest_taking(IMAGE), budget=SQS_CHUNK_BYTES) == 512
+    wide = TensorSpec(name="x", dtype="float32", shape=[-1, 48_000])  # 192 KB a row
+    assert chunk_rows_for(manifest_taking(wide), budget=SQS_CHUNK_BYTES) == 1  # no floor
+    text = TensorSpec(name="text", dtype="string", shape=[-1])
+    assert chunk_rows_for(manifest_taking(text), budget=SQS_CHUNK_BYTES) == 128
+    big = {"image": images(600)}  # 153,600 bytes
+    check_fits(redis, big)
+    with pytest.raises(InputError, match=r"inputs: 153,600 bytes of input, over the 128 KiB"):
+        check_fits(sqs, big)
+    check_fits(sqs, {"image": images(512)})

@@ -122,6 +122,21 @@ def test_a_message_never_carries_more_bytes_than_the_cap() -> None:
     from producer.coalesce import Item, take
 
     pending = [Item(f"j{i}", {"image": np.zeros(1000, np.uint8)}, 0.0) for i in range(10)]
-    assert [it.job_id for it in take(pending, 2500)] == ["j0", "j1"]
+    assert [it.job_id for it in take(pending, 2600)] == ["j0", "j1"]  # 2 x (1000 + 256)
     assert len(take(pending, 1)) == 1  # a job over the cap alone still goes (alone)
     assert len(take(pending, 10**9)) == 7
+
+
+def test_on_sqs_a_message_of_small_jobs_stays_under_its_limit() -> None:
+    """256 jobs of 500 bytes are 128,000 bytes of input, under SQS_CHUNK_BYTES, but with
+    each job's own fields they encoded to 267,904 bytes, over SQS's 262,144: each job now
+    counts JOB_BYTES too, so they go in two messages."""
+    from producer.chunks import SQS_CHUNK_BYTES
+    from producer.coalesce import JOB_BYTES, MAX_JOBS, Item, take
+
+    pending = [Item(f"j{i}", {"x": np.zeros(125, np.float32)}, 0.0) for i in range(MAX_JOBS)]
+    first = take(pending, SQS_CHUNK_BYTES)
+    assert 0 < len(first) < MAX_JOBS and pending
+    assert len(first) * (500 + JOB_BYTES) <= SQS_CHUNK_BYTES
+    texts = [Item("t", {"text": ["é" * 30_000] * 2}, 0.0)] * 3  # UTF-8 bytes, not 64 a row
+    assert len(take(texts, SQS_CHUNK_BYTES)) == 1

@@ -154,3 +154,45 @@ def test_settings_pick_the_repository(tmp_path, url):
                                            model_refresh_s=1))
     assert isinstance(remote, RemoteRepository) and remote.location == url + "/"
     assert remote.root.is_relative_to(tmp_path / "home" / "model-cache")
+
+
+def test_a_version_replaced_in_the_bucket_is_downloaded_again(url, tmp_path):
+    """A version number reused after the version was removed, or files replaced under a
+    new manifest: the cache follows the manifest, not the file names."""
+    builder, host = _reader(url, tmp_path), _reader(url, tmp_path)
+    _publish(builder, b"one")
+    first = host.materialize(host.resolve("m"))
+    assert first.artifact.read_bytes() == b"one"
+    fs = FsspecStore(url)
+    fs._fs.rm(fs._path("m/1"), recursive=True)  # retracted, claim and all
+    assert host.versions("m") == [] and not first.path.exists()  # the cache forgets it
+    assert _publish(builder, b"two") == 1  # the number again, other bytes
+    again = host.materialize(host.resolve("m"))
+    assert again.artifact.read_bytes() == b"two"
+    again.verify()
+
+
+def test_processes_sharing_a_cache_restore_what_another_removed(url, tmp_path):
+    cache = tmp_path / "shared-cache"
+    one = RemoteRepository.open(url, cache, 0.0)
+    two = RemoteRepository.open(url, cache, 0.0)
+    _publish(_reader(url, tmp_path), b"one")
+    assert one.versions("m") == [1] and two.versions("m") == [1]
+    (one.root / "m" / "1" / "manifest.json").unlink()  # as an older listing elsewhere would
+    assert two.versions("m") == [1]  # mirrored again, though its token did not change
+
+
+def test_a_cached_version_is_served_while_the_bucket_is_away(url, tmp_path, monkeypatch):
+    _publish(_reader(url, tmp_path), b"one")
+    _publish(_reader(url, tmp_path), b"two", variant="int8")
+    host = _reader(url, tmp_path)
+    cached = host.materialize(host.resolve("m"))
+    uncached = host.resolve("m:int8")
+
+    def away(prefix: str = "") -> dict[str, str]:
+        raise ConnectionError("bucket unreachable")
+
+    monkeypatch.setattr(host.store, "listing", away)
+    assert host.materialize(cached).artifact.read_bytes() == b"one"
+    with pytest.raises(InferqError, match=r"m/2/ cannot be listed .*not cached yet"):
+        host.materialize(uncached)
