@@ -74,12 +74,14 @@ def publish(redis: Any, key: str, repo: ModelRepository, names: list[str] | None
 class CatalogStore:
     """The catalog hash as a read-only object store (shared/objectstore.py)."""
 
-    def __init__(self, redis: Any, key: str, where: str):
+    def __init__(self, redis: Any, key: str, where: str, folder: Path | None = None):
         self._redis = redis
         self.key = key
         self.url = f"the model catalog {key} in {where}"  # also names its cache folder
-        self.hint = ("start a worker serving it (workers publish the catalog), or point "
-                     "INFERQ_MODEL_REPO at the repository")
+        self.hint = "start a worker serving it (workers publish the catalog), or " + (
+            "point INFERQ_MODEL_REPO at the repository" if folder is None else
+            f"set INFERQ_MODEL_REPO to the repository's folder: {folder} "
+            "(INFERQ_MODEL_REPO) does not exist")
 
     def listing(self, prefix: str = "") -> dict[str, str]:
         found = {}
@@ -116,11 +118,13 @@ def open_for_clients(settings: Settings) -> ModelRepository:
     """What producers, the SDK and the API validate against (``INFERQ_MODEL_SOURCE``):
     the repository, or the catalog in the result store. ``auto``: the repository when it
     is a bucket or a folder that exists, else the catalog when the result store is Redis."""
-    source = settings.model_source
+    source, folder = settings.model_source, None
     if source == "auto":
         local = not is_remote(settings.model_repo)
-        missing = local and not Path(settings.model_repo.removeprefix("file://")).is_dir()
+        path = Path(settings.model_repo.removeprefix("file://")).resolve()
+        missing = local and not path.is_dir()
         source = "store" if missing and _redis_store(settings) else "repo"
+        folder = path if missing else None
     if source == "repo":
         return open_repository(settings)
     url = _redis_store(settings)
@@ -130,7 +134,7 @@ def open_for_clients(settings: Settings) -> ModelRepository:
     import redis
 
     client = redis.Redis.from_url(url, socket_connect_timeout=2.0, socket_timeout=5.0)
-    store = CatalogStore(client, catalog_key(settings.queue_prefix), scrub(url))
+    store = CatalogStore(client, catalog_key(settings.queue_prefix), scrub(url), folder)
     return RemoteRepository(store, settings.effective_model_cache(), settings.model_refresh_s)
 
 
