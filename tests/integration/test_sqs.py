@@ -65,7 +65,8 @@ def test_jobs_and_bulk_through_sqs(sqs_env, start_worker, digits):
     assert len(batch.chunks) == 6  # 512-row chunks: 128 KiB of input per message
     outputs = batch.results(timeout=120).outputs
     np.testing.assert_array_equal(outputs["label"], digits["label"][:3000])
-    with pytest.raises(InputError, match="256,000 bytes of input, over the 128 KiB one Amazon SQS message"):
+    with pytest.raises(InputError, match="256,000 bytes of input, over the 128 KiB one "
+                       "Amazon SQS message"):
         client.submit("digits", digits["x"][:1000])  # 256 KB in one job: bulk, please
 
 
