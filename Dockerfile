@@ -7,7 +7,7 @@
 #   docker build --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128 .
 # or set it empty to take PyPI's default (CUDA) build. Today that buys nothing: workers
 # run models through onnxruntime's CPUExecutionProvider and `inferq models build` trains
-# on the CPU. GPU inference needs onnxruntime-gpu and a CUDA provider in workers/runtime.py.
+# on the CPU. GPU inference needs onnxruntime-gpu and a CUDA provider in workers/runtimes/onnx.py.
 #
 # Only Dockerfile syntax that the legacy builder understands (no RUN --mount, no
 # heredocs), so docker-compose 1.29 can build it as well as BuildKit.

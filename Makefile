@@ -22,9 +22,11 @@ test: install  ## unit + integration tests (needs Redis and RabbitMQ on localhos
 test-all: install
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-lint: install
-	$(BIN)/ruff check shared producer workers tests bench
-	$(BIN)/mypy shared producer workers bench
+lint: install  ## ruff, mypy, the layer contracts (pyproject: importlinter) and size limits
+	$(BIN)/ruff check shared producer workers api cli tests bench
+	$(BIN)/mypy shared producer workers api cli bench
+	$(BIN)/lint-imports
+	$(BIN)/python -m pytest -q -p no:cacheprovider tests/unit/test_layout.py
 
 bench: install  ## measure limit, naive baseline, bulk, online and memory (BENCH_ARGS=--quick)
 	$(BIN)/python -m bench run $(BENCH_ARGS)

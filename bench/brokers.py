@@ -4,7 +4,7 @@ each, in one run on this machine.
 
 Bulk: ``Client.submit_many`` of the rows, timed from the first send to the last result;
 chunks are sized per broker (1 MiB of input per message on Redis, 128 KiB on SQS:
-producer/chunks.py). Single: one job at a time, submit to result, p50 and p90.
+producer/bulk/chunks.py). Single: one job at a time, submit to result, p50 and p90.
 moto is an in-process Python server, not AWS: the SQS figures show inferq's own cost per
 message plus moto's, not AWS's network latency (~10-20 ms per call within a region).
 """

@@ -22,10 +22,10 @@ class LimitResult:
 
 def measure_limit(repo: Path, ref: str, threads: int, batches: tuple[int, ...],
                   base: np.ndarray, rows_per_batch_size: int) -> LimitResult:
-    """Best rows/s over ``batches``, through ``workers.runtime.load_runtime`` (for text
+    """Best rows/s over ``batches``, through ``workers.runtimes.onnx.load_runtime`` (for text
     models that is ``TextRuntime``: tokenizing and per-batch padding included)."""
     from shared.repository import ModelRepository
-    from workers.runtime import load_runtime
+    from workers.runtimes import load_runtime
 
     version = ModelRepository(repo).resolve(ref)
     runtime = load_runtime(version, threads=threads)

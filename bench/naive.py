@@ -38,7 +38,7 @@ class _Model:
 
         import onnxruntime as ort
 
-        from workers.runtime import session_options
+        from workers.runtimes.onnx import session_options
 
         manifest = json.loads((folder / "manifest.json").read_text())
         options, kwargs = session_options(threads, manifest.get("runtime_options"))

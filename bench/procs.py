@@ -46,7 +46,7 @@ class WorkerProcess:
 
     @classmethod
     def inferq(cls, model: str, env: dict[str, str], log: Path) -> WorkerProcess:
-        cmd = [sys.executable, "-m", "producer.cli", "worker", "--models", model,
+        cmd = [sys.executable, "-m", "cli.main", "worker", "--models", model,
                "--log-level", "INFO"]
         return cls(f"inferq worker ({model})", cmd, env, log)
 
@@ -130,7 +130,7 @@ class ApiProcess:
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = log
         self._handle = log.open("ab")
-        cmd = [sys.executable, "-m", "producer.cli", "api", "--port", str(self.port),
+        cmd = [sys.executable, "-m", "cli.main", "api", "--port", str(self.port),
                "--workers", str(workers), "--log-level", "WARNING"]
         self.proc = subprocess.Popen(cmd, env=env, stdout=self._handle,
                                      stderr=subprocess.STDOUT, cwd=ROOT)

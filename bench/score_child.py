@@ -24,7 +24,7 @@ def _report() -> None:
 
 def main() -> None:
     atexit.register(_report)
-    from producer.cli import main as cli
+    from cli.main import main as cli
 
     sys.argv = ["inferq", *sys.argv[1:]]
     cli()

@@ -22,7 +22,7 @@ from bench.memory import score_subprocess
 from bench.modes import Measured, inferq_bulk, inferq_call, naive_bulk, naive_call, online
 from bench.procs import WorkerProcess
 from bench.report import Row
-from producer.chunks import chunk_rows_for
+from producer.bulk.chunks import chunk_rows_for
 
 TIMEOUT = 120.0  # seconds any one result may take before the run fails
 
@@ -110,7 +110,7 @@ def run_inferq(ctx: Context, name: str, ref: str, base: np.ndarray) -> None:
 def _loaded(worker: WorkerProcess) -> list[str]:
     with worker.log.open(errors="replace") as log:
         return [line.split(": ", 1)[-1][:160].rstrip() for line in log
-                if "workers.runtime: loaded" in line]
+                if "workers.runtimes.onnx: loaded" in line]
 
 
 def run_producer_rss(ctx: Context, ref: str, worker: WorkerProcess) -> None:

@@ -28,24 +28,19 @@ import numpy as np
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from producer.chunks import check_fits
-from producer.client import (
-    PUBLISH_RETRY,
-    Client,
-    coerce_inputs,
-    deadline_after,
-    to_result,
-    wire_inputs,
-)
-from producer.coalesce import Coalescer, Item, not_sent, take
+from producer.bulk.chunks import check_fits
+from producer.client import Client, to_result
+from producer.coalesce import Coalescer, Item, take
 from producer.notify import RECHECK_S, Notifier, Reply
+from producer.publish import PUBLISH_RETRY, coerce_inputs, deadline_after, not_sent, wire_inputs
 from producer.store import is_final, status_of
-from shared.celery_app import check_priority
+from shared import keys
+from shared.queues import check_priority
 from shared.schemas import JobResult, JobStatus
 from shared.settings import Settings
 
 if TYPE_CHECKING:
-    from producer.bulk import BatchHandle
+    from producer.bulk.batch import BatchHandle
 
 _POLL_MAX_S = 0.05  # the longest pause between reads of a store that cannot publish
 
@@ -60,7 +55,7 @@ class AsyncClient:
         self.client = client or Client(settings)
         self.settings = self.client.settings
         store = self.client.store
-        channel = f"inferq-reply-{uuid.uuid4().hex}" if store.claims.supported else None
+        channel = keys.new_reply_channel() if store.claims.supported else None
         self.notifier = None if channel is None else \
             Notifier(self.settings.effective_result_backend(), channel)
         # The SDK records each job as queued before sending (mark): ``get`` knows it.

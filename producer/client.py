@@ -6,37 +6,34 @@ import logging
 import time
 import uuid
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 from celery import Celery
 
-from producer.chunks import check_fits
-from producer.coalesce import Coalescer, not_sent
+from producer.bulk.batch import BatchHandle
+from producer.bulk.chunks import check_fits
+from producer.coalesce import Coalescer
 from producer.inflight import LOST_AFTER_S, MAX_RESENDS, InFlight, Sent
-from producer.store import ResultStore, every_row_failed, is_final, status_of
-from shared import tracing
-from shared.catalog import open_for_clients
-from shared.celery_app import INFER_TASK, check_priority, make_app, model_queue
-from shared.errors import InputError
-from shared.repository import ModelRef, ModelVersion, parse_model_ref
-from shared.schemas import JobResult, JobStatus, Manifest, RowError
-from shared.settings import Settings, load_settings
-from shared.validation import as_row, check_rows, check_text_rows
-
-if TYPE_CHECKING:
-    from producer.bulk import BatchHandle
+from producer.publish import (
+    PUBLISH_RETRY,
+    Sender,
+    coerce_inputs,
+    deadline_after,
+    not_sent,
+    wire_inputs,
+)
+from producer.store import every_row_failed, is_final, status_of
+from shared import keys, tracing
+from shared.queues import check_priority
+from shared.repository import ModelRef
+from shared.schemas import JobResult, JobStatus, RowError
+from shared.settings import Settings
 
 logger = logging.getLogger(__name__)
 
-MODEL_TTL = 5.0  # seconds a resolved manifest is reused (the worker re-reads as often)
 
-# Publishing retries while the broker is away (~25 s), then fails naming the job.
-PUBLISH_RETRY = {"max_retries": 12, "interval_start": 0.1, "interval_step": 0.5,
-                 "interval_max": 3.0}
-
-
-class Client:
+class Client(Sender):
     """One per process; thread-safe for submit/get.
 
     ``Client()`` reads ``INFERQ_*`` settings; with no broker configured it talks to the
@@ -45,86 +42,14 @@ class Client:
     """
 
     def __init__(self, settings: Settings | None = None, app: Celery | None = None):
-        self.settings = settings or load_settings()
-        self.app = app or make_app(self.settings)
-        self.repo = open_for_clients(self.settings)
-        self.store = ResultStore(self.app)
+        super().__init__(settings, app)
         # With a Redis result store, workers also publish this process's results on its
         # own channel: a waiting job needs no subscription of its own (producer/waiter.py).
-        self.reply_channel = (f"inferq-reply-{uuid.uuid4().hex}"
+        self.reply_channel = (keys.new_reply_channel()
                               if self.store.claims.supported else None)
         self.coalescer = Coalescer(self, PUBLISH_RETRY, reply_to=self.reply_channel)
         self.inflight = InFlight()  # single jobs not waited for yet (producer/inflight.py)
         self._replies_ready = False
-        self._models: dict[str, tuple[float, ModelVersion]] = {}
-
-    def check_reachable(self, timeout: float = 2.0) -> None:
-        """Unavailable, naming the service and its setting, when the broker or the result
-        store does not answer within ``timeout``: one try, for a command's first step
-        (Celery's own reconnect loop would retry for ~20 s, then raise a traceback)."""
-        if self.settings.embedded:
-            return
-        import redis
-
-        from shared.errors import Unavailable
-        from shared.settings import scrub
-
-        try:
-            self.check_broker(timeout)
-        except Exception as exc:  # noqa: BLE001 - kombu raises many kinds for "not there"
-            raise Unavailable(f"the broker at {scrub(self.settings.broker_url or '')} cannot "
-                              f"be reached ({type(exc).__name__}: {scrub(str(exc))}); check "
-                              "INFERQ_BROKER_URL and that the broker runs") from None
-        backend = self.settings.effective_result_backend()
-        if backend.startswith(("redis://", "rediss://")):
-            store = redis.Redis.from_url(backend, socket_connect_timeout=timeout,
-                                         socket_timeout=timeout)
-            try:
-                store.ping()
-            except redis.RedisError as exc:
-                raise Unavailable(f"the result store at {scrub(backend)} cannot be reached "
-                                  f"({type(exc).__name__}: {scrub(str(exc))}); check "
-                                  "INFERQ_RESULT_BACKEND (default: the broker URL)") from None
-            finally:
-                store.close()
-
-    def check_broker(self, timeout: float = 2.0) -> None:
-        """Connect to the broker once (not kombu's retry loop with its 2 s pauses)."""
-        with self.app.connection_for_write() as conn:
-            conn.ensure_connection(max_retries=1, interval_start=0.1, interval_step=0.2,
-                                   interval_max=0.5, timeout=timeout)
-
-    # -- models --------------------------------------------------------------------------
-    def model(self, ref: str) -> tuple[ModelVersion, ModelRef]:
-        """``name[:variant][@version]`` -> (the version it means now, the parsed reference).
-
-        The reference, not the version resolved here, travels with the job: the worker
-        resolves it again, so a new default reaches running workers without a restart.
-        """
-        parsed = parse_model_ref(ref)
-        now = time.monotonic()
-        cached = self._models.get(ref)
-        if cached is None or now - cached[0] > MODEL_TTL:
-            cached = (now, self.repo.resolve(parsed))
-            self._models[ref] = cached
-        return cached[1], parsed
-
-    # -- publishing ----------------------------------------------------------------------
-    def publish(self, ref: ModelRef, job_id: str, inputs: dict[str, Any],
-                producer: Any = None, retry_policy: dict[str, Any] | None = None,
-                priority: str = "normal", deadline: float | None = None,
-                trace: dict[str, str] | None = None, **extra: Any) -> None:
-        """Send one ``inferq.infer`` message. ``trace``: the job's trace context (its
-        submit span, ``shared/tracing.py``; ``{}``: none); unset, the current span's."""
-        kwargs = {"model": ref.name, "variant": ref.variant, "version": ref.version,
-                  "inputs": wire_inputs(inputs), "submitted_at": time.time(), **extra}
-        if deadline is not None:
-            kwargs["deadline"] = deadline
-        self.app.send_task(INFER_TASK, kwargs=kwargs, task_id=job_id,
-                           queue=model_queue(self.settings, ref.name, priority),
-                           producer=producer, retry=True,
-                           retry_policy=retry_policy or PUBLISH_RETRY,
-                           headers=(tracing.outgoing() if trace is None else trace) or None)
 
     def submit(self, model: str, row: Any, *, job_id: str | None = None,
                priority: str = "normal", expires_in: float | None = None) -> Job:
@@ -171,9 +96,7 @@ class Client:
 
         ``priority`` and ``expires_in`` as for :meth:`submit`, for every chunk.
         """
-        from producer.bulk import BatchHandle as _Handle  # avoids an import cycle
-
-        return _Handle.start(self, model, np.asarray(rows),
+        return BatchHandle.start(self, model, np.asarray(rows),
                              chunk_rows or self.settings.chunk_rows, batch_id,
                              priority=check_priority(priority),
                              deadline=deadline_after(expires_in))
@@ -247,90 +170,6 @@ class Job:
         """The outputs; raises JobFailed if the job or its row failed (JobCancelled, a
         JobFailed, if it was cancelled)."""
         return self.client.wait(self.id, timeout).checked_outputs()
-
-
-def deadline_after(expires_in: float | None) -> float | None:
-    """``expires_in`` seconds from now as an epoch deadline; None stays None."""
-    if expires_in is None:
-        return None
-    if not isinstance(expires_in, int | float) or not expires_in > 0:
-        raise InputError(f"expires_in must be a positive number of seconds, got "
-                         f"{expires_in!r}", field="expires_in")
-    return time.time() + float(expires_in)
-
-
-def wire_inputs(inputs: dict[str, Any]) -> dict[str, Any]:
-    """Text travels as a list of str; the codec carries numeric arrays only."""
-    return {k: v.tolist() if isinstance(v, np.ndarray) and v.dtype == object else v
-            for k, v in inputs.items()}
-
-
-def coerce_inputs(manifest: Manifest, row: Any) -> dict[str, np.ndarray]:
-    """A row, a few rows, or {input name: value} -> {input name: array of rows}.
-
-    Rows numpy cannot stack (ragged) are an InputError naming the first odd row.
-    """
-    try:
-        return _coerce(manifest, row)
-    except ValueError:  # numpy: "setting an array element with a sequence"
-        values = row if isinstance(row, dict) else {manifest.inputs[0].name: row}
-        for name, value in values.items():
-            odd = _odd_row(value)
-            if odd is not None:
-                raise InputError(f"row {odd}, field {name!r}: its shape differs from row "
-                                 "0's; every row needs the model's row shape", row=odd,
-                                 field=name) from None
-        raise InputError("inputs: rows of different shapes cannot be one job") from None
-
-
-def _odd_row(rows: Any) -> int | None:
-    """The first row whose shape differs from row 0's, or None."""
-    if not isinstance(rows, list):
-        return None
-    first = None
-    for i, row in enumerate(rows):
-        try:
-            shape = np.shape(row)
-        except ValueError:  # ragged within the row
-            return i
-        if first is None:
-            first = shape
-        elif shape != first:
-            return i
-    return None
-
-
-def _coerce(manifest: Manifest, row: Any) -> dict[str, np.ndarray]:
-    values = row if isinstance(row, dict) else {manifest.inputs[0].name: row}
-    unknown = set(values) - {s.name for s in manifest.inputs}
-    if unknown:
-        raise InputError(f"unknown input(s) {sorted(unknown)} for model {manifest.name}; "
-                         f"it takes {[s.name for s in manifest.inputs]}")
-    out = {}
-    for spec in manifest.inputs:
-        if spec.name not in values:
-            raise InputError(f"missing input {spec.name!r} for model {manifest.name}",
-                             field=spec.name)
-        value = values[spec.name]
-        if spec.dtype == "string":  # one text, or a few
-            texts = [value] if isinstance(value, str) else list(value)
-            data, _, errors = check_text_rows(spec, texts)
-            if errors:
-                raise InputError(errors[0].message, row=errors[0].row, field=spec.name)
-            out[spec.name] = data
-            continue
-        arr = np.asarray(value) if not isinstance(value, list) else value
-        try:
-            many = as_row(spec, arr)[None]
-        except InputError:
-            many = np.asarray(arr)
-            if many.ndim < 2:
-                raise
-        data, _, errors = check_rows(spec, many)
-        if errors:
-            raise InputError(errors[0].message, row=errors[0].row, field=spec.name)
-        out[spec.name] = data
-    return out
 
 
 def to_result(job_id: str, meta: dict[str, Any]) -> JobResult:

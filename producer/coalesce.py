@@ -16,43 +16,19 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from celery import states
-from kombu.exceptions import OperationalError
-from kombu.utils.url import maybe_sanitize_url
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from producer.chunks import SQS_CHUNK_BYTES, payload_bytes
+from producer.bulk.chunks import SQS_CHUNK_BYTES, payload_bytes
+from producer.publish import Sender, not_sent
 from shared import tracing
-from shared.celery_app import INFER_MANY_TASK, model_queue
+from shared.celery_app import INFER_MANY_TASK
 from shared.claims import redis_of
-from shared.errors import Unavailable
+from shared.queues import model_queue
 from shared.repository import ModelRef
 
-if TYPE_CHECKING:
-    from producer.client import Client
-
 MAX_JOBS = 256  # jobs per message at most
-
-
-def not_sent(what: str, client: Client, exc: BaseException,
-             hint: str = "submit it again") -> BaseException:
-    """``exc`` as the submitter should see it when it means ``what`` was not enqueued:
-    an Unavailable naming what and where (kombu raises OperationalError once publishing's
-    retries are spent; the result store a redis error). Any other error: ``exc`` itself."""
-    if isinstance(exc, OperationalError):
-        broker = maybe_sanitize_url(client.settings.broker_url or "memory://")
-        where = f"the broker {broker} could not be reached after retrying"
-    elif isinstance(exc, RedisConnectionError | RedisTimeoutError):
-        where = "the result store could not be reached to record it as queued"
-    else:
-        return exc
-    error = Unavailable(f"{what} was not enqueued: {where} ({type(exc).__name__}: {exc}); "
-                        f"{hint}")
-    error.__cause__ = exc
-    return error
 
 
 @dataclass
@@ -96,7 +72,7 @@ def take(pending: list[Item], max_bytes: int) -> list[Item]:
 
 
 class Coalescer:
-    def __init__(self, client: Client, retry_policy: dict[str, Any], *, mark: bool = True,
+    def __init__(self, client: Sender, retry_policy: dict[str, Any], *, mark: bool = True,
                  reply_to: str | None = None):
         self.client = client
         self.retry_policy = retry_policy
@@ -105,7 +81,7 @@ class Coalescer:
         # with one, every job goes as inferq.infer_many, even alone.
         self.reply_to = reply_to
         # Half the workers' payload cap: a shared message must never be one they refuse;
-        # on SQS, what fits its message limit (producer/chunks.py).
+        # on SQS, what fits its message limit (producer/bulk/chunks.py).
         self.max_bytes = 2**31 if client is None else (
             SQS_CHUNK_BYTES if client.settings.broker_is_sqs
             else client.settings.max_message_bytes // 2)

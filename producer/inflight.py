@@ -7,7 +7,7 @@ redelivered messages makes that likelier). While ``Client.wait`` waits, a job st
 unfinished after ``LOST_AFTER_S`` (doubling each time) while a job of the same priority
 this producer sent after it has finished looks lost, and is sent again with the same id: should both
 copies run, the result is the same (one result per job id). The bulk pipeline does the
-same for its chunks (``producer/bulk.py``).
+same for its chunks (``producer/bulk/batch.py``).
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ Workers publish it when they start and every ``INFERQ_MODEL_REFRESH_S`` seconds 
 ``<INFERQ_QUEUE_PREFIX>inferq.catalog``, whose fields are the repository's own file names
 (``digits/3/manifest.json``, ``digits/default.json``; manifests without their drift
 reference, which only workers use). Readers see it through :class:`CatalogStore`, an
-object store over that hash, so a client's view of it is shared/remote_repository.py's
+object store over that hash, so a client's view of it is shared/repository/remote.py's
 mirror, with the same resolving, defaults and error messages as every other repository.
 Which one a client reads: ``INFERQ_MODEL_SOURCE`` (auto: a bucket or an existing folder
 when configured, else the catalog when the result store is Redis).
@@ -22,19 +22,14 @@ import threading
 from pathlib import Path
 from typing import Any
 
+from shared import keys
 from shared.errors import ConfigError
 from shared.objectstore import is_remote
-from shared.remote_repository import RemoteRepository
 from shared.repository import DEFAULT, MANIFEST, ModelRepository, open_repository
+from shared.repository.remote import RemoteRepository
 from shared.settings import Settings, scrub
 
 logger = logging.getLogger(__name__)
-
-CATALOG = "inferq.catalog"
-
-
-def catalog_key(queue_prefix: str) -> str:
-    return queue_prefix + CATALOG
 
 
 def entries(repo: ModelRepository, names: list[str]) -> dict[str, bytes]:
@@ -134,7 +129,7 @@ def open_for_clients(settings: Settings) -> ModelRepository:
     import redis
 
     client = redis.Redis.from_url(url, socket_connect_timeout=2.0, socket_timeout=5.0)
-    store = CatalogStore(client, catalog_key(settings.queue_prefix), scrub(url), folder)
+    store = CatalogStore(client, keys.catalog(settings.queue_prefix), scrub(url), folder)
     return RemoteRepository(store, settings.effective_model_cache(), settings.model_refresh_s)
 
 
@@ -156,7 +151,7 @@ class Publisher:
         import redis
 
         self.url = _redis_store(settings)
-        self.key = catalog_key(settings.queue_prefix)
+        self.key = keys.catalog(settings.queue_prefix)
         self.repo, self.names, self.prune = repo, names, prune
         self.interval = settings.model_refresh_s
         self._redis = redis.Redis.from_url(self.url, socket_connect_timeout=2.0,

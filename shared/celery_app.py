@@ -1,4 +1,4 @@
-"""The Celery app both sides build, its task names and queue names.
+"""The Celery app both sides build and its task names (queue names: shared/queues.py).
 
 Producers send tasks by name (``send_task``) and never import worker code, so an
 ``inferq[client]`` install needs neither torch nor onnxruntime.
@@ -7,52 +7,21 @@ Producers send tasks by name (``send_task``) and never import worker code, so an
 from __future__ import annotations
 
 import os
+from typing import Any
 
 from celery import Celery
-from kombu import Exchange, Queue
 
 from shared import codec, filestore
-from shared.errors import ConfigError, InputError
+from shared.errors import ConfigError
+from shared.queues import HIGH_SUFFIX, queue_name
 from shared.settings import Settings
 
 INFER_TASK = "inferq.infer"
 INFER_MANY_TASK = "inferq.infer_many"  # several jobs in one message (producer/coalesce.py)
 
 
-PRIORITIES = ("high", "normal")  # a worker takes from a model's high queue first
-HIGH_SUFFIX = ".high"
 RELIABLE_REDIS = "shared.redis_transport:Transport"
 SAFE_SQS = "shared.sqs_transport:Transport"
-
-
-def check_priority(priority: str) -> str:
-    if priority not in PRIORITIES:
-        raise InputError(f"priority must be one of {list(PRIORITIES)}, got {priority!r}",
-                         field="priority")
-    return priority
-
-
-def queue_name(settings: Settings, model: str, priority: str = "normal") -> str:
-    """Two queues per model (normal, and ``.high``), so workers choose what they serve
-    and high-priority work skips the backlog; see docs/reliability.md."""
-    name = f"{settings.queue_prefix}infer.{model}"
-    return name + HIGH_SUFFIX if priority == "high" else name
-
-
-def model_queue(settings: Settings, model: str, priority: str = "normal") -> Queue:
-    """A queue of one model, declared the same way by producers and workers.
-
-    On RabbitMQ it is a durable quorum queue (replicated, with delivery counting);
-    Redis ignores the arguments.
-    """
-    name = queue_name(settings, model, priority)
-    return Queue(name, Exchange(name, type="direct", durable=True), routing_key=name,
-                 durable=True, queue_arguments={"x-queue-type": "quorum"})
-
-
-def model_queues(settings: Settings, model: str) -> list[Queue]:
-    """The queues a worker serving ``model`` consumes, high first."""
-    return [model_queue(settings, model, p) for p in PRIORITIES]
 
 
 def require_broadcasts(app: Celery, what: str) -> None:
@@ -87,8 +56,21 @@ def make_app(settings: Settings) -> Celery:
         backend = filestore.URL_PREFIX + backend  # atomic writes: pollers never see half
     app = Celery("inferq", broker=settings.broker_url or "memory://localhost/", backend=backend,
                  set_as_current=False)
+    app.conf.update(_conf(settings))
+    _choose_transport(app, settings)
+    # Control messages (ping, inspect, our own broadcasts) in JSON, which `celery inspect`
+    # and Flower speak; Celery would otherwise use the task serializer.
+    app.control.mailbox.serializer = "json"
+    if settings.embedded:
+        # The in-memory transport is polled (every 1 s by default): poll often instead.
+        app.conf.broker_transport_options["polling_interval"] = 0.002
+    return app
+
+
+def _conf(settings: Settings) -> dict[str, Any]:
+    """Celery's settings for both sides."""
     vt = settings.visibility_timeout
-    app.conf.update(
+    return dict(
         task_serializer=codec.SERIALIZER,
         result_serializer=codec.RESULT_SERIALIZER,
         accept_content=codec.ACCEPT,
@@ -132,6 +114,10 @@ def make_app(settings: Settings) -> Celery:
         },
         result_backend_transport_options={"visibility_timeout": vt},
     )
+
+
+def _choose_transport(app: Celery, settings: Settings) -> None:
+    """inferq's own transports for Redis and SQS (kombu's with fixes), with their options."""
     if settings.reliable_fetch and (settings.broker_url or "").startswith(("redis://",
                                                                           "rediss://")):
         # No loss window between taking a message and recording it as unacked, and a dead
@@ -148,10 +134,3 @@ def make_app(settings: Settings) -> Celery:
         # Broadcasts (ping, inspect, Flower) need a fanout exchange, which kombu builds
         # from SNS topics on SQS: not offered here (docs/ops.md, "Amazon SQS").
         app.conf.worker_enable_remote_control = False
-    # Control messages (ping, inspect, our own broadcasts) in JSON, which `celery inspect`
-    # and Flower speak; Celery would otherwise use the task serializer.
-    app.control.mailbox.serializer = "json"
-    if settings.embedded:
-        # The in-memory transport is polled (every 1 s by default): poll often instead.
-        app.conf.broker_transport_options["polling_interval"] = 0.002
-    return app

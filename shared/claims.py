@@ -14,14 +14,13 @@ from __future__ import annotations
 
 from typing import Any
 
+from shared import keys
+
 RUN = b"run"
 CANCELLED = b"cancelled"
 CANCELLED_STATE = "CANCELLED"  # the stored state of a cancelled job (not one of Celery's)
 EXPIRED_STATE = "EXPIRED"  # a job whose deadline passed before it ran (not run)
 
-
-def claim_key(job_id: str) -> str:
-    return f"inferq-claim-{job_id}"
 
 
 def redis_of(backend: Any) -> Any | None:
@@ -43,7 +42,7 @@ class Claims:
         """Claim a job for running; False when it was cancelled first."""
         if self.redis is None:
             return True
-        old = self.redis.set(claim_key(job_id), RUN, nx=True, get=True, ex=self.expires)
+        old = self.redis.set(keys.claim(job_id), RUN, nx=True, get=True, ex=self.expires)
         return old != CANCELLED
 
     def take_many(self, job_ids: list[str]) -> list[bool]:
@@ -52,7 +51,7 @@ class Claims:
             return [True] * len(job_ids)
         pipe = self.redis.pipeline(transaction=False)
         for job_id in job_ids:
-            pipe.set(claim_key(job_id), RUN, nx=True, get=True, ex=self.expires)
+            pipe.set(keys.claim(job_id), RUN, nx=True, get=True, ex=self.expires)
         return [old != CANCELLED for old in pipe.execute()]
 
     def cancel(self, job_ids: list[str]) -> list[bool]:
@@ -61,11 +60,11 @@ class Claims:
             raise NotImplementedError("cancelling needs a Redis result store")
         pipe = self.redis.pipeline(transaction=False)
         for job_id in job_ids:
-            pipe.set(claim_key(job_id), CANCELLED, nx=True, get=True, ex=self.expires)
+            pipe.set(keys.claim(job_id), CANCELLED, nx=True, get=True, ex=self.expires)
         return [old is None or old == CANCELLED for old in pipe.execute()]
 
     def states(self, job_ids: list[str]) -> list[bytes | None]:
         """Each job's claim: RUN, CANCELLED or None (not claimed yet)."""
         if self.redis is None or not job_ids:
             return [None] * len(job_ids)
-        return list(self.redis.mget([claim_key(j) for j in job_ids]))
+        return list(self.redis.mget([keys.claim(j) for j in job_ids]))

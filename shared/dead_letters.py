@@ -11,20 +11,18 @@ from __future__ import annotations
 import json
 from typing import Any
 
-
-def dead_letters_key(queue_prefix: str) -> str:
-    return f"{queue_prefix}inferq-dead-letters"
+from shared import keys
 
 
 def read_dead_letters(redis: Any, queue_prefix: str, limit: int = 100) -> list[dict[str, Any]]:
     """The newest ``limit`` entries first."""
-    raw = redis.lrange(dead_letters_key(queue_prefix), 0, max(0, limit - 1))
+    raw = redis.lrange(keys.dead_letters(queue_prefix), 0, max(0, limit - 1))
     return [json.loads(r) for r in raw]
 
 
 def purge_dead_letters(redis: Any, queue_prefix: str) -> int:
     """Delete every entry; how many there were."""
-    key = dead_letters_key(queue_prefix)
+    key = keys.dead_letters(queue_prefix)
     pipe = redis.pipeline(transaction=True)
     pipe.llen(key)
     pipe.delete(key)

@@ -31,71 +31,30 @@ import hashlib
 import logging
 import os
 import socket
-import threading
 import uuid
 from queue import Empty
 from time import monotonic, time
 from typing import Any
 
-import redis
 from kombu.transport import redis as kombu_redis
 from kombu.transport import virtual
 from kombu.utils.encoding import bytes_to_str
 from kombu.utils.json import dumps, loads
 from redis.exceptions import NoScriptError
 
+from shared import keys
 from shared.envelope import is_message, stand_in
-from shared.redis_scripts import BEAT, FETCH, PUT, SWEEP_DEAD
+from shared.redis_heartbeat import Heartbeat
+from shared.redis_scripts import FETCH, PUT, SWEEP_DEAD
 
 logger = logging.getLogger(__name__)
 
-OWNER_KEY = "_inferq.owner"  # hash: delivery tag -> owner holding it
-CONSUMERS_KEY = "_inferq.consumers"  # sorted set: owner -> last heartbeat (server time)
-GARBAGE_KEY = "_inferq.garbage"  # list: raw queue entries that were not messages
 GARBAGE_KEPT = 10_000
-WAKE_PREFIX = "_inferq.wake."
 WAKE_TTL_MS = 60_000  # a marker only matters for a moment; queues come and go (replies)
-
-
-def wake_key(queue: str) -> str:
-    return WAKE_PREFIX + queue
 
 
 _FETCH_SHA = hashlib.sha1(FETCH.encode()).hexdigest()
 _PUT_SHA = hashlib.sha1(PUT.encode()).hexdigest()
-
-
-class Heartbeat:
-    """A daemon thread that keeps one owner's time fresh in the consumers set."""
-
-    def __init__(self, channel: Channel, interval: float):
-        self.owner = channel.owner
-        self.consumers_key = channel.consumers_key
-        self.interval = interval
-        # Its own connection, with timeouts: a half-open socket or a pool busy with acks
-        # must not silence a live owner (its messages would be restored while it works).
-        timeout = max(1.0, interval * 2)
-        params = {**channel._connparams(), "socket_timeout": timeout, "max_connections": 2}
-        if "path" not in params:  # TCP, not a unix socket
-            params.update(socket_keepalive=True, socket_connect_timeout=timeout)
-        self._client = channel.Client(connection_pool=redis.ConnectionPool(**params))
-        self._beat = self._client.register_script(BEAT)
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="inferq-heartbeat",
-                                        daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                self._beat(keys=[self.consumers_key], args=[self.owner])
-            except Exception as exc:  # the broker is away: the next beat tries again
-                logger.debug("heartbeat of %s failed: %s", self.owner, exc)
-            self._stop.wait(self.interval)
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._client.connection_pool.disconnect()
 
 
 class QoS(kombu_redis.QoS):
@@ -154,7 +113,7 @@ class QoS(kombu_redis.QoS):
 
 def _wake_commands(queue: str) -> list[tuple[Any, ...]]:
     """Push ``queue``'s wake marker: one element at most, gone after a minute unused."""
-    key = wake_key(queue)
+    key = keys.wake(queue)
     return [("lpush", key, "1"), ("ltrim", key, 0, 0), ("pexpire", key, WAKE_TTL_MS)]
 
 
@@ -188,7 +147,7 @@ class Channel(kombu_redis.Channel):
         self.unacked_index_key = p + self.unacked_index_key
         self.unacked_mutex_key = p + self.unacked_mutex_key
         self.owner_key, self.consumers_key, self.garbage_key = (
-            p + OWNER_KEY, p + CONSUMERS_KEY, p + GARBAGE_KEY)
+            p + keys.OWNER, p + keys.CONSUMERS, p + keys.GARBAGE)
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:12]}"
         self.recorded: set[str] = set()  # tags FETCH recorded, until QoS.append sees them
         self._fetch_next = True  # else wait on the wake markers first
@@ -208,14 +167,14 @@ class Channel(kombu_redis.Channel):
         return queues
 
     def _fetch_keys(self, queues: list[str]) -> list[str]:
-        keys = [self.unacked_key, self.unacked_index_key, self.owner_key, self.consumers_key]
+        names = [self.unacked_key, self.unacked_index_key, self.owner_key, self.consumers_key]
         for queue in queues:
-            keys += [self._q_for_pri(queue, pri) for pri in self.priority_steps]
-            keys.append(wake_key(queue))
-        return keys
+            names += [self._q_for_pri(queue, pri) for pri in self.priority_steps]
+            names.append(keys.wake(queue))
+        return names
 
     def _fetch_args(self, tag: str) -> list[Any]:
-        return [time(), self.owner, tag, len(self.priority_steps), WAKE_PREFIX, WAKE_TTL_MS]
+        return [time(), self.owner, tag, len(self.priority_steps), keys.WAKE_PREFIX, WAKE_TTL_MS]
 
     def basic_consume(self, queue: str, no_ack: bool, *args: Any, **kwargs: Any) -> Any:
         if no_ack:  # nothing to record: kombu's BRPOP loses nothing that matters
@@ -261,13 +220,13 @@ class Channel(kombu_redis.Channel):
             return
         self._start_heartbeat()
         if self._fetch_next:
-            keys = self._fetch_keys(queues)
+            names = self._fetch_keys(queues)
             tag = uuid.uuid4().hex
             script = ("EVAL", FETCH) if self._eval else ("EVALSHA", _FETCH_SHA)
-            command: list[Any] = [*script, len(keys), *keys, *self._fetch_args(tag)]
+            command: list[Any] = [*script, len(names), *names, *self._fetch_args(tag)]
             self._fetching = [tag, *queues]
         else:
-            command = ["BRPOP", *[wake_key(q) for q in queues],
+            command = ["BRPOP", *[keys.wake(q) for q in queues],
                        timeout if timeout is not None else (self.brpop_timeout or 1)]
             self._fetching = None
         self._in_poll = self.client.connection
@@ -408,7 +367,7 @@ class Channel(kombu_redis.Channel):
                 pipe.execute()
             return
         key = self._q_for_pri(queue, self._get_message_priority(message, reverse=False))
-        command = ("EVALSHA", _PUT_SHA, 2, key, wake_key(queue), dumps(message), WAKE_TTL_MS)
+        command = ("EVALSHA", _PUT_SHA, 2, key, keys.wake(queue), dumps(message), WAKE_TTL_MS)
         with self.conn_or_acquire() as client:  # one command, as kombu's bare LPUSH
             try:
                 client.execute_command(*command)
@@ -424,7 +383,7 @@ class Channel(kombu_redis.Channel):
 
     def _purge(self, queue: str) -> int:
         with self.conn_or_acquire() as client:
-            client.delete(wake_key(queue))
+            client.delete(keys.wake(queue))
         return int(super()._purge(queue))
 
     def close(self) -> None:

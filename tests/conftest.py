@@ -156,7 +156,7 @@ def client_for(env: dict[str, str]):  # noqa: ANN201 - returns producer.client.C
 def run_cli(args: list[str], env: dict[str, str], timeout: float = 120,
             cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
     full_env = {**os.environ, **env, "PYTHONPATH": str(ROOT)}
-    return subprocess.run([sys.executable, "-m", "producer.cli", *args], env=full_env,
+    return subprocess.run([sys.executable, "-m", "cli.main", *args], env=full_env,
                           capture_output=True, text=True, timeout=timeout, cwd=cwd or ROOT)
 
 
@@ -176,7 +176,7 @@ class WorkerProcess:
 
     def __init__(self, env: dict[str, str], log: Path, *args: str):
         self.log = log
-        cmd = [sys.executable, "-m", "producer.cli", "worker", "--models", "digits",
+        cmd = [sys.executable, "-m", "cli.main", "worker", "--models", "digits",
                "--log-level", "INFO", *args]
         self.handle = log.open("ab")
         self.proc = subprocess.Popen(cmd, env={**os.environ, **env, "PYTHONPATH": str(ROOT)},
@@ -276,7 +276,7 @@ class ApiProcess:
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = log
         self.handle = log.open("ab")
-        cmd = [sys.executable, "-m", "producer.cli", "api", "--port", str(self.port),
+        cmd = [sys.executable, "-m", "cli.main", "api", "--port", str(self.port),
                "--workers", str(workers), "--log-level", "INFO"]
         self.proc = subprocess.Popen(cmd, env={**os.environ, **env, "PYTHONPATH": str(ROOT)},
                                      stdout=self.handle, stderr=subprocess.STDOUT, cwd=ROOT)

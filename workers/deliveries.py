@@ -39,7 +39,7 @@ from celery.exceptions import Reject
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from shared.dead_letters import dead_letters_key
+from shared import keys
 from workers.batcher import Outcome
 from workers.pool import ModelPool, Served
 
@@ -68,9 +68,6 @@ return {redis.call('HGETALL', KEYS[1]), redis.call('LRANGE', KEYS[2], 0, -1)}
 """
 
 
-def delivery_key(message_id: str) -> str:
-    return f"inferq-deliveries-{message_id}"
-
 
 @dataclass
 class Delivery:
@@ -94,11 +91,11 @@ class Deliveries:
         self.redis = redis
         self.expires = expires
         self.max_deliveries = max_deliveries
-        self.dead_key = dead_letters_key(queue_prefix)
+        self.dead_key = keys.dead_letters(queue_prefix)
         self._record = redis.register_script(_RECORD)
 
     def record(self, message_id: str, hostname: str | None) -> Delivery:
-        key = delivery_key(message_id)
+        key = keys.deliveries(message_id)
         who = f"{hostname or socket.gethostname()} {time.time():.3f}"
         fields, history = self._record(keys=[key, key + "-history"], args=[who, self.expires])
         values = dict(zip(fields[::2], fields[1::2], strict=True))
@@ -113,7 +110,7 @@ class Deliveries:
     def running(self, delivery: Delivery, row: int) -> Iterator[None]:
         """Around a suspect row's model call: should this process die inside, the next
         delivery blames ``row``; the delivery's first row counts it in ``n``."""
-        key = delivery_key(delivery.message_id)
+        key = keys.deliveries(delivery.message_id)
         pipe = self.redis.pipeline(transaction=True)
         pipe.hset(key, "cursor", row)
         if not delivery.started:
@@ -125,7 +122,7 @@ class Deliveries:
 
     def done(self, message_id: str) -> None:
         """The message ended (stored and about to be acked): forget its record."""
-        key = delivery_key(message_id)
+        key = keys.deliveries(message_id)
         self.redis.delete(key, key + "-history")
 
     def redelivery(self, request: Any) -> Delivery | None:

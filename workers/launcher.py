@@ -2,7 +2,7 @@
 
 The launcher never imports torch or onnxruntime and never touches CUDA: it lists GPUs
 with ``nvidia-smi`` and starts each worker as a fresh interpreter (``python -m
-producer.cli worker``) whose environment already holds ``CUDA_VISIBLE_DEVICES``, so the
+cli.main worker``) whose environment already holds ``CUDA_VISIBLE_DEVICES``, so the
 pin is in place before anything in the child can initialise CUDA (docs/gpu.md).
 """
 
@@ -140,7 +140,7 @@ def plan(gpus: Sequence[Gpu], *, processes: int, worker_args: Sequence[str],
             env["INFERQ_ORT_THREADS"] = str(max(1, cores // count))
         if metrics_port:
             env["INFERQ_METRICS_PORT"] = str(metrics_port + position)
-        argv = (sys.executable, "-m", "producer.cli", "worker", *worker_args,
+        argv = (sys.executable, "-m", "cli.main", "worker", *worker_args,
                 "--hostname", f"{label}@{host}")
         children.append(Child(label, gpu, argv, env))
     return children

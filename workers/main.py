@@ -14,8 +14,9 @@ from celery.utils.nodenames import host_format
 from celery.worker import WorkController
 
 from shared import tracing
-from shared.celery_app import make_app, model_queues
+from shared.celery_app import make_app
 from shared.errors import ConfigError
+from shared.queues import model_queues
 from shared.repository import open_repository
 from shared.settings import Settings
 from workers.pool import ModelPool

@@ -13,7 +13,6 @@ import itertools
 import logging
 import random
 import time
-from collections.abc import Callable
 from typing import Any
 
 import msgpack
@@ -25,23 +24,15 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from shared import tracing
 from shared.celery_app import INFER_MANY_TASK
-from shared.claims import EXPIRED_STATE, Claims, redis_of
+from shared.claims import EXPIRED_STATE, redis_of
 from shared.errors import DeadLettered, InferqError
 from workers.batcher import Outcome
-from workers.deliveries import (
-    STORE_DOWN,
-    Deliveries,
-    Delivery,
-    dead_letter_message,
-    give_back,
-    run_suspect,
-)
-from workers.pool import ModelPool
+from workers.deliveries import Delivery
+from workers.intake import Intake
+from workers.job_rows import finish, validate
+from workers.pool import ModelPool, Served
 
 logger = logging.getLogger(__name__)
-
-Validate = Callable[..., tuple[dict[str, np.ndarray], np.ndarray, np.ndarray, list]]
-Finish = Callable[..., dict[str, Any]]
 
 
 def _split(outcome: Outcome, sizes: list[int]) -> list[Outcome]:
@@ -111,9 +102,8 @@ def store_expired(app: Celery, jobs: list[tuple[str, float]], reply_to: str | No
                      for j, deadline in jobs], reply_to)
 
 
-def register_many(app: Celery, pool: ModelPool, claims: Claims,
-                  deliveries: Deliveries | None, validate: Validate, finish: Finish) -> None:
-    """``validate`` and ``finish`` are ``inferq.infer``'s own steps (workers/tasks.py)."""
+def register_many(app: Celery, pool: ModelPool, intake: Intake) -> None:
+    many = ManyJobs(app, pool, intake)
 
     @app.task(name=INFER_MANY_TASK, bind=True, ignore_result=True)
     def infer_many(self: Any, model: str, jobs: list[dict[str, Any]],
@@ -124,7 +114,7 @@ def register_many(app: Celery, pool: ModelPool, claims: Claims,
         # sender's: a malformed message may repeat one). Unset: ok.
         outcomes: dict[int, str] = {}
         try:
-            run_message(self, spans, outcomes, model, jobs, version, variant, reply_to)
+            many.run_message(self, spans, outcomes, model, jobs, version, variant, reply_to)
         except Reject:  # back on the queue: the jobs run again
             tracing.end(spans, "requeued")
             raise
@@ -134,86 +124,132 @@ def register_many(app: Celery, pool: ModelPool, claims: Claims,
         if spans:
             tracing.end(spans, [outcomes.get(id(j), "ok") for j in jobs])
 
-    def run_message(self: Any, spans: list[Any] | None, outcomes: dict[int, str],
+
+class ManyJobs:
+    """``inferq.infer_many``'s steps: each job admitted (workers/intake.py) and checked
+    on its own, their valid rows run as one batcher submit, every result stored at once."""
+
+    def __init__(self, app: Celery, pool: ModelPool, intake: Intake):
+        self.app, self.pool, self.intake = app, pool, intake
+
+    def run_message(self, task: Any, spans: list[Any] | None, outcomes: dict[int, str],
                     model: str, jobs: list[dict[str, Any]], version: int | None,
                     variant: str | None, reply_to: str | None) -> None:
         started = time.time()
-        try:
-            taken = claims.take_many([j["id"] for j in jobs])
-            delivery = None if deliveries is None else deliveries.redelivery(self.request)
-        except STORE_DOWN as exc:
-            raise give_back(exc, self.request.id) from exc
-        runnable = [j for j, ok in zip(jobs, taken, strict=True) if ok]
+        taken, delivery = self.intake.take(task.request, [j["id"] for j in jobs])
         span_of = {} if not spans else {id(j): s for j, s in zip(jobs, spans, strict=True)}
-        outcomes.update({id(j): "cancelled" for j, ok in zip(jobs, taken, strict=True)
-                         if not ok})
-        if len(runnable) < len(jobs):
-            for _ in range(len(jobs) - len(runnable)):
-                pool.metrics.job(model, "cancelled", None, started)
-            skipped = [j["id"] for j, ok in zip(jobs, taken, strict=True) if not ok]
-            logger.info("message %s: %d of %d jobs cancelled before they ran; skipped: %s",
-                        self.request.id, len(skipped), len(jobs),
-                        " ".join(skipped[:8]) + (" …" if len(skipped) > 8 else ""),
-                        extra={"event": "jobs_skipped", "message_id": self.request.id,
-                               "model": model, "worker": self.request.hostname,
-                               "job_ids": skipped})
+        runnable = self._skip_cancelled(task, model, jobs, taken, outcomes, started)
+        runnable = self._expire(model, runnable, outcomes, started, reply_to)
+        reason = self.intake.too_often(delivery, task.name, model,
+                                       [j["id"] for j in runnable])
+        if reason is not None:
+            store_many(self.app, [(j["id"], states.FAILURE, DeadLettered(reason))
+                                  for j in runnable], reply_to)
+            outcomes.update({id(j): "dead_lettered" for j in runnable})
+            return
+        try:
+            self.run_jobs(runnable, model, version, variant, started, task.request.hostname,
+                          reply_to, delivery, span_of, outcomes)
+        except Exception as exc:  # every job still unanswered gets this error, not silence
+            self._fail_all(task, model, version, runnable, exc, outcomes, started, reply_to)
+
+    def _skip_cancelled(self, task: Any, model: str, jobs: list[dict[str, Any]],
+                        taken: list[bool], outcomes: dict[int, str], started: float
+                        ) -> list[dict[str, Any]]:
+        runnable = [j for j, ok in zip(jobs, taken, strict=True) if ok]
+        if len(runnable) == len(jobs):
+            return runnable
+        skipped = [j for j, ok in zip(jobs, taken, strict=True) if not ok]
+        outcomes.update({id(j): "cancelled" for j in skipped})
+        for _ in skipped:
+            self.pool.metrics.job(model, "cancelled", None, started)
+        ids = [j["id"] for j in skipped]
+        logger.info("message %s: %d of %d jobs cancelled before they ran; skipped: %s",
+                    task.request.id, len(ids), len(jobs),
+                    " ".join(ids[:8]) + (" …" if len(ids) > 8 else ""),
+                    extra={"event": "jobs_skipped", "message_id": task.request.id,
+                           "model": model, "worker": task.request.hostname, "job_ids": ids})
+        return runnable
+
+    def _expire(self, model: str, runnable: list[dict[str, Any]], outcomes: dict[int, str],
+                started: float, reply_to: str | None) -> list[dict[str, Any]]:
+        """Jobs whose deadline passed are stored ``expired``; -> the others."""
         late = [j.get("deadline") is not None and started > j["deadline"] for j in runnable]
         expired = [j for j, past in zip(runnable, late, strict=True) if past]
-        if expired:
-            runnable = [j for j, past in zip(runnable, late, strict=True) if not past]
-            store_expired(app, [(j["id"], j["deadline"]) for j in expired], reply_to)
-            for job in expired:
-                pool.metrics.job(model, "expired", job.get("submitted_at"), started)
-                outcomes[id(job)] = "expired"
-        if delivery is not None:
-            assert deliveries is not None
-            pool.metrics.redelivered(model)
-            if deliveries.too_many(delivery):
-                reason = dead_letter_message(deliveries, pool, delivery, self.name, model,
-                                             [j["id"] for j in runnable])
-                store_many(app, [(j["id"], states.FAILURE, DeadLettered(reason))
-                                 for j in runnable], reply_to)
-                outcomes.update({id(j): "dead_lettered" for j in runnable})
-                return
-        try:
-            run_jobs(runnable, model, version, variant, started, self.request.hostname,
-                     reply_to, delivery, span_of, outcomes)
-        except Exception as exc:  # every job still unanswered gets this error, not silence
-            outcomes.update({id(j): "failed" for j in runnable})
-            logger.exception("message %s: %d jobs failed", self.request.id, len(runnable),
-                             extra={"event": "message_failed", "message_id": self.request.id,
-                                    "model": model, "version": version,
-                                    "worker": self.request.hostname,
-                                    "job_ids": [j["id"] for j in runnable],
-                                    "duration_s": round(time.time() - started, 6)})
-            try:
-                store_many(app, [(j["id"], states.FAILURE, exc) for j in runnable], reply_to)
-            except Exception:  # not even the failures can be stored: run it all again
-                logger.exception("message %s: storing the failures failed; requeued",
-                                 self.request.id, extra={
-                                     "event": "message_requeued",
-                                     "message_id": self.request.id, "model": model,
-                                     "worker": self.request.hostname,
-                                     "job_ids": [j["id"] for j in runnable]})
-                raise Reject(exc, requeue=True) from exc
+        if not expired:
+            return runnable
+        store_expired(self.app, [(j["id"], j["deadline"]) for j in expired], reply_to)
+        for job in expired:
+            self.pool.metrics.job(model, "expired", job.get("submitted_at"), started)
+            outcomes[id(job)] = "expired"
+        return [j for j, past in zip(runnable, late, strict=True) if not past]
 
-    def run_jobs(runnable: list[dict[str, Any]], model: str, version: int | None,
+    def _fail_all(self, task: Any, model: str, version: int | None,
+                  runnable: list[dict[str, Any]], exc: Exception, outcomes: dict[int, str],
+                  started: float, reply_to: str | None) -> None:
+        outcomes.update({id(j): "failed" for j in runnable})
+        ids = [j["id"] for j in runnable]
+        logger.exception("message %s: %d jobs failed", task.request.id, len(runnable),
+                         extra={"event": "message_failed", "message_id": task.request.id,
+                                "model": model, "version": version,
+                                "worker": task.request.hostname, "job_ids": ids,
+                                "duration_s": round(time.time() - started, 6)})
+        try:
+            store_many(self.app, [(j, states.FAILURE, exc) for j in ids], reply_to)
+        except Exception:  # not even the failures can be stored: run it all again
+            logger.exception("message %s: storing the failures failed; requeued",
+                             task.request.id, extra={
+                                 "event": "message_requeued", "message_id": task.request.id,
+                                 "model": model, "worker": task.request.hostname,
+                                 "job_ids": ids})
+            raise Reject(exc, requeue=True) from exc
+
+    def run_jobs(self, runnable: list[dict[str, Any]], model: str, version: int | None,
                  variant: str | None, started: float, hostname: str | None,
                  reply_to: str | None, delivery: Delivery | None,
                  span_of: dict[int, Any], outcomes: dict[int, str]) -> None:
         """``span_of``: each traced job's span, by id() of its dict; ``outcomes`` gets
         how the jobs that did not simply succeed ended."""
         items: list[tuple[str, str, Any]] = []
-        served = pool.get(model, version, variant)
+        served = self.pool.get(model, version, variant)
+        checked, merged, sizes, future = self._submit(served, runnable, started, delivery,
+                                                      span_of, outcomes, items)
+        if checked:
+            if delivery is None:
+                outcome = future.result(timeout=self.pool.settings.visibility_timeout)
+            else:
+                outcome = self.intake.run_suspect(served, merged, delivery,
+                                                  _describe(checked, sizes))
+            for (job, _, keep, labels, errors), part in zip(checked, _split(outcome, sizes),
+                                                            strict=True):
+                result = finish(served, part, keep, labels, errors, job.get("submitted_at"),
+                                started, hostname, self.pool.metrics)
+                items.append((job["id"], states.SUCCESS, result))
+                if not result["ok"].all():
+                    outcomes[id(job)] = "rows_failed"
+        store_many(self.app, items, reply_to)
+        if delivery is not None:
+            self.intake.done(delivery.message_id)
+
+    def _submit(self, served: Served, runnable: list[dict[str, Any]], started: float,
+                delivery: Delivery | None, span_of: dict[int, Any],
+                outcomes: dict[int, str], items: list[tuple[str, str, Any]]
+                ) -> tuple[list[tuple], dict[str, np.ndarray], list[int], Any]:
+        """Each job's rows checked (a job with a bad input fails alone, into ``items``);
+        the valid rows merged and, unless redelivered, handed to the batcher as one
+        submit -> (checked jobs, merged rows, rows per job, the batcher's future)."""
         manifest = served.version.manifest
-        checked = []
+        checked: list[tuple] = []
+        merged: dict[str, np.ndarray] = {}
+        future = None
         with served.batcher.announced() as ticket:
             for job in runnable:
                 try:
                     checked.append((job, *validate(manifest, job["inputs"], 0, None)))
                 except InferqError as exc:
                     items.append((job["id"], states.FAILURE, exc))
-                    pool.metrics.job(manifest.name, "failed", job.get("submitted_at"), started)
+                    self.pool.metrics.job(manifest.name, "failed", job.get("submitted_at"),
+                                          started)
                     outcomes[id(job)] = "invalid"
             sizes = [len(c[2]) for c in checked]  # each job's valid rows, in merged order
             if checked:
@@ -224,28 +260,16 @@ def register_many(app: Celery, pool: ModelPool, claims: Claims,
                     linked = () if not span_of else tracing.links(
                         [span_of[id(c[0])] for c in checked], sizes)
                     future = served.batcher.submit(merged, ticket, linked)
-        if checked:
-            if delivery is None:
-                outcome = future.result(timeout=pool.settings.visibility_timeout)
-            else:
-                assert deliveries is not None
-                owner = np.repeat(np.arange(len(checked)), sizes)
-                starts = np.cumsum([0, *sizes])
+        return checked, merged, sizes, future
 
-                def describe(i: int) -> dict[str, Any]:
-                    job, _, keep, labels, _ = checked[owner[i]]
-                    return {"jobs": [job["id"]],
-                            "rows": [int(labels[keep[i - starts[owner[i]]]])]}
 
-                outcome = run_suspect(deliveries, pool, served, merged, delivery, describe)
-            for (job, _, keep, labels, errors), part in zip(checked, _split(outcome, sizes),
-                                                            strict=True):
-                result = finish(served, part, keep, labels, errors, job.get("submitted_at"),
-                                started, hostname, pool.metrics)
-                items.append((job["id"], states.SUCCESS, result))
-                if not result["ok"].all():
-                    outcomes[id(job)] = "rows_failed"
-        store_many(app, items, reply_to)
-        if delivery is not None:
-            assert deliveries is not None
-            deliveries.done(delivery.message_id)
+def _describe(checked: list[tuple], sizes: list[int]) -> Any:
+    """Merged row i -> the job and row label it came from (for a poison row's report)."""
+    owner = np.repeat(np.arange(len(checked)), sizes)
+    starts = np.cumsum([0, *sizes])
+
+    def describe(i: int) -> dict[str, Any]:
+        job, _, keep, labels, _ = checked[owner[i]]
+        return {"jobs": [job["id"]], "rows": [int(labels[keep[i - starts[owner[i]]]])]}
+
+    return describe

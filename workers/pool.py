@@ -13,10 +13,11 @@ from shared.catalog import Publisher
 from shared.repository import ModelRef, ModelVersion, open_repository
 from shared.settings import Settings
 from workers import faults
-from workers.batcher import Batcher, is_device_lost
+from workers.batcher import Batcher
+from workers.device_errors import is_device_lost
 from workers.drift import DriftMonitor
 from workers.metrics import WorkerMetrics
-from workers.runtime import Runtime, load_runtime
+from workers.runtimes import Runtime, load_runtime
 
 logger = logging.getLogger(__name__)
 

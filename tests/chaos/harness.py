@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from producer.chunks import ChunkResult
+from producer.bulk.chunks import ChunkResult
 from tests.chaos.report import Row
 from tests.conftest import wait_until
 

@@ -8,7 +8,7 @@ import time
 import numpy as np
 import pytest
 
-from producer.bulk import chunk_id
+from producer.bulk.batch import chunk_id
 from tests.chaos.harness import (
     STALL_S,
     Background,

@@ -30,10 +30,10 @@ import pytest
 import redis
 from prometheus_client.parser import text_string_to_metric_families
 
-from producer import signing
-from producer.api.app import create_app
-from producer.bulk import chunk_id
-from shared.celery_app import queue_name
+from api.app import create_app
+from producer.bulk.batch import chunk_id
+from shared import signing
+from shared.queues import queue_name
 from shared.settings import Settings, load_settings
 
 pytestmark = [pytest.mark.integration, pytest.mark.anyio]
@@ -449,23 +449,23 @@ def test_a_tenants_open_work_forgets_what_workers_claimed(redis_env):
     ids older than the result expiry leave the tenant's count; the rest stay."""
     from celery import Celery
 
-    from producer.api.store import ApiStore
-    from shared.claims import claim_key
+    from api.store import ApiStore
+    from shared import keys
 
     settings = settings_for(redis_env)
     store = ApiStore(settings, Celery(backend=settings.effective_result_backend()))
     ids = [f"fair-{i}" for i in range(6)]
     assert store.admit("digits", "acme", ids[:4], share=4, depth=0, limit=100) == (True, 0)
     assert store.admit("digits", "acme", ids[4:], share=4, depth=99, limit=100) == (False, 4)
-    store.redis.set(claim_key(ids[0]), "run", ex=60)
-    store.redis.set(claim_key(ids[2]), "cancelled", ex=60)
+    store.redis.set(keys.claim(ids[0]), "run", ex=60)
+    store.redis.set(keys.claim(ids[2]), "cancelled", ex=60)
     store.redis.zadd(store.open_key("digits", "acme"), {ids[3]: time.time() - store.expires - 1})
     assert store.admit("digits", "acme", ids[4:], share=4, depth=99, limit=100) == (True, 1)
     assert store.admit("digits", "beta", ["b"], share=1, depth=500, limit=100) == (True, 0)
     assert store.admit("digits", "beta", ["c"], share=1, depth=500, limit=100) == (False, 1)
     store.forget_open("digits", "acme", ids)
     assert store.redis.zcard(store.open_key("digits", "acme")) == 0
-    store.redis.delete(claim_key(ids[0]), claim_key(ids[2]), store.open_key("digits", "beta"))
+    store.redis.delete(keys.claim(ids[0]), keys.claim(ids[2]), store.open_key("digits", "beta"))
 
 
 async def test_broker_outage_gets_503_and_enqueues_nothing(redis_env, digits):
@@ -707,7 +707,7 @@ async def test_the_openapi_document_declares_auth_and_errors(api):
     doc = (await api.get("/openapi.json")).json()
     scheme = doc["components"]["securitySchemes"]["apiKey"]
     assert (scheme["type"], scheme["scheme"]) == ("http", "bearer")
-    from producer.api.app import guarded
+    from api.app import guarded
 
     for path, operations in doc["paths"].items():
         for method, op in operations.items():

@@ -27,7 +27,7 @@ import httpx
 import numpy as np
 import pytest
 
-from producer import signing
+from shared import signing
 from tests.conftest import (
     client_for,
     free_port,

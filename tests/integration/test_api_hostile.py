@@ -118,7 +118,7 @@ async def test_an_api_on_the_model_catalog_names_no_store_address(redis_env, mod
     from shared.repository import ModelRepository
 
     store = redis_client.Redis.from_url(redis_env["INFERQ_RESULT_BACKEND"])
-    catalog.publish(store, catalog.catalog_key(redis_env["INFERQ_QUEUE_PREFIX"]),
+    catalog.publish(store, catalog.keys.catalog(redis_env["INFERQ_QUEUE_PREFIX"]),
                     ModelRepository(model_repo), ["digits"])
     env = {**redis_env, "INFERQ_MODEL_REPO": str(tmp_path / "none")}
     async with serve(env, model_source="store") as api:

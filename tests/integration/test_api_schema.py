@@ -27,7 +27,7 @@ from schemathesis.checks import (
 )
 from schemathesis.python import asgi
 
-from producer.api.app import create_app
+from api.app import create_app
 from shared.settings import load_settings
 from tests.integration.test_api import A, settings_for
 

@@ -17,8 +17,8 @@ from typing import Any
 import httpx
 import pytest
 
-from producer.api.app import create_app
-from producer.api.auth import hash_key
+from api.app import create_app
+from api.auth import hash_key
 from shared.logs import JsonFormatter
 from shared.settings import load_settings
 from tests.conftest import wait_until

@@ -40,7 +40,7 @@ def test_quick_bench_reports_every_mode(tmp_path):
             assert not r["extra"].get("errors"), r
     assert data["meta"]["ort_threads"] >= 1
     bulk = next(r for r in results if r["mode"] == "bulk")
-    assert bulk["extra"]["chunk_rows"] == 4096  # sized for digits (producer/chunks.py)
+    assert bulk["extra"]["chunk_rows"] == 4096  # sized for digits (producer/bulk/chunks.py)
     assert {t["target"].split(" (")[0] for t in data["targets"]} >= {
         ">=150,000 rows/s", ">=0.8 x limit", ">=3 x naive", "p50 <=1.2 x naive p50",
         "<=300 MB"}

@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 import redis
 
-from producer.bulk import chunk_id
+from producer.bulk.batch import chunk_id
 from tests.conftest import ROOT, run_cli, wait_until
 
 pytestmark = pytest.mark.integration
@@ -24,7 +24,7 @@ def test_demo_runs_embedded_with_no_broker(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("INFERQ_")}
     env.update(INFERQ_HOME=str(tmp_path / "home"), INFERQ_MODEL_REPO=str(tmp_path / "models"),
                PYTHONPATH=str(ROOT))
-    proc = subprocess.run([sys.executable, "-m", "producer.cli", "demo"], env=env,
+    proc = subprocess.run([sys.executable, "-m", "cli.main", "demo"], env=env,
                           capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = proc.stdout
@@ -135,7 +135,7 @@ def test_a_missing_model_repository_names_its_setting(redis_env, tmp_path):
     src = tmp_path / "x.npy"
     np.save(src, np.zeros((3, 64), np.float32))
     full_env = {k: v for k, v in os.environ.items() if k != "INFERQ_MODEL_REPO"}
-    proc = subprocess.run([sys.executable, "-m", "producer.cli", "score", "--model", "digits",
+    proc = subprocess.run([sys.executable, "-m", "cli.main", "score", "--model", "digits",
                            "-i", str(src), "-o", str(tmp_path / "o.parquet"), "--no-progress"],
                           env={**full_env, **env, "PYTHONPATH": str(ROOT)}, cwd=tmp_path,
                           capture_output=True, text=True, timeout=120)
@@ -165,7 +165,7 @@ def test_interrupt_and_resume_does_not_redo_finished_chunks(redis_env, start_wor
     # SIGINT as a terminal leaves it: a suite started in the background (`cmd &` in a
     # script, as CI may) has it ignored, and a child inherits that (the run then ignored
     # the interrupt and finished with 0).
-    proc = subprocess.Popen([sys.executable, "-m", "producer.cli", *args], env=env, cwd=ROOT,
+    proc = subprocess.Popen([sys.executable, "-m", "cli.main", *args], env=env, cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     state = out.with_name(out.name + ".inferq.json")
@@ -206,7 +206,7 @@ def test_models_list_piped_is_plain_and_whole_and_json_for_programs(model_repo):
 @pytest.mark.parametrize("suffix", [".npy", ".csv", ".jsonl", ".parquet"])
 def test_example_input_for_digits_is_read_back_row_for_row(tmp_path, digits, model_repo,
                                                            suffix):
-    from producer.readers import read_chunks
+    from producer.files.readers import read_chunks
     from shared.repository import ModelRepository
 
     path = tmp_path / f"X{suffix}"
@@ -223,7 +223,7 @@ def test_example_input_for_digits_is_read_back_row_for_row(tmp_path, digits, mod
 
 @pytest.mark.parametrize("suffix", [".txt", ".jsonl", ".csv", ".parquet"])
 def test_example_input_for_minilm_is_read_back_row_for_row(tmp_path, bundled_repo, suffix):
-    from producer.text_inputs import read_text_chunks
+    from producer.files.text import read_text_chunks
     from shared.repository import ModelRepository
 
     path = tmp_path / f"S{suffix}"

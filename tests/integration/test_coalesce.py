@@ -10,7 +10,8 @@ import uuid
 import numpy as np
 import pytest
 
-from shared.celery_app import INFER_MANY_TASK, model_queue
+from shared.celery_app import INFER_MANY_TASK
+from shared.queues import model_queue
 from shared.schemas import JobStatus
 from tests.conftest import client_for
 

@@ -335,7 +335,7 @@ def test_service_command_is_an_inferq_subcommand(services, name):
         assert cmd[0] == "worker"
     # Click rejects an unknown sub-command or option even with --help (exit 2).
     result = subprocess.run(
-        [sys.executable, "-m", "producer.cli", *cmd, "--help"],
+        [sys.executable, "-m", "cli.main", *cmd, "--help"],
         cwd=ROOT,
         capture_output=True,
         text=True,

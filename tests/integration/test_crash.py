@@ -46,7 +46,7 @@ def test_a_chunk_lost_from_the_queue_is_sent_again(redis_env, start_worker, digi
 
     import redis
 
-    from producer import bulk
+    from producer.bulk import batch as bulk
 
     monkeypatch.setattr(bulk, "LOST_AFTER_S", 1.0)
     client = client_for(redis_env)

@@ -20,7 +20,7 @@ def _cuda_ready() -> bool:
 
 @pytest.mark.skipif(not _cuda_ready(), reason="no CUDA execution provider on this machine")
 def test_minilm_fp16_runs_on_the_gpu(bundled_repo):
-    from workers.text import TextRuntime
+    from workers.runtimes.text import TextRuntime
 
     version = ModelRepository(bundled_repo).resolve("minilm:fp16")
     runtime = TextRuntime(version, threads=1, device="cuda")

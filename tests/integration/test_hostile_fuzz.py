@@ -20,8 +20,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from shared import codec
-from shared.celery_app import INFER_MANY_TASK, INFER_TASK, model_queue
+from shared.celery_app import INFER_MANY_TASK, INFER_TASK
 from shared.dead_letters import read_dead_letters
+from shared.queues import model_queue
 from tests.conftest import client_for, wait_until
 from tests.integration.test_hostile_messages import _publish_raw
 

@@ -12,8 +12,9 @@ import pytest
 import redis
 
 from shared import codec
-from shared.celery_app import INFER_TASK, model_queue
+from shared.celery_app import INFER_TASK
 from shared.dead_letters import read_dead_letters
+from shared.queues import model_queue
 from tests.conftest import client_for, wait_until
 
 pytestmark = pytest.mark.integration

@@ -35,7 +35,7 @@ class Launcher:
     def __init__(self, env: dict[str, str], log: Path, *args: str):
         self.log = log
         self.handle = log.open("ab")
-        cmd = [sys.executable, "-m", "producer.cli", "worker", *args]
+        cmd = [sys.executable, "-m", "cli.main", "worker", *args]
         full_env = {**os.environ, **env, "PYTHONPATH": str(ROOT)}
         full_env.pop("INFERQ_ORT_THREADS", None)  # let the launcher size it
         self.started_at = time.monotonic()
@@ -72,7 +72,7 @@ class Launcher:
         self.handle.close()
         for label in ("gpu0", "gpu1", "cpu0", "cpu1"):
             for pid in self.pids(label):
-                if _cmdline(pid).startswith(sys.executable) and "producer.cli" in _cmdline(pid):
+                if _cmdline(pid).startswith(sys.executable) and "cli.main" in _cmdline(pid):
                     os.kill(pid, signal.SIGKILL)
 
 

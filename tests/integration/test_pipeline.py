@@ -10,7 +10,8 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
-from shared.celery_app import INFER_TASK, model_queue
+from shared.celery_app import INFER_TASK
+from shared.queues import model_queue
 from tests.conftest import ROOT, client_for
 
 pytestmark = pytest.mark.integration

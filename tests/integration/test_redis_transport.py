@@ -23,8 +23,8 @@ import pytest
 import redis
 from kombu import Connection, Exchange, Queue
 
+from shared import keys
 from shared.celery_app import RELIABLE_REDIS
-from shared.redis_transport import GARBAGE_KEY, OWNER_KEY, wake_key
 from tests.conftest import REDIS, ROOT, need
 
 pytestmark = pytest.mark.integration
@@ -63,10 +63,10 @@ def store() -> Iterator[redis.Redis]:
         if NAME.encode() in record:
             r.hdel("unacked", tag)
             r.zrem("unacked_index", tag)
-            r.hdel(OWNER_KEY, tag)
-    for entry in r.lrange(GARBAGE_KEY, 0, -1):
+            r.hdel(keys.OWNER, tag)
+    for entry in r.lrange(keys.GARBAGE, 0, -1):
         if NAME.encode() in entry:
-            r.lrem(GARBAGE_KEY, 0, entry)
+            r.lrem(keys.GARBAGE, 0, entry)
 
 
 def _queue() -> Queue:
@@ -117,12 +117,12 @@ def test_a_consumer_killed_between_fetch_and_callback_loses_nothing(store):
     _kill_consumer_in_deliver(queue, RELIABLE_REDIS)
     assert store.llen(queue.name) == 0
     held = _held(store, queue)
-    assert len(held) == 1 and store.hget(OWNER_KEY, held[0])  # recorded, owned
+    assert len(held) == 1 and store.hget(keys.OWNER, held[0])  # recorded, owned
     started = time.monotonic()
     got = _receive([queue], 1, timeout=30)
     assert got == [({"n": 1}, True)]
     print(f"\nback after {time.monotonic() - started:.1f} s (visibility timeout 3600 s)")
-    assert not _held(store, queue) and not store.hexists(OWNER_KEY, held[0])
+    assert not _held(store, queue) and not store.hexists(keys.OWNER, held[0])
 
 
 def test_kombus_own_fetch_loses_that_message(store):
@@ -141,7 +141,7 @@ def test_publishing_wakes_a_consumer_and_high_queues_go_first(store):
     for i in range(3):
         _publish(normal, {"normal": i})
     _publish(high, {"high": 0})
-    assert store.llen(wake_key(normal.name)) == 1  # one marker, however many messages
+    assert store.llen(keys.wake(normal.name)) == 1  # one marker, however many messages
     got = [body for body, _ in _receive([normal, high], 4, 20, priority_suffix=".high")]
     assert got[0] == {"high": 0}
     assert got[1:] == [{"normal": 0}, {"normal": 1}, {"normal": 2}]  # FIFO
@@ -159,7 +159,7 @@ def test_a_recorded_entry_that_is_not_a_message_is_kept_not_restored(store):
         store.zadd("unacked_index", {tag: 0})
     assert _receive([queue], 1, timeout=3) == []
     assert not any(store.hexists("unacked", tag) for tag in records)
-    kept = set(store.lrange(GARBAGE_KEY, 0, -1))
+    kept = set(store.lrange(keys.GARBAGE, 0, -1))
     assert {r.encode() for r in records.values()} <= kept
 
 
@@ -178,7 +178,7 @@ def test_a_fetch_whose_reply_was_lost_is_put_back(store):
         assert store.llen(queue.name) == 0 and store.hexists("unacked", tag)
         channel._orphans.append(tag)
         channel._restore_orphans()
-        assert not store.hexists("unacked", tag) and not store.hexists(OWNER_KEY, tag)
+        assert not store.hexists("unacked", tag) and not store.hexists(keys.OWNER, tag)
         assert store.llen(queue.name) == 1
     assert _receive([queue], 1, timeout=10) == [({"n": 3}, True)]
 

@@ -185,7 +185,7 @@ def anyio_backend() -> str:
 
 @contextlib.asynccontextmanager
 async def serve(env: dict[str, str]) -> AsyncIterator[httpx.AsyncClient]:
-    from producer.api.app import create_app
+    from api.app import create_app
 
     values = {k[len("INFERQ_"):].lower(): v for k, v in env.items()}
     app = create_app(load_settings(**values, api_keys="acme:key-a"), callbacks=False)

@@ -212,7 +212,8 @@ def test_garbage_trace_headers_do_not_stop_a_traced_worker(redis_env, start_work
     env = _traced(redis_env, receiver)
     start_worker(env)
     client = client_for(env)
-    from shared.celery_app import INFER_MANY_TASK, INFER_TASK, model_queue
+    from shared.celery_app import INFER_MANY_TASK, INFER_TASK
+    from shared.queues import model_queue
 
     queue = model_queue(client.settings, "digits", "normal")
     x = digits["x"][0].tolist()

@@ -16,12 +16,12 @@ import httpx
 import pytest
 from fastapi import FastAPI, Request
 
-from producer import signing
-from producer.api import callbacks
-from producer.api.app import scrub
-from producer.api.auth import KEY_PREFIX, Keyring, add_key, hash_key
-from producer.api.jobs import parse_wait
-from producer.api.limits import BodyLimit
+from api import callbacks
+from api.app import scrub
+from api.auth import KEY_PREFIX, Keyring, add_key, hash_key
+from api.jobs import parse_wait
+from api.limits import BodyLimit
+from shared import signing
 from shared.errors import ConfigError, InputError
 from shared.settings import Settings
 
@@ -290,7 +290,7 @@ async def test_body_limit_under_fastapi_middleware_streamed() -> None:
     "http://[64:ff9b::a00:1]/", "http://[2001:0:4136:e378:8000:63bf:f5ff:fffe]/",
     "http://0.0.0.0/", "http://[ff02::1]/"])
 def test_internal_callback_addresses_are_refused_unless_allowed(url: str) -> None:
-    from producer.api.urls import UrlRefused, check_callback_url
+    from api.urls import UrlRefused, check_callback_url
 
     with pytest.raises(UrlRefused, match="not a public address"):
         check_callback_url(url, allow_private=False)
@@ -298,7 +298,7 @@ def test_internal_callback_addresses_are_refused_unless_allowed(url: str) -> Non
 
 
 def test_a_host_label_over_63_characters_is_refused_not_a_500() -> None:
-    from producer.api.urls import UrlRefused, check_callback_url
+    from api.urls import UrlRefused, check_callback_url
 
     with pytest.raises(UrlRefused, match="cannot resolve"):
         check_callback_url(f"http://{'a' * 64}.example.com/hook", allow_private=False)
@@ -310,7 +310,7 @@ def test_a_delivery_connects_to_the_address_it_checked(monkeypatch: pytest.Monke
     names the checked address, with the original Host and TLS server name."""
     import socket
 
-    from producer.api.urls import resolve_public
+    from api.urls import resolve_public
 
     answers = [[(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("93.184.216.34", 443))],
                [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("127.0.0.1", 443))]]
@@ -324,7 +324,7 @@ def test_a_delivery_connects_to_the_address_it_checked(monkeypatch: pytest.Monke
 
 @pytest.mark.parametrize("url", ["ftp://example.com/x", "not a url", "file:///etc/passwd"])
 def test_callback_urls_must_be_http(url: str) -> None:
-    from producer.api.urls import UrlRefused, check_callback_url
+    from api.urls import UrlRefused, check_callback_url
 
     with pytest.raises(UrlRefused, match="callback_url"):
         check_callback_url(url, allow_private=True)

@@ -12,8 +12,9 @@ from collections.abc import Sequence
 import pytest
 from typer.testing import CliRunner
 
-from producer import autoscale
-from producer.autoscale import Observation, Plan, Policy, Sample, plan, scale_command
+from cli import autoscale
+from cli.autoscale import Observation, Plan, Policy, Sample, plan, scale_command
+from shared import queues
 from shared.errors import ConfigError
 
 POLICY = Policy(target_s=300, min_workers=1, max_workers=8)
@@ -162,7 +163,7 @@ def test_redis_depth_counts_every_priority_list() -> None:
     fakeredis = pytest.importorskip("fakeredis")
     from kombu.transport.redis import Channel
 
-    reader = autoscale.DepthReader.__new__(autoscale.DepthReader)
+    reader = queues.DepthReader.__new__(queues.DepthReader)
     reader._redis = fakeredis.FakeRedis()
     reader._redis.lpush("p.infer.digits", b"a", b"b")
     reader._redis.lpush(f"p.infer.digits{Channel.sep}3", b"c")
@@ -175,7 +176,7 @@ def test_redis_depth_counts_every_priority_list() -> None:
 
 @pytest.fixture
 def cli(monkeypatch):
-    from producer.cli import app
+    from cli.main import app
 
     monkeypatch.setenv("INFERQ_BROKER_URL", "redis://127.0.0.1:1/0")  # never connected
     monkeypatch.setenv("INFERQ_QUEUE_PREFIX", "")

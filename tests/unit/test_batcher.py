@@ -425,6 +425,7 @@ def test_suspect_rows_never_share_a_call_with_other_jobs(make: Make) -> None:
 # -- a failed device ------------------------------------------------------------------------
 def test_a_lost_device_exits_the_process_without_answering(make: Make, monkeypatch) -> None:
     from workers import batcher as batcher_module
+    from workers import device_errors
 
     exits: list[int] = []
 
@@ -434,14 +435,14 @@ def test_a_lost_device_exits_the_process_without_answering(make: Make, monkeypat
 
     monkeypatch.setattr(batcher_module.os, "_exit", fake_exit)
     model = OutOfMemory(fits=0, message="CUDA error: an illegal memory access was encountered")
-    b = make(model, device_lost=batcher_module.is_device_lost)
+    b = make(model, device_lost=device_errors.is_device_lost)
     with pytest.raises(SystemExit):
         result(b.submit(rows(8)))
     assert exits == [batcher_module.EXIT_DEVICE_LOST] and model.sizes == [8]  # no bisection
 
 
 def test_out_of_memory_is_not_a_lost_device() -> None:
-    from workers.batcher import is_device_lost
+    from workers.device_errors import is_device_lost
 
     assert not is_device_lost(RuntimeError("CUDA out of memory. Tried to allocate 2 GiB"))
     assert is_device_lost(RuntimeError("CUDA error: device-side assert triggered"))

@@ -14,8 +14,8 @@ import pytest
 from shared import catalog
 from shared.catalog import CatalogStore, open_for_clients
 from shared.errors import ConfigError, ModelNotFound
-from shared.remote_repository import RemoteRepository
 from shared.repository import ModelRepository
+from shared.repository.remote import RemoteRepository
 from shared.settings import load_settings
 from tests.unit.test_repository import write_manifest
 

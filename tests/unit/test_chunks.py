@@ -7,7 +7,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from producer.chunks import Chunk, array_chunks, chunk_rows_for, merge
+from producer.bulk.chunks import Chunk, array_chunks, chunk_rows_for, merge
 from shared.schemas import Manifest, TensorSpec
 
 IMAGE = TensorSpec(name="image", dtype="float32", shape=[-1, 1, 8, 8])
@@ -157,7 +157,7 @@ def test_chunk_rows_count_every_input_and_a_setting_wins() -> None:
 
 
 def test_on_sqs_chunks_and_jobs_fit_its_message_limit() -> None:
-    from producer.chunks import SQS_CHUNK_BYTES, check_fits, chunk_budget
+    from producer.bulk.chunks import SQS_CHUNK_BYTES, check_fits, chunk_budget
     from shared.errors import InputError
     from shared.settings import load_settings
 

@@ -9,9 +9,9 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-PRODUCER_MODULES = ["producer", "producer.client", "producer.bulk", "producer.score",
-                    "producer.cli", "producer.readers", "producer.writers",
-                    "producer.api.app"]
+PRODUCER_MODULES = ["producer", "producer.client", "producer.bulk.batch", "producer.files.score",
+                    "cli.main", "producer.files.readers", "producer.files.writers",
+                    "api.app"]
 FORBIDDEN = ("torch", "onnxruntime", "workers")
 
 
@@ -36,7 +36,7 @@ def test_producer_modules_import_without_worker_dependencies() -> None:
 
 
 def test_cli_help_lists_every_command() -> None:
-    proc = run_python("-m", "producer.cli", "--help")
+    proc = run_python("-m", "cli.main", "--help")
     assert proc.returncode == 0, proc.stderr
     # A command is the first word of a line in the commands table (boxed or plain).
     listed = set(re.findall(r"^[\W_]*([a-z]+) {2,}\S", proc.stdout, flags=re.MULTILINE))
@@ -47,7 +47,7 @@ def test_api_key_command_stores_only_the_hash(tmp_path: Path) -> None:
     import json
 
     keys = tmp_path / "keys.json"
-    proc = run_python("-m", "producer.cli", "api-key", "--tenant", "acme", "--keys-file",
+    proc = run_python("-m", "cli.main", "api-key", "--tenant", "acme", "--keys-file",
                       str(keys), "--rate-per-s", "7", "--queue-share", "0.25")
     assert proc.returncode == 0, proc.stderr
     shown = json.loads(proc.stdout)
@@ -59,6 +59,6 @@ def test_api_key_command_stores_only_the_hash(tmp_path: Path) -> None:
 
 
 def test_api_refuses_the_embedded_default() -> None:
-    proc = run_python("-m", "producer.cli", "api", drop=("INFERQ_BROKER_URL",))
+    proc = run_python("-m", "cli.main", "api", drop=("INFERQ_BROKER_URL",))
     assert proc.returncode == 2
     assert "INFERQ_BROKER_URL" in proc.stderr

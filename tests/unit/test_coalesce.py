@@ -131,7 +131,7 @@ def test_on_sqs_a_message_of_small_jobs_stays_under_its_limit() -> None:
     """256 jobs of 500 bytes are 128,000 bytes of input, under SQS_CHUNK_BYTES, but with
     each job's own fields they encoded to 267,904 bytes, over SQS's 262,144: each job now
     counts JOB_BYTES too, so they go in two messages."""
-    from producer.chunks import SQS_CHUNK_BYTES
+    from producer.bulk.chunks import SQS_CHUNK_BYTES
     from producer.coalesce import JOB_BYTES, MAX_JOBS, Item, take
 
     pending = [Item(f"j{i}", {"x": np.zeros(125, np.float32)}, 0.0) for i in range(MAX_JOBS)]

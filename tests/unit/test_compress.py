@@ -237,3 +237,17 @@ def test_state_dict_is_not_a_torchscript_model(calibration: Path, tmp_path: Path
     torch.save(_mlp().state_dict(), path)
     with pytest.raises(CompressError, match="not a model: expected a TorchScript module"):
         compress(path, calibration=calibration, method="prune:0.5", repo_root=tmp_path)
+
+
+def test_table_calibration_is_read_by_the_readers_passed_in(toy_onnx: Path, tmp_path: Path
+                                                            ) -> None:
+    from producer.files.readers import read_chunks
+
+    table = tmp_path / "rows.csv"
+    rows = np.random.default_rng(0).normal(size=(64, 16)).astype(np.float32)
+    table.write_text("\n".join(",".join(f"{v:.5f}" for v in r) for r in rows) + "\n")
+    with pytest.raises(CompressError, match=r"give a \.npy or \.npz"):
+        compress(toy_onnx, calibration=table, method="fp16", repo_root=tmp_path / "a")
+    _, child = compress(toy_onnx, calibration=table, method="fp16", repo_root=tmp_path / "b",
+                        read_table=read_chunks)
+    assert child.manifest.quality["calibration_rows"] == 64

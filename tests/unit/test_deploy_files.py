@@ -21,7 +21,7 @@ import pytest
 import typer.main
 import yaml
 
-from producer.cli import app as cli_app
+from cli.main import app as cli_app
 from shared.settings import ENV_PREFIX, Settings, load_settings
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -191,7 +191,7 @@ def test_volumes_claim_the_models_pvc() -> None:
 
 
 def test_scaled_objects_scale_existing_deployments_on_real_queues() -> None:
-    from shared.celery_app import model_queues
+    from shared.queues import model_queues
 
     deployments = _by_name("Deployment")
     auths = set(_by_name("TriggerAuthentication"))
@@ -243,7 +243,7 @@ def exported() -> dict[str, set[str]]:
     from prometheus_client import generate_latest
     from prometheus_client.parser import text_string_to_metric_families
 
-    from producer.api.metrics import ApiMetrics
+    from api.metrics import ApiMetrics
     from workers.metrics import WorkerMetrics
 
     worker = WorkerMetrics("cpu")
@@ -303,7 +303,7 @@ def test_dashboard_uses_only_exported_metrics(dashboard, exported) -> None:
     used = {name for expr in _exprs(dashboard)
             for name in re.findall(r"\b(inferq_[A-Za-z0-9_]+)", expr)}
     unknown = used - set(exported)
-    assert not unknown, f"not exported by workers/metrics.py or producer/api/metrics.py: " \
+    assert not unknown, f"not exported by workers/metrics.py or api/metrics.py: " \
         f"{sorted(unknown)}"
     assert {"inferq_queue_depth", "inferq_batch_rows_sum", "inferq_batch_rows_bucket",
             "inferq_inference_seconds_bucket", "inferq_queue_wait_seconds_bucket",

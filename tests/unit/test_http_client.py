@@ -12,8 +12,9 @@ import httpx
 import numpy as np
 import pytest
 
-import producer.http as http_module
-from producer.http import BLOCK_ROWS, ApiError, HttpClient, _ndjson
+import producer.http.client as http_module
+from producer.http import BLOCK_ROWS, ApiError, HttpClient
+from producer.http.wire import ndjson
 from shared.errors import (
     AuthError,
     Busy,
@@ -205,13 +206,13 @@ def test_ndjson_encodes_lazily_any_kind_of_row() -> None:
             next(taken)
             yield [1.0, 2.0]
 
-    first = next(_ndjson(endless()))
+    first = next(ndjson(endless()))
     assert first.count(b"\n") == BLOCK_ROWS and next(taken) <= BLOCK_ROWS + 1
     mixed = [np.float32([1, 2]), {"image": np.arange(2)}, "text", [np.int64(3)]]
-    assert b"".join(_ndjson(mixed)).decode().splitlines() == \
+    assert b"".join(ndjson(mixed)).decode().splitlines() == \
         ['[1.0,2.0]', '{"image":[0,1]}', '"text"', "[3]"]
     with pytest.raises(InputError):
-        list(_ndjson("one string is not many rows"))
+        list(ndjson("one string is not many rows"))
 
 
 class _Broken(httpx.SyncByteStream):

@@ -1,4 +1,4 @@
-"""``producer.http`` and ``producer.http_batch`` work on a base install: they never import
+"""``producer.http`` and ``producer.http.batch`` work on a base install: they never import
 the broker, store or model libraries (each is blocked here, so importing one would fail)."""
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ def test_http_client_imports_without_broker_or_model_libraries() -> None:
         "    sys.modules[name] = None  # 'import name' now raises ImportError\n"
         "import producer.http as h\n"
         "from producer.http import HttpClient, HttpJob, HttpBatch, BatchResult\n"
-        "import producer.http_batch as hb\n"
-        "from producer.http_batch import BatchProgress, RowResult\n"
+        "import producer.http.batch as hb\n"
+        "from producer.http.batch import BatchProgress, RowResult\n"
         "assert h.HttpBatch is hb.HttpBatch and h.BatchResult is hb.BatchResult\n"
         "from shared.errors import AuthError, Busy, RateLimited, Unavailable\n"
         "c = HttpClient('http://127.0.0.1:9', 'k')\n"
@@ -30,14 +30,15 @@ def test_http_client_imports_without_broker_or_model_libraries() -> None:
 
 
 def test_http_batch_imports_on_its_own_without_broker_or_model_libraries() -> None:
-    """``producer.http_batch`` needs ``producer.http`` for type checking only: importing it
-    first and alone loads neither the client module (no import cycle) nor a blocked one."""
+    """``producer.http.batch`` imported first and alone works (no import cycle: it needs
+    the client module for type checking only) and loads no blocked library."""
     code = (
         "import sys\n"
         f"for name in {BLOCKED!r}:\n"
         "    sys.modules[name] = None  # 'import name' now raises ImportError\n"
-        "from producer.http_batch import BatchProgress, BatchResult, HttpBatch, RowResult\n"
-        "assert 'producer.http' not in sys.modules, 'http_batch imported producer.http'\n"
+        "from producer.http.batch import BatchProgress, BatchResult, HttpBatch, RowResult\n"
+        "import producer.http.client as client\n"
+        "assert client.HttpBatch is HttpBatch\n"
     )
     assert_loads_nothing_blocked(code)
 

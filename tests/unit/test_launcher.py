@@ -108,7 +108,7 @@ def test_gpu_children_are_pinned_each_to_its_gpu() -> None:
         assert child.env == {"CUDA_VISIBLE_DEVICES": index, "CUDA_DEVICE_ORDER": "PCI_BUS_ID",
                              "INFERQ_DEVICE": "cuda:0", "INFERQ_ORT_THREADS": "8",
                              "INFERQ_METRICS_PORT": port}
-        assert child.argv == (sys.executable, "-m", "producer.cli", "worker", "--models",
+        assert child.argv == (sys.executable, "-m", "cli.main", "worker", "--models",
                               "digits,minilm", "--hostname", f"gpu{index}@%h")
 
 

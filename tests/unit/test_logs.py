@@ -162,7 +162,7 @@ def bare_root() -> Iterator[logging.Logger]:
 
 @pytest.mark.parametrize("fmt", ["json", "text"])
 def test_the_cli_logs_in_the_configured_format(fmt, monkeypatch) -> None:
-    from producer.cli import _setup_logging
+    from cli.main import _setup_logging
 
     monkeypatch.setenv("INFERQ_LOG_FORMAT", fmt)
     with bare_root() as root:

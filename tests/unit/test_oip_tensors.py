@@ -7,7 +7,7 @@ import struct
 import numpy as np
 import pytest
 
-from producer.api.oip import Tensor, _inputs
+from api.oip import Tensor, _inputs
 from shared.errors import InputError
 from shared.schemas import TensorSpec
 

@@ -6,7 +6,7 @@ import logging
 
 import pytest
 
-from workers.runtime import providers_for
+from workers.runtimes.onnx import providers_for
 
 
 def test_cpu_device_uses_the_cpu() -> None:

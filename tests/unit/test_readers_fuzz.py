@@ -17,7 +17,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from producer.readers import count_rows, read_chunks
+from producer.files.readers import count_rows, read_chunks
 from shared.errors import InputError
 from shared.schemas import TensorSpec
 

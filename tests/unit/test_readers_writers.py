@@ -11,8 +11,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from producer.readers import Chunk, count_rows, read_chunks
-from producer.writers import open_writer
+from producer.files.readers import Chunk, count_rows, read_chunks
+from producer.files.writers import open_writer
 from shared.errors import InputError
 from shared.schemas import TensorSpec
 

@@ -1,4 +1,4 @@
-"""A model repository in object storage (shared/remote_repository.py), here on fsspec's
+"""A model repository in object storage (shared/repository/remote.py), here on fsspec's
 in-process memory filesystem; against a real S3 protocol server:
 tests/integration/test_bucket_repository.py."""
 
@@ -12,8 +12,8 @@ import pytest
 
 from shared.errors import InferqError, ModelNotFound, UnsafeModelPath
 from shared.objectstore import FsspecStore, is_remote
-from shared.remote_repository import RemoteRepository
 from shared.repository import ModelCorrupt, open_repository
+from shared.repository.remote import RemoteRepository
 from shared.schemas import Manifest, TensorSpec
 from shared.settings import load_settings
 

@@ -286,7 +286,7 @@ def anyio_backend() -> str:
 async def api(repo: ModelRepository, tmp_path: Path) -> AsyncIterator[httpx.AsyncClient]:
     """The app over the trapped repository: no rate limit and no callback dispatcher, so no
     request here needs Redis (hostile names are refused before anything is enqueued)."""
-    from producer.api.app import create_app
+    from api.app import create_app
     from shared.settings import load_settings
 
     url = f"{REDIS}/{REDIS_TEST_DB}"

@@ -28,7 +28,7 @@ def test_defaults() -> None:
     assert s.queue_prefix == ""
     assert s.max_batch_rows == 512
     assert s.max_delay_ms == 5.0
-    assert s.chunk_rows is None  # per model: producer.chunks.chunk_rows_for
+    assert s.chunk_rows is None  # per model: producer.bulk.chunks.chunk_rows_for
     assert s.max_in_flight == 64
     assert s.concurrency == 32
     assert s.visibility_timeout == 3600

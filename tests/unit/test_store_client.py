@@ -293,7 +293,7 @@ def test_submit_refuses_a_single_non_finite_row(offline_client: Client) -> None:
 
 
 def test_submit_takes_an_8x8_image_for_a_1x8x8_input(offline_client: Client) -> None:
-    from producer.client import coerce_inputs
+    from producer.publish import coerce_inputs
 
     manifest = offline_client.model("digits")[0].manifest
     assert coerce_inputs(manifest, np.ones((8, 8)))["image"].shape == (1, 1, 8, 8)

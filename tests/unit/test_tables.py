@@ -6,7 +6,7 @@ import io
 
 from rich.console import Console
 
-from producer.tables import Grid, show
+from cli.tables import Grid, show
 
 
 def _grid() -> Grid:

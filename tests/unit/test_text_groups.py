@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from workers.text import group_rows_for
+from workers.runtimes.text import group_rows_for
 
 
 @pytest.mark.parametrize(("threads", "device", "rows"), [

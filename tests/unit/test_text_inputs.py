@@ -10,8 +10,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from producer.chunks import array_chunks
-from producer.readers import count_rows, read_chunks
+from producer.bulk.chunks import array_chunks
+from producer.files.readers import count_rows, read_chunks
 from shared.errors import InputError
 from shared.schemas import TensorSpec
 from shared.validation import check_text_rows

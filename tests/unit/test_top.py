@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 from rich.console import Console
 
-from producer.top import (
+from cli.top import (
     ModelRow,
     Snapshot,
     Sources,
@@ -214,7 +214,7 @@ def test_queues_are_the_models_normal_and_high_queues() -> None:
 
 
 def test_top_needs_a_broker(monkeypatch) -> None:
-    from producer.top import open_sources
+    from cli.top import open_sources
     from shared.errors import ConfigError
 
     monkeypatch.delenv("INFERQ_BROKER_URL", raising=False)

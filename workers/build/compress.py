@@ -21,7 +21,7 @@ import numpy as np
 
 from shared.repository import ModelRepository, ModelVersion, as_repository, sha256_file
 from shared.schemas import Compression, Manifest, TensorSpec, check_model_name
-from workers.build.compress_calibration import npy_spec, read_calibration
+from workers.build.compress_calibration import TableReader, npy_spec, read_calibration
 from workers.build.compress_common import CompressError, Runtime, dtype_name, jit_load
 from workers.build.compress_measure import measure
 from workers.build.compress_ops import fp16, int8, prune_onnx, prune_torchscript
@@ -67,8 +67,10 @@ class Source:
 
 def compress(model_file: Path, *, calibration: Path, method: str, repo_root: ModelRepository | Path,
              name: str | None = None, threads: int = 1,
-             max_rows: int = 2000) -> tuple[ModelVersion, ModelVersion]:
-    """Publish ``model_file`` (once) and its compressed form; return (parent, compressed)."""
+             max_rows: int = 2000, read_table: TableReader | None = None
+             ) -> tuple[ModelVersion, ModelVersion]:
+    """Publish ``model_file`` (once) and its compressed form; return (parent, compressed).
+    ``read_table`` reads .csv/.jsonl/.parquet calibration files (see compress_calibration)."""
     how = parse_method(method)
     if threads < 1 or max_rows < 1:
         raise CompressError(f"threads and max_rows must be at least 1, got {threads} and "
@@ -80,7 +82,7 @@ def compress(model_file: Path, *, calibration: Path, method: str, repo_root: Mod
                             "torch.onnx.export for int8 or fp16)")
     model_name = sanitize_name(source.path.stem if name is None else name)
     specs = source.inputs or [npy_spec(Path(calibration), source.arg_name)]
-    rows = read_calibration(Path(calibration), specs, max_rows)
+    rows = read_calibration(Path(calibration), specs, max_rows, read_table)
     repo = as_repository(repo_root)
     with tempfile.TemporaryDirectory(prefix="inferq-compress-") as tmp:
         out = Path(tmp) / ARTIFACTS[source.runtime]

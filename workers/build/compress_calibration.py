@@ -4,7 +4,9 @@ against the model's input specs."""
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -27,8 +29,14 @@ def npy_spec(path: Path, name: str) -> TensorSpec:
     return TensorSpec(name=name, dtype=dtype, shape=[-1, *arr.shape[1:]])  # type: ignore[arg-type]
 
 
-def read_calibration(path: Path, specs: list[TensorSpec], max_rows: int
-                     ) -> dict[str, np.ndarray]:
+# Reads a table file (.csv/.jsonl/.parquet) as chunks with ``data`` and ``errors``: the
+# producer's readers (``producer.files.readers.read_chunks``), passed in by ``inferq
+# compress`` so the worker side never imports the producer.
+TableReader = Callable[[Path, TensorSpec, int], Iterable[Any]]
+
+
+def read_calibration(path: Path, specs: list[TensorSpec], max_rows: int,
+                     read_table: TableReader | None = None) -> dict[str, np.ndarray]:
     """Up to ``max_rows`` rows per input, checked against the model's input specs."""
     if not path.is_file():
         raise CompressError(f"calibration file {path} does not exist")
@@ -48,7 +56,7 @@ def read_calibration(path: Path, specs: list[TensorSpec], max_rows: int
     elif suffix == ".npy":
         arrays = {specs[0].name: np.asarray(_load_array(path)[:max_rows])}
     else:
-        return {specs[0].name: _read_rows(path, specs[0], max_rows)}
+        return {specs[0].name: _read_rows(path, specs[0], max_rows, read_table)}
     rows = {s.name: _checked(path, s, arrays[s.name]) for s in specs}
     counts = {name: len(arr) for name, arr in rows.items()}
     if len(set(counts.values())) != 1:
@@ -81,13 +89,15 @@ def _checked(path: Path, spec: TensorSpec, arr: np.ndarray) -> np.ndarray:
     return np.array(data, order="C")  # a copy: writable, and no longer tied to the mmap
 
 
-def _read_rows(path: Path, spec: TensorSpec, max_rows: int) -> np.ndarray:
-    """.csv / .jsonl / .parquet through the producer's readers, stopping at ``max_rows``."""
-    from producer.readers import read_chunks
-
+def _read_rows(path: Path, spec: TensorSpec, max_rows: int, read_table: TableReader | None
+               ) -> np.ndarray:
+    """.csv / .jsonl / .parquet through ``read_table``, stopping at ``max_rows``."""
+    if read_table is None:
+        raise CompressError(f"calibration {path}: give a .npy or .npz array here (reading "
+                            f"{path.suffix} files needs inferq's readers: `inferq compress`)")
     blocks: list[np.ndarray] = []
     try:
-        for chunk in read_chunks(path, spec, min(max_rows, 1024)):
+        for chunk in read_table(path, spec, min(max_rows, 1024)):
             if chunk.errors:
                 raise CompressError(f"calibration {path}: {chunk.errors[0].message}")
             blocks.append(chunk.data)

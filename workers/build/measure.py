@@ -13,10 +13,10 @@ import numpy as np
 
 def ort_session(path: Path, threads: int,
                 runtime_options: Mapping[str, Any] | None = None) -> Any:
-    """A CPU session for ``path`` with a manifest's ``runtime_options`` (see workers.runtime)."""
+    """A CPU session for ``path`` with a manifest's ``runtime_options`` (workers.runtimes)."""
     import onnxruntime as ort
 
-    from workers.runtime import session_options
+    from workers.runtimes.onnx import session_options
 
     options, kwargs = session_options(threads, runtime_options)
     return ort.InferenceSession(str(path), sess_options=options,

@@ -112,7 +112,7 @@ INT8_GRAPH_EXPLORED = {
     "GELU shift as a fixed zero point (no Sub): mean cos 0.99970-0.99975, nn 0.970-0.976":
         "+1.5-3%",
 }
-# What both variants are measured and served with (workers.runtime applies them): int8's many
+# What both variants are measured and served with (workers.runtimes.onnx applies them): int8's many
 # small ops gain ~10% from spinning threads; stopping them when a run returns keeps an idle
 # session from stealing cores from another in the same process.
 RUNTIME_OPTIONS = {"allow_spinning": True, "force_spinning_stop": True}

@@ -13,7 +13,7 @@ from typing import Any, Literal
 import numpy as np
 
 from shared.errors import InferqError
-from workers.runtime import session_options
+from workers.runtimes.onnx import session_options
 
 DIM = 384
 DATA = Path(__file__).resolve().parent / "data"
@@ -96,7 +96,7 @@ def paired_rows_per_s(paths: list[Path], feeds: list[dict[str, np.ndarray]], *,
                       repeats: int = 5) -> list[float]:
     """Rows/s of each model, timed alternately batch by batch so machine noise hits all alike.
 
-    Each model runs with its own ``runtime_options`` (a manifest's, see workers.runtime) and
+    Each model runs with its own ``runtime_options`` (a manifest's, see workers.runtimes.onnx) and
     each batch's best of ``repeats`` counts. Where a session may spin, it is told to stop
     spinning when its run returns: otherwise an idle session's spinning threads would steal
     the running one's cores.
