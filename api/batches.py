@@ -31,8 +31,8 @@ from producer.bulk.batch import chunk_id, publish_chunk
 from producer.bulk.chunks import Chunk, chunk_budget, chunk_rows_for, merge
 from producer.files.readers import SUPPORTED, count_rows, read_chunks
 from producer.publish import deadline_after
-from producer.store import is_final, result_value
 from shared import claims
+from shared.results import is_final, result_value
 from shared.schemas import RowError
 
 router = APIRouter(prefix="/v1", tags=["batches"])

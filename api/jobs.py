@@ -26,9 +26,9 @@ from api.schemas import (
 from producer.bulk.chunks import check_fits
 from producer.notify import RECHECK_S, Reply
 from producer.publish import coerce_inputs, deadline_after, wire_inputs
-from producer.store import every_row_failed, is_final, status_of
 from shared import claims, tracing
 from shared.errors import InputError
+from shared.results import every_row_failed, is_final, status_of
 from shared.schemas import FINAL_STATUSES, JobStatus, RowError
 
 router = APIRouter(prefix="/v1", tags=["jobs"])

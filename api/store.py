@@ -12,11 +12,12 @@ import time
 from typing import Any
 
 import redis
-from celery import Celery, states
+from celery import Celery
 
 from shared import claims, keys
 from shared.claims import Claims
 from shared.errors import ConfigError
+from shared.results import JobRecord
 from shared.settings import Settings
 
 # Lua: take a callback that is due by pushing its score out by a lease, so that among
@@ -86,14 +87,12 @@ class ApiStore:
                    ) -> dict[str, str]:
         """The owner's record and a queued result, in one round trip, before publishing;
         -> the record as stored (what ``job_record`` reads back)."""
-        meta = {"status": states.PENDING, "result": {"model": record["model"],
-                "submitted_at": record["submitted_at"]}, "traceback": None,
-                "children": [], "date_done": None, "task_id": job_id}
+        queued = JobRecord.queued(job_id, record["model"], record["submitted_at"])
         flat = _flat(record)
         pipe = self.redis.pipeline(transaction=False)
         pipe.hset(self.job_key(job_id), mapping=flat)
         pipe.expire(self.job_key(job_id), self.expires)
-        pipe.set(self.meta_key(job_id), self.backend.encode(meta), ex=self.expires)
+        pipe.set(self.meta_key(job_id), queued.encode(self.backend), ex=self.expires)
         if callback:
             pipe.zadd(self.callbacks_key, {f"job:{job_id}": time.time()})
         pipe.execute()
@@ -136,9 +135,8 @@ class ApiStore:
         """Stored and published, like a worker's result, so long polls wake at once."""
         pipe = self.redis.pipeline(transaction=False)
         for job_id, value in items:
-            meta: dict[str, Any] = {"status": state, "result": value, "traceback": None,
-                                    "children": [], "date_done": None, "task_id": job_id}
-            key, encoded = self.meta_key(job_id), self.backend.encode(meta)
+            key, encoded = self.meta_key(job_id), JobRecord(job_id, state, value).encode(
+                self.backend)
             pipe.set(key, encoded, ex=self.expires)
             pipe.publish(key, encoded)
         pipe.execute()

@@ -29,13 +29,13 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from producer.bulk.chunks import check_fits
-from producer.client import Client, to_result
+from producer.client import Client
 from producer.coalesce import Coalescer, Item, take
 from producer.notify import RECHECK_S, Notifier, Reply
 from producer.publish import PUBLISH_RETRY, coerce_inputs, deadline_after, not_sent, wire_inputs
-from producer.store import is_final, status_of
 from shared import keys
 from shared.queues import check_priority
+from shared.results import is_final, status_of, to_result
 from shared.schemas import JobResult, JobStatus
 from shared.settings import Settings
 

@@ -23,11 +23,11 @@ from producer.publish import (
     not_sent,
     wire_inputs,
 )
-from producer.store import every_row_failed, is_final, status_of
 from shared import keys, tracing
 from shared.queues import check_priority
 from shared.repository import ModelRef
-from shared.schemas import JobResult, JobStatus, RowError
+from shared.results import is_final, to_result
+from shared.schemas import JobResult, JobStatus
 from shared.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -170,37 +170,3 @@ class Job:
         """The outputs; raises JobFailed if the job or its row failed (JobCancelled, a
         JobFailed, if it was cancelled)."""
         return self.client.wait(self.id, timeout).checked_outputs()
-
-
-def to_result(job_id: str, meta: dict[str, Any]) -> JobResult:
-    status = status_of(meta)
-    value = meta.get("result")
-    res = JobResult(job_id=job_id, status=status)
-    if isinstance(value, BaseException) or status is JobStatus.failed:
-        res.error = f"{type(value).__name__}: {value}" if isinstance(value, BaseException) \
-            else str(value)
-        return res
-    if isinstance(value, dict):
-        res.model = value.get("model")
-        res.version = value.get("version")
-        res.variant = value.get("variant")
-        res.submitted_at = value.get("submitted_at")
-        res.started_at = value.get("started_at")
-        res.worker = value.get("worker")
-        if status is JobStatus.cancelled:
-            res.error = "cancelled before it ran"
-            res.finished_at = value.get("cancelled_at")
-        elif status is JobStatus.expired:
-            res.error = (f"expired: its deadline ({value.get('deadline')}) passed before a "
-                         "worker started it; not run")
-            res.finished_at = value.get("expired_at")
-        elif is_final(meta):
-            res.outputs = value.get("outputs")
-            res.errors = [RowError(**{k: e.get(k) for k in ("row", "field", "message")})
-                          for e in value.get("errors", [])]
-            res.batch_rows = list(value.get("batch_rows", []))
-            res.truncated = list(value.get("truncated", []))
-            res.finished_at = value.get("finished_at")
-            if (every_failed := every_row_failed(value)) is not None:
-                res.status, res.error = JobStatus.failed, every_failed
-    return res

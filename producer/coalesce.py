@@ -18,8 +18,6 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-from celery import states
-
 from producer.bulk.chunks import SQS_CHUNK_BYTES, payload_bytes
 from producer.publish import Sender, not_sent
 from shared import tracing
@@ -27,6 +25,7 @@ from shared.celery_app import INFER_MANY_TASK
 from shared.claims import redis_of
 from shared.queues import model_queue
 from shared.repository import ModelRef
+from shared.results import JobRecord
 
 MAX_JOBS = 256  # jobs per message at most
 
@@ -166,15 +165,12 @@ class Coalescer:
         redis = redis_of(backend)
         if redis is None:
             for it in batch:
-                backend.store_result(it.job_id, {"model": ref.name,
-                                                 "submitted_at": it.submitted_at},
-                                     states.PENDING)
+                record = JobRecord.queued(it.job_id, ref.name, it.submitted_at)
+                backend.store_result(it.job_id, record.result, record.state)
             return
         pipe = redis.pipeline(transaction=False)
         for it in batch:
-            meta = {"status": states.PENDING, "result": {"model": ref.name,
-                    "submitted_at": it.submitted_at}, "traceback": None, "children": [],
-                    "date_done": None, "task_id": it.job_id}
-            pipe.set(backend.get_key_for_task(it.job_id), backend.encode(meta),
+            record = JobRecord.queued(it.job_id, ref.name, it.submitted_at)
+            pipe.set(backend.get_key_for_task(it.job_id), record.encode(backend),
                      ex=self.client.settings.result_expires)
         pipe.execute()

@@ -1,4 +1,5 @@
-"""Reading job records from the Celery result backend, many keys per round trip."""
+"""Reading job records (shared/results.py) from the result store, many keys per round
+trip, and waiting for them to be final."""
 
 from __future__ import annotations
 
@@ -10,53 +11,8 @@ from celery import Celery, states
 from producer.waiter import ResultWaiter
 from shared import claims
 from shared.claims import Claims
-from shared.errors import InferqError, JobCancelled, JobExpired, JobNotFound
-from shared.schemas import JobStatus
-
-_STATUS = {
-    states.PENDING: JobStatus.queued,
-    states.RECEIVED: JobStatus.queued,
-    states.STARTED: JobStatus.running,
-    states.RETRY: JobStatus.retrying,
-    states.SUCCESS: JobStatus.succeeded,
-    states.FAILURE: JobStatus.failed,
-    states.REVOKED: JobStatus.failed,
-    claims.CANCELLED_STATE: JobStatus.cancelled,
-    claims.EXPIRED_STATE: JobStatus.expired,
-}
-
-
-def status_of(meta: dict[str, Any]) -> JobStatus:
-    return _STATUS.get(meta.get("status", states.PENDING), JobStatus.queued)
-
-
-FINAL_STATES = states.READY_STATES | {claims.CANCELLED_STATE, claims.EXPIRED_STATE}
-
-
-def is_final(meta: dict[str, Any] | None) -> bool:
-    return meta is not None and meta.get("status") in FINAL_STATES
-
-
-def every_row_failed(value: Any) -> str | None:
-    """A finished job's result whose rows all failed in the worker -> their messages, one
-    line (such a job is ``failed``, through the SDK and the API alike); else None."""
-    if not isinstance(value, dict):
-        return None
-    errors = value.get("errors") or []
-    if not errors or len(errors) < int(value.get("rows", 0) or 0):
-        return None
-    return "; ".join(str(e.get("message")) for e in errors)
-
-
-def result_value(meta: dict[str, Any] | None) -> Any:
-    """A final job's result: the task's return value, its exception, JobCancelled or
-    JobExpired."""
-    meta = meta or {}
-    if meta.get("status") == claims.CANCELLED_STATE:
-        return JobCancelled("cancelled before it ran")
-    if meta.get("status") == claims.EXPIRED_STATE:
-        return JobExpired("its deadline passed before a worker started it; not run")
-    return meta.get("result")
+from shared.errors import InferqError, JobNotFound
+from shared.results import JobRecord, is_final, status_of
 
 
 class ResultStore:
@@ -69,7 +25,8 @@ class ResultStore:
 
     def mark_queued(self, job_id: str, info: dict[str, Any]) -> None:
         """Record a job before publishing it, so ``get`` tells queued from unknown."""
-        self.backend.store_result(job_id, info, states.PENDING)
+        record = JobRecord(job_id, states.PENDING, info)
+        self.backend.store_result(job_id, record.result, record.state)
 
     def fetch_many(self, job_ids: list[str]) -> list[dict[str, Any] | None]:
         if not job_ids:

@@ -26,6 +26,7 @@ from shared import tracing
 from shared.celery_app import INFER_MANY_TASK
 from shared.claims import EXPIRED_STATE, redis_of
 from shared.errors import DeadLettered, InferqError
+from shared.results import JobRecord
 from workers.batcher import Outcome
 from workers.deliveries import Delivery
 from workers.intake import Intake
@@ -67,9 +68,8 @@ def store_many(app: Celery, items: list[tuple[str, str, Any]], reply_to: str | N
     done = app.now().isoformat()
     encoded = []
     for job_id, state, result in items:
-        meta = {"status": state, "result": backend.encode_result(result, state),
-                "traceback": None, "children": [], "date_done": done, "task_id": job_id}
-        encoded.append((job_id, backend.get_key_for_task(job_id), backend.encode(meta)))
+        encoded.append((job_id, backend.get_key_for_task(job_id),
+                        JobRecord(job_id, state, result, done).encode(backend)))
     give_up = time.monotonic() + patience_s
     for attempt in itertools.count():
         pipe = redis.pipeline(transaction=False)  # a failed execute() empties a pipeline

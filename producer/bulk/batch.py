@@ -39,9 +39,9 @@ from producer.bulk.chunks import (
     merge,
 )
 from producer.publish import Sender, not_sent
-from producer.store import is_final, result_value
 from shared.errors import JobFailed, Unavailable
 from shared.repository import ModelRef
+from shared.results import is_final, result_value
 
 logger = logging.getLogger(__name__)
 

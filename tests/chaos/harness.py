@@ -204,7 +204,7 @@ class Submitter:
 
 def await_results(client, job_ids: list[str], timeout: float) -> dict[str, dict]:
     """Every job's final record, or what is there when ``timeout`` runs out."""
-    from producer.store import is_final
+    from shared.results import is_final
 
     final: dict[str, dict] = {}
     deadline = time.monotonic() + timeout

@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 PRODUCER_MODULES = ["producer", "producer.client", "producer.bulk.batch", "producer.files.score",
                     "cli.main", "producer.files.readers", "producer.files.writers",
                     "api.app"]

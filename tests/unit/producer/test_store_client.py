@@ -16,11 +16,12 @@ import numpy as np
 import pytest
 from celery import Celery, states
 
-from producer.client import Client, Job, to_result
+from producer.client import Client, Job
 from producer.store import ResultStore
 from shared import codec
 from shared.celery_app import make_app
 from shared.errors import InputError, JobFailed, JobNotFound, ModelNotFound
+from shared.results import to_result
 from shared.schemas import JobStatus, Manifest, RowError, TensorSpec
 from shared.settings import Settings, load_settings
 

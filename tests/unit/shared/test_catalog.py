@@ -17,7 +17,7 @@ from shared.errors import ConfigError, ModelNotFound
 from shared.repository import ModelRepository
 from shared.repository.remote import RemoteRepository
 from shared.settings import load_settings
-from tests.unit.test_repository import write_manifest
+from tests.unit.shared.test_repository import write_manifest
 
 KEY = "t.inferq.catalog"
 
