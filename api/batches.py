@@ -31,7 +31,7 @@ from producer.bulk.batch import chunk_id, publish_chunk
 from producer.bulk.chunks import Chunk, chunk_budget, chunk_rows_for, merge
 from producer.files.readers import SUPPORTED, count_rows, read_chunks
 from producer.publish import deadline_after
-from shared import claims
+from shared import backoff, claims
 from shared.results import is_final, result_value
 from shared.schemas import RowError
 
@@ -350,15 +350,14 @@ async def _stream(api: Api, batch: _Batch, offset: int, follow: bool) -> AsyncIt
     specs = version.manifest.outputs
     for index in range(offset // batch.chunk_rows, batch.chunks):
         job_id = chunk_id(batch.id, index)
-        pause = 0.005
-        while True:
+        for pause in backoff.pauses(0.005, 0.2):
             meta = (await run_in_threadpool(api.store.metas, [job_id]))[0]
             if meta is not None and is_final(meta):
                 break
             if not follow:
                 return
             await asyncio.sleep(pause)
-            pause = min(pause * 2, 0.2)
+        assert meta is not None  # the loop ends only at a final record
         yield await run_in_threadpool(_lines, batch, api, index, meta, offset, specs)
 
 

@@ -13,7 +13,6 @@ import asyncio
 import contextlib
 import json
 import logging
-import random
 import time
 from typing import Any
 
@@ -27,6 +26,7 @@ from api.context import Api
 from api.jobs import job_view
 from api.urls import UrlRefused, resolve_public
 from shared import signing
+from shared.backoff import BELOW, exponential
 from shared.schemas import FINAL_STATUSES
 
 logger = logging.getLogger(__name__)
@@ -40,8 +40,7 @@ MAX_BACKOFF_S = 300.0
 
 def backoff(attempt: int, base: float = 1.0) -> float:
     """Seconds before attempt ``attempt + 1``: base * 2^(attempt-1), capped, with jitter."""
-    delay = min(MAX_BACKOFF_S, base * 2 ** (attempt - 1))
-    return delay * (0.5 + random.random() / 2)
+    return exponential(attempt - 1, base, MAX_BACKOFF_S, BELOW)
 
 
 class Dispatcher:
@@ -65,7 +64,7 @@ class Dispatcher:
                                    type(exc).__name__, exc, failures)
                 busy = 0
             if not busy:
-                pause = idle if not failures else min(5.0, idle * 2 ** min(failures, 6))
+                pause = idle if not failures else exponential(min(failures, 6), idle, 5.0)
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._stop.wait(), pause)
 

@@ -33,7 +33,7 @@ from producer.client import Client
 from producer.coalesce import Coalescer, Item, take
 from producer.notify import RECHECK_S, Notifier, Reply
 from producer.publish import PUBLISH_RETRY, coerce_inputs, deadline_after, not_sent, wire_inputs
-from shared import keys
+from shared import backoff, keys
 from shared.queues import check_priority
 from shared.results import is_final, status_of, to_result
 from shared.schemas import JobResult, JobStatus
@@ -205,14 +205,13 @@ class AsyncClient:
 
     async def _poll(self, job_id: str, end: float | None) -> dict[str, Any] | None:
         """A store that cannot publish: reads with pauses growing from 1 ms to 50."""
-        pause = 0.001
-        while True:
+        for pause in backoff.pauses(0.001, _POLL_MAX_S):
             meta = (await asyncio.to_thread(self.client.store.fetch_many, [job_id]))[0]
             left = _left(end)
             if is_final(meta) or left <= 0:
                 return meta
             await asyncio.sleep(min(pause, left))
-            pause = min(pause * 2, _POLL_MAX_S)
+        raise AssertionError("unreachable: pauses() never ends")
 
 
 def _left(end: float | None) -> float:

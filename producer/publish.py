@@ -23,7 +23,7 @@ from shared.catalog import open_for_clients
 from shared.celery_app import INFER_TASK, make_app
 from shared.errors import InputError, Unavailable
 from shared.queues import model_queue
-from shared.repository import ModelRef, ModelVersion, parse_model_ref
+from shared.repository import CachedResolver, ModelRef, ModelVersion, parse_model_ref
 from shared.schemas import Manifest
 from shared.settings import Settings, load_settings
 from shared.validation import as_row, check_rows, check_text_rows
@@ -43,7 +43,7 @@ class Sender:
         self.app = app or make_app(self.settings)
         self.repo = open_for_clients(self.settings)
         self.store = ResultStore(self.app)
-        self._models: dict[str, tuple[float, ModelVersion]] = {}
+        self.models = CachedResolver(self.repo, MODEL_TTL)
 
     def check_reachable(self, timeout: float = 2.0) -> None:
         """Unavailable, naming the service and its setting, when the broker or the result
@@ -88,12 +88,7 @@ class Sender:
         resolves it again, so a new default reaches running workers without a restart.
         """
         parsed = parse_model_ref(ref)
-        now = time.monotonic()
-        cached = self._models.get(ref)
-        if cached is None or now - cached[0] > MODEL_TTL:
-            cached = (now, self.repo.resolve(parsed))
-            self._models[ref] = cached
-        return cached[1], parsed
+        return self.models.resolve(parsed), parsed
 
     def publish(self, ref: ModelRef, job_id: str, inputs: dict[str, Any],
                 producer: Any = None, retry_policy: dict[str, Any] | None = None,

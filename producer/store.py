@@ -9,7 +9,7 @@ from typing import Any
 from celery import Celery, states
 
 from producer.waiter import ResultWaiter
-from shared import claims
+from shared import backoff, claims
 from shared.claims import Claims
 from shared.errors import InferqError, JobNotFound
 from shared.results import JobRecord, is_final, status_of
@@ -120,10 +120,9 @@ class ResultStore:
 
     def _wait_polling(self, job_id: str, deadline: float | None) -> dict[str, Any] | None:
         """For stores without publish (the embedded file store): 1 ms pauses growing to 50."""
-        pause = 0.001
-        while True:
+        for pause in backoff.pauses(0.001, 0.05):
             meta = self.fetch_many([job_id])[0]
             if is_final(meta) or (deadline is not None and time.monotonic() >= deadline):
                 return meta
             time.sleep(pause)
-            pause = min(pause * 2, 0.05)
+        raise AssertionError("unreachable: pauses() never ends")

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import os
-import random
 import threading
 import time
 from collections import deque
@@ -24,7 +23,7 @@ from functools import partial
 
 import numpy as np
 
-from shared import tracing
+from shared import backoff, tracing
 from shared.errors import BatchContractError
 from workers.device_errors import EXIT_DEVICE_LOST, is_transient
 
@@ -308,7 +307,7 @@ class Batcher:
         for attempt in range(self.transient_retries):
             if not is_transient(exc):
                 break
-            pause = min(2.0, 0.05 * 2 ** attempt) * random.uniform(0.5, 1.5)
+            pause = backoff.exponential(attempt, 0.05, 2.0, backoff.SPREAD)
             logger.warning("model %s: transient error on a row (%s); retry %d of %d in "
                            "%.2f s", self.name, exc, attempt + 1, self.transient_retries,
                            pause)

@@ -21,6 +21,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import FrameType
 
+from shared import backoff
 from shared.errors import ConfigError
 from shared.settings import Settings
 
@@ -184,7 +185,7 @@ class RestartPolicy:
         recent = sum(1 for t in restarts if now - t < self.window)
         if recent >= self.max_restarts:
             return None
-        return float(min(self.max_delay, self.first_delay * 2 ** recent))
+        return backoff.exponential(recent, self.first_delay, self.max_delay)
 
 
 @dataclass

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import itertools
 import logging
-import random
 import time
 from typing import Any
 
@@ -22,7 +21,7 @@ from celery.exceptions import Reject
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from shared import tracing
+from shared import backoff, tracing
 from shared.celery_app import INFER_MANY_TASK
 from shared.claims import EXPIRED_STATE, redis_of
 from shared.errors import DeadLettered, InferqError
@@ -83,7 +82,7 @@ def store_many(app: Celery, items: list[tuple[str, str, Any]], reply_to: str | N
             pipe.execute()
             return
         except (RedisConnectionError, RedisTimeoutError) as exc:
-            pause = min(2.0, 0.1 * 2 ** attempt) * random.uniform(0.5, 1.5)
+            pause = backoff.exponential(attempt, 0.1, 2.0, backoff.SPREAD)
             if time.monotonic() + pause > give_up:
                 raise
             logger.warning("storing %d results failed (%s); retrying in %.1f s", len(items),

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from shared.catalog import Publisher
-from shared.repository import ModelRef, ModelVersion, open_repository
+from shared.repository import CachedResolver, ModelRef, ModelVersion, open_repository
 from shared.settings import Settings
 from workers import faults
 from workers.batcher import Batcher
@@ -21,7 +20,7 @@ from workers.runtimes import Runtime, load_runtime
 
 logger = logging.getLogger(__name__)
 
-_LATEST_TTL = 5.0  # seconds a "latest version" lookup is reused
+LATEST_TTL = 5.0  # seconds a "latest version" lookup is reused
 
 
 @dataclass
@@ -71,7 +70,7 @@ class ModelPool:
         self.repo = open_repository(settings)
         self._served: dict[str, Served] = {}
         self.metrics = WorkerMetrics(settings.device)
-        self._latest: dict[str, tuple[float, ModelVersion]] = {}
+        self._latest = CachedResolver(self.repo, LATEST_TTL)
         self._lock = threading.Lock()
         self._catalog: Publisher | None = None
 
@@ -90,14 +89,7 @@ class ModelPool:
         so a new version or a new default is served without a restart (hot reload)."""
         if ref.version is not None:
             return self.repo.resolve(ref)
-        key = str(ref)
-        now = time.monotonic()
-        cached = self._latest.get(key)
-        if cached and now - cached[0] < _LATEST_TTL:
-            return cached[1]
-        latest = self.repo.resolve(ref)
-        self._latest[key] = (now, latest)
-        return latest
+        return self._latest.resolve(ref)
 
     def _load(self, version: ModelVersion) -> Served:
         s = self.settings

@@ -39,6 +39,7 @@ from producer.bulk.chunks import (
     merge,
 )
 from producer.publish import Sender, not_sent
+from shared import backoff
 from shared.errors import JobFailed, Unavailable
 from shared.repository import ModelRef
 from shared.results import is_final, result_value
@@ -143,7 +144,7 @@ class Pipeline:
         source = iter(chunks)
         exhausted = False
         last_progress = time.monotonic()
-        pause = 0.0005
+        polls = backoff.pauses(0.0005, 0.05)
         with self.client.app.producer_or_acquire() as producer:
             while True:
                 while not exhausted and len(window) < self.max_in_flight:
@@ -158,15 +159,14 @@ class Pipeline:
                 if not window:
                     return
                 if self._poll_store(window, producer):
-                    last_progress, pause = time.monotonic(), 0.0005
+                    last_progress, polls = time.monotonic(), backoff.pauses(0.0005, 0.05)
                 while window and window[0].meta is not None:
                     entry = window.popleft()
                     yield merge(entry.chunk, specs, result_value(entry.meta))
                 if window and window[0].meta is None:
                     if self._store_down is None:  # else the outage has its own limit
                         self._check_stall(last_progress, window[0])
-                    time.sleep(pause)
-                    pause = min(pause * 2, 0.05)
+                    time.sleep(next(polls))
 
     def _poll_store(self, window: deque[_Pending], producer: object) -> bool:
         """``_poll`` then ``_recover``, riding out a result store outage; True on progress

@@ -46,6 +46,7 @@ from producer.http.wire import (
     ndjson,
     quote,
 )
+from shared import backoff
 from shared.errors import (
     InferqError,
     InvalidModelName,
@@ -314,7 +315,7 @@ class HttpClient:
         """Sleep before retry ``attempt + 1`` (Retry-After, else a short backoff) and
         return how long; raise ``error`` when the retries or the wait budget are spent."""
         after = getattr(error, "retry_after", None)
-        delay = after if after is not None else min(0.25 * 2 ** (attempt - 1), 5.0)
+        delay = after if after is not None else backoff.exponential(attempt - 1, 0.25, 5.0)
         if attempt > self.retries or waited + delay > self.max_retry_wait:
             raise error
         time.sleep(delay)  # the server asked for this pause (Retry-After)

@@ -7,6 +7,7 @@ repository in object storage, read through a local cache (``RemoteRepository``).
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -27,8 +28,8 @@ from shared.repository.remote import RemoteRepository
 if TYPE_CHECKING:
     from shared.settings import Settings
 
-__all__ = ["DEFAULT", "MANIFEST", "MAX_VERSION_DIGITS", "ModelCorrupt", "ModelRef",
-           "ModelRepository", "ModelVersion", "RemoteRepository", "as_repository",
+__all__ = ["DEFAULT", "MANIFEST", "MAX_VERSION_DIGITS", "CachedResolver", "ModelCorrupt",
+           "ModelRef", "ModelRepository", "ModelVersion", "RemoteRepository", "as_repository",
            "open_repository", "parse_model_ref", "sha256_file"]
 
 
@@ -44,3 +45,22 @@ def open_repository(settings: Settings) -> ModelRepository:
         return ModelRepository(settings.model_repo.removeprefix("file://"))
     return RemoteRepository.open(settings.model_repo, settings.effective_model_cache(),
                                  settings.model_refresh_s)
+
+
+class CachedResolver:
+    """Model references resolved against a repository, each answer reused for ``ttl``
+    seconds: a new version or default is seen within that time, without re-reading the
+    repository for every job (producers and workers both resolve this way)."""
+
+    def __init__(self, repo: ModelRepository, ttl: float = 5.0):
+        self.repo, self.ttl = repo, ttl
+        self._cache: dict[str, tuple[float, ModelVersion]] = {}
+
+    def resolve(self, ref: ModelRef) -> ModelVersion:
+        key = str(ref)
+        now = time.monotonic()
+        cached = self._cache.get(key)
+        if cached is None or now - cached[0] >= self.ttl:
+            cached = (now, self.repo.resolve(ref))
+            self._cache[key] = cached
+        return cached[1]

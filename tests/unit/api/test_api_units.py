@@ -160,11 +160,13 @@ def test_scrub_drops_passwords(text: str, clean: str) -> None:
 
 # -- callback backoff ------------------------------------------------------------------------
 def test_backoff_doubles_with_jitter_and_is_capped(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(callbacks.random, "random", lambda: 1.0)
+    from shared import backoff
+
+    monkeypatch.setattr(backoff.random, "uniform", lambda low, high: high)
     assert [callbacks.backoff(n) for n in (1, 2, 3, 4)] == [1.0, 2.0, 4.0, 8.0]
     assert callbacks.backoff(3, base=0.5) == 2.0
     assert callbacks.backoff(30) == callbacks.MAX_BACKOFF_S
-    monkeypatch.setattr(callbacks.random, "random", lambda: 0.0)
+    monkeypatch.setattr(backoff.random, "uniform", lambda low, high: low)
     assert [callbacks.backoff(n) for n in (1, 2, 3)] == [0.5, 1.0, 2.0]
     assert callbacks.backoff(30) == callbacks.MAX_BACKOFF_S / 2
 
