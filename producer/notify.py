@@ -23,8 +23,9 @@ import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
-import msgpack
 import redis.asyncio as aioredis
+
+from shared.results import read_reply
 
 logger = logging.getLogger(__name__)
 
@@ -174,15 +175,14 @@ class Notifier:
         if message["type"] != "message":
             return
         try:
-            items = msgpack.unpackb(message["data"], raw=False)
-        except Exception as exc:  # noqa: BLE001 - a foreign message on our channel
-            logger.warning("reply channel: an unreadable message (%s) ignored", exc)
+            replies = read_reply(message["data"])
+        except ValueError as exc:  # a foreign message on our channel
+            logger.warning("reply channel: an unreadable message ignored (%s)", exc)
             return
-        for item in items if isinstance(items, list) else ():
-            reply = self._replies.get(item[0]) if isinstance(item, list | tuple) \
-                and len(item) == 2 else None
+        for job_id, value in replies:
+            reply = self._replies.get(job_id)
             if reply is not None:
-                reply.value = item[1]
+                reply.value = value
                 reply.arrived.set()
 
     async def close(self) -> None:

@@ -28,9 +28,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import msgpack
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from shared.results import read_reply
 
 logger = logging.getLogger(__name__)
 
@@ -177,7 +178,12 @@ class ResultWaiter:
 
     def _on_reply(self, data: bytes) -> None:
         now = time.monotonic()
-        for job_id, value in msgpack.unpackb(data, raw=False):
+        try:
+            replies = read_reply(data)
+        except ValueError as exc:  # a foreign message on our channel: not a reason to stop
+            logger.warning("reply channel: an unreadable message ignored (%s)", exc)
+            return
+        for job_id, value in replies:
             with self._lock:
                 waiter = self._replies.get(job_id)
                 if waiter is None:  # kept for a wait that has not started (bounded)

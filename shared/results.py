@@ -22,6 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import msgpack
 from celery import states
 
 from shared.claims import CANCELLED_STATE, EXPIRED_STATE
@@ -72,6 +73,26 @@ class JobRecord:
     def encode(self, backend: Any) -> bytes:
         """The stored bytes, as Celery's backend writes them."""
         return bytes(backend.encode(self.meta(backend)))
+
+
+def reply_message(records: list[tuple[str, bytes]]) -> bytes:
+    """Several jobs' encoded records as one message on a producer's reply channel
+    (workers publish it beside each record's own key; producer/waiter.py reads it)."""
+    return bytes(msgpack.packb(records, use_bin_type=True))
+
+
+def read_reply(data: bytes) -> list[tuple[str, bytes]]:
+    """``reply_message``'s (job id, encoded record) pairs; anything else published on the
+    channel yields none (ValueError when it is not even msgpack)."""
+    try:
+        items = msgpack.unpackb(data, raw=False)
+    except Exception as exc:  # noqa: BLE001 - msgpack raises several kinds
+        raise ValueError(f"not a reply message ({type(exc).__name__})") from None
+    if not isinstance(items, list):
+        return []
+    return [(item[0], item[1]) for item in items
+            if isinstance(item, list | tuple) and len(item) == 2
+            and isinstance(item[0], str) and isinstance(item[1], bytes)]
 
 
 def status_of(meta: dict[str, Any]) -> JobStatus:

@@ -14,7 +14,6 @@ import logging
 import time
 from typing import Any
 
-import msgpack
 import numpy as np
 from celery import Celery, states
 from celery.exceptions import Reject
@@ -25,7 +24,7 @@ from shared import backoff, tracing
 from shared.celery_app import INFER_MANY_TASK
 from shared.claims import EXPIRED_STATE, redis_of
 from shared.errors import DeadLettered, InferqError
-from shared.results import JobRecord
+from shared.results import JobRecord, reply_message
 from workers.batcher import Outcome
 from workers.deliveries import Delivery
 from workers.intake import Intake
@@ -76,8 +75,7 @@ def store_many(app: Celery, items: list[tuple[str, str, Any]], reply_to: str | N
             pipe.setex(key, backend.expires, value)
             pipe.publish(key, value)
         if reply_to and encoded:
-            pipe.publish(reply_to, msgpack.packb([(j, v) for j, _, v in encoded],
-                                                 use_bin_type=True))
+            pipe.publish(reply_to, reply_message([(j, v) for j, _, v in encoded]))
         try:
             pipe.execute()
             return

@@ -69,3 +69,14 @@ def test_without_a_reply_the_store_is_read_until_the_timeout(waiter: ResultWaite
 
     assert waiter.wait_reply("lost", read, lambda v: v is not None, bytes.decode, 1.2) is None
     assert len(reads) >= 2  # the safety net re-reads every RECHECK_S
+
+
+def test_foreign_messages_on_the_reply_channel_do_not_stop_the_listener(
+        waiter: ResultWaiter) -> None:
+    for junk in (b"\xc1 not msgpack", msgpack.packb({"a": 1}), msgpack.packb([[1, 2, 3], "x"]),
+                 msgpack.packb([["late", "text, not bytes"]])):
+        waiter._redis.publish(CHANNEL, junk)
+    publish(waiter, ("after", b"done"))  # the listener read past the junk
+    assert waiter.wait_reply("after", never_read, lambda v: v is not None, bytes.decode,
+                             5) == "done"
+    assert waiter._thread is not None and waiter._thread.is_alive()
