@@ -34,6 +34,8 @@ COPY pyproject.toml ./
 COPY shared/ shared/
 COPY producer/ producer/
 COPY workers/ workers/
+COPY api/ api/
+COPY cli/ cli/
 
 
 FROM base AS client

@@ -22,7 +22,7 @@ class LimitResult:
 
 def measure_limit(repo: Path, ref: str, threads: int, batches: tuple[int, ...],
                   base: np.ndarray, rows_per_batch_size: int) -> LimitResult:
-    """Best rows/s over ``batches``, through ``workers.runtimes.onnx.load_runtime`` (for text
+    """Best rows/s over ``batches``, through ``workers.runtimes.load_runtime`` (for text
     models that is ``TextRuntime``: tokenizing and per-batch padding included)."""
     from shared.repository import ModelRepository
     from workers.runtimes import load_runtime

@@ -110,7 +110,7 @@ def run_inferq(ctx: Context, name: str, ref: str, base: np.ndarray) -> None:
 def _loaded(worker: WorkerProcess) -> list[str]:
     with worker.log.open(errors="replace") as log:
         return [line.split(": ", 1)[-1][:160].rstrip() for line in log
-                if "workers.runtimes.onnx: loaded" in line]
+                if "workers.runtimes." in line and ": loaded " in line]
 
 
 def run_producer_rss(ctx: Context, ref: str, worker: WorkerProcess) -> None:

@@ -1,4 +1,5 @@
-"""The client side: the SDK, bulk scoring, the CLI, the HTTP API. Imports ``shared`` only.
+"""The client library: the SDK (``Client``), bulk scoring, files, the HTTP client. Imports
+``shared`` only.
 
 ``Client`` and ``AsyncClient`` (direct broker access) need the ``client`` extra and are
 imported on first use, so ``producer.http`` works on a base install without Celery.

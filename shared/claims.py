@@ -22,7 +22,6 @@ CANCELLED_STATE = "CANCELLED"  # the stored state of a cancelled job (not one of
 EXPIRED_STATE = "EXPIRED"  # a job whose deadline passed before it ran (not run)
 
 
-
 def redis_of(backend: Any) -> Any | None:
     """The redis client of a Celery Redis result backend, else None."""
     client = getattr(backend, "client", None)

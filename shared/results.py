@@ -70,12 +70,14 @@ class JobRecord:
         return {"status": self.state, "result": result, "traceback": None, "children": [],
                 "date_done": self.date_done, "task_id": self.job_id}
 
-    def encode(self, backend: Any) -> bytes:
-        """The stored bytes, as Celery's backend writes them."""
-        return bytes(backend.encode(self.meta(backend)))
+    def encode(self, backend: Any) -> bytes | str:
+        """The stored value, as Celery's backend writes it (bytes with inferq's result
+        serializer, text with JSON)."""
+        value: bytes | str = backend.encode(self.meta(backend))
+        return value
 
 
-def reply_message(records: list[tuple[str, bytes]]) -> bytes:
+def reply_message(records: list[tuple[str, bytes | str]]) -> bytes:
     """Several jobs' encoded records as one message on a producer's reply channel
     (workers publish it beside each record's own key; producer/waiter.py reads it)."""
     return bytes(msgpack.packb(records, use_bin_type=True))

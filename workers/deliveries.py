@@ -68,7 +68,6 @@ return {redis.call('HGETALL', KEYS[1]), redis.call('LRANGE', KEYS[2], 0, -1)}
 """
 
 
-
 @dataclass
 class Delivery:
     """What is known about a redelivered message."""
@@ -143,7 +142,6 @@ class Deliveries:
         pipe.ltrim(self.dead_key, 0, DEAD_LETTERS_KEPT - 1)
         pipe.execute()
         logger.error("dead-lettered: %s", {k: v for k, v in entry.items() if k != "inputs"})
-
 
 
 def give_back(exc: Exception, message_id: str) -> Reject:

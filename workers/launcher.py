@@ -141,7 +141,9 @@ def plan(gpus: Sequence[Gpu], *, processes: int, worker_args: Sequence[str],
             env["INFERQ_ORT_THREADS"] = str(max(1, cores // count))
         if metrics_port:
             env["INFERQ_METRICS_PORT"] = str(metrics_port + position)
-        argv = (sys.executable, "-m", "cli.main", "worker", *worker_args,
+        # -P: never the working directory first on sys.path (a folder named cli/ there would
+        # shadow the installed command line)
+        argv = (sys.executable, "-P", "-m", "cli.main", "worker", *worker_args,
                 "--hostname", f"{label}@{host}")
         children.append(Child(label, gpu, argv, env))
     return children
@@ -185,7 +187,7 @@ class RestartPolicy:
         recent = sum(1 for t in restarts if now - t < self.window)
         if recent >= self.max_restarts:
             return None
-        return backoff.exponential(recent, self.first_delay, self.max_delay)
+        return float(backoff.exponential(recent, self.first_delay, self.max_delay))
 
 
 @dataclass

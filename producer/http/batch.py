@@ -251,15 +251,3 @@ def _objects(arr: np.ndarray) -> np.ndarray:
     for i in range(len(arr)):
         out[i] = arr[i]
     return out
-
-
-
-# -- helpers (shared with producer.http) ---------------------------------------------------
-
-
-
-
-
-
-
-

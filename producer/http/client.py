@@ -62,8 +62,6 @@ MODEL_TTL = 60.0  # seconds an unpinned model's manifest is reused (a pinned one
 _FINAL = FINAL_STATUSES
 
 
-
-
 # -- what the API returns ----------------------------------------------------------------
 class ModelInfo(BaseModel):
     """``GET /v1/models/{name}``: the version a reference serves now, what it takes and
@@ -85,7 +83,6 @@ class ModelInfo(BaseModel):
     def ref(self) -> str:
         """The exact reference (``name:variant@version``) of this manifest."""
         return f"{self.name}:{self.variant}@{self.version}"
-
 
 
 # -- the client ----------------------------------------------------------------------------
@@ -381,9 +378,5 @@ def _wait_param(wait: float | str | None) -> tuple[dict[str, str], float]:
         raise ValueError(f"wait: {wait!r} is not a number of seconds >= 0")
     ms = int(seconds * 1000)
     return ({"wait": f"{ms}ms"}, seconds) if ms > 0 else ({}, 0.0)
-
-
-
-
 
 

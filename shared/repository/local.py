@@ -23,13 +23,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from shared.errors import InferqError, InvalidModelName, ModelNotFound, UnsafeModelPath
 from shared.schemas import MODEL_NAME, Manifest, check_model_name, check_variant
-
-if TYPE_CHECKING:
-    pass
 
 MANIFEST = "manifest.json"
 DEFAULT = "default.json"

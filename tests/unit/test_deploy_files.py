@@ -413,3 +413,14 @@ def test_the_bucket_overlay_needs_no_shared_volume() -> None:
             assert not mount.get("readOnly") and "emptyDir" in volumes["models"]
     assert {"inferq-worker-gpu", "inferq-worker-cpu", "inferq-models-build",
             "inferq-api"} <= pods.keys()
+
+
+def test_the_images_copy_every_package_the_wheel_installs() -> None:
+    """The console script (cli.main) and every layer must be in the image: setuptools
+    builds a wheel without a package it does not find, and `inferq` then fails to start."""
+    import tomllib
+
+    wanted = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"][
+        "packages"]["find"]["include"]
+    copied = set(re.findall(r"^COPY (\w+)/ \1/$", (ROOT / "Dockerfile").read_text(), re.M))
+    assert {w.rstrip("*") for w in wanted} <= copied, copied

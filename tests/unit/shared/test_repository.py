@@ -154,3 +154,19 @@ def test_next_version(repo: ModelRepository, tmp_path: Path) -> None:
     assert repo.next_version("other") == 2
     assert repo.next_version("new") == 1
     assert ModelRepository(tmp_path / "absent").next_version("m") == 1
+
+
+def test_a_cached_resolver_sees_a_new_version_only_after_its_ttl(
+        repo: ModelRepository, monkeypatch: pytest.MonkeyPatch) -> None:
+    import shared.repository as repository
+
+    now = [100.0]
+    monkeypatch.setattr(repository.time, "monotonic", lambda: now[0])
+    resolver = repository.CachedResolver(repo, ttl=5.0)
+    assert resolver.resolve(parse_model_ref("m")).key == "m@2"
+    write_manifest(repo.root, "m", 4, notes="fourth")
+    now[0] += 4.9
+    assert resolver.resolve(parse_model_ref("m")).key == "m@2"  # reused
+    assert resolver.resolve(parse_model_ref("m@4")).key == "m@4"  # another reference
+    now[0] += 0.1
+    assert resolver.resolve(parse_model_ref("m")).key == "m@4"  # re-read at the ttl

@@ -108,7 +108,7 @@ def test_gpu_children_are_pinned_each_to_its_gpu() -> None:
         assert child.env == {"CUDA_VISIBLE_DEVICES": index, "CUDA_DEVICE_ORDER": "PCI_BUS_ID",
                              "INFERQ_DEVICE": "cuda:0", "INFERQ_ORT_THREADS": "8",
                              "INFERQ_METRICS_PORT": port}
-        assert child.argv == (sys.executable, "-m", "cli.main", "worker", "--models",
+        assert child.argv == (sys.executable, "-P", "-m", "cli.main", "worker", "--models",
                               "digits,minilm", "--hostname", f"gpu{index}@%h")
 
 
@@ -147,7 +147,7 @@ def test_children_for_passes_the_worker_options_on(tmp_path, monkeypatch) -> Non
     settings = load_settings(broker_url="redis://127.0.0.1:6379/0", metrics_port=9200)
     children = children_for("0,2", settings, models="digits", concurrency=4,
                             hostname="gpu@box7", processes=3, log_level="DEBUG")
-    assert [c.argv[3:] for c in children] == [
+    assert [c.argv[4:] for c in children] == [
         ("worker", "--log-level", "DEBUG", "--models", "digits", "--concurrency", "4",
          "--hostname", f"gpu{i}@box7") for i in (0, 2)]
     assert [c.env["INFERQ_METRICS_PORT"] for c in children] == ["9200", "9201"]
