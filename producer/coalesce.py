@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from producer.bulk.chunks import SQS_CHUNK_BYTES, payload_bytes
-from producer.publish import Sender, not_sent
+from producer.publish import Sender, not_sent, summary
 from shared import tracing
 from shared.celery_app import INFER_MANY_TASK
 from shared.claims import redis_of
@@ -156,7 +156,8 @@ class Coalescer:
                     "jobs": jobs, "reply_to": self.reply_to},
             queue=model_queue(settings, ref.name, priority), retry=True,
             retry_policy=self.retry_policy,
-            headers=tracing.many_headers([it.trace for it in batch]))
+            headers=tracing.many_headers([it.trace for it in batch]),
+            **summary(ref, jobs=len(jobs)))
 
     def _mark(self, ref: ModelRef, batch: list[Item]) -> None:
         """Each job recorded as queued, so a reader tells queued from unknown: one round

@@ -100,11 +100,23 @@ class Sender:
                   "inputs": wire_inputs(inputs), "submitted_at": time.time(), **extra}
         if deadline is not None:
             kwargs["deadline"] = deadline
+        first = next(iter(inputs.values()), ())
+        rows = len(first) if np.ndim(first) else 1
         self.app.send_task(INFER_TASK, kwargs=kwargs, task_id=job_id,
                            queue=model_queue(self.settings, ref.name, priority),
                            producer=producer, retry=True,
                            retry_policy=retry_policy or PUBLISH_RETRY,
-                           headers=(tracing.outgoing() if trace is None else trace) or None)
+                           headers=(tracing.outgoing() if trace is None else trace) or None,
+                           **summary(ref, rows=rows))
+
+
+def summary(ref: ModelRef, **counts: int) -> dict[str, str]:
+    """What Flower and Celery's events show for a message's arguments. Celery would
+    otherwise ``saferepr`` the inputs for every message (~0.3-0.5 ms of the producer's CPU
+    per message, measured: more than the rest of publishing) and show row data to anyone
+    watching the workers."""
+    shown = ", ".join([f"'model': {str(ref)!r}", *(f"{k!r}: {v}" for k, v in counts.items())])
+    return {"argsrepr": "()", "kwargsrepr": "{" + shown + "}"}
 
 
 def not_sent(what: str, client: Sender, exc: BaseException,
