@@ -1,33 +1,32 @@
 """kombu's Redis transport with a reliable fetch: no message is lost between taking it
 off a queue and recording it as unacked.
 
-kombu's own transport pops a message with ``BRPOP`` and records it as unacked in a
-second round trip; a worker killed between the two loses the message (about one kill in
-seven under load, measured). Here one Lua script moves the message from the first
-non-empty queue (high-priority queues first) into kombu's unacked records, so a message
-is always either on a queue or recorded. Redis cannot block inside a script, so idle
-consumers block on a *wake marker* per queue (a one-element list that every publish and
-every restore pushes) and fetch when it fires, as BullMQ's workers do; while messages
-flow, consumers fetch back to back without blocking. A marker lost to a crash costs at
-most ``brpop_timeout`` (1 s): a consumer fetches after every wait, woken or not.
+kombu's own transport pops a message with ``BRPOP`` and records it as unacked in a second
+round trip; a worker killed between the two loses the message (about one kill in seven
+under load, measured). Here one Lua script moves the message from the first non-empty queue
+(high-priority queues first) into kombu's unacked records, so a message is always either on
+a queue or recorded. Redis cannot block inside a script, so idle consumers block on a *wake
+marker* per queue (a one-element list that every publish and restore pushes) and fetch when
+it fires, as BullMQ's workers do; while messages flow, consumers fetch back to back. A lost
+marker costs at most ``brpop_timeout`` (1 s): a consumer fetches after every wait.
 
-Each consuming channel is an *owner*: the fetch records which owner holds each message,
-and a heartbeat thread keeps the owner's time fresh. The restore sweep (kombu's
-``restore_visible``, which every worker runs every few seconds) first marks every message
-of an owner silent for ``owner_dead_after`` seconds as overdue, so a killed worker's
-messages come back in seconds, not after the visibility timeout. Acks, restores and the
-visibility timeout itself work as in kombu, so Celery's acks-late and
-``reject_on_worker_lost`` keep their meaning.
+Each consuming channel is an *owner*: the fetch records which owner holds each message, and
+a heartbeat keeps the owner's time fresh. The restore sweep (kombu's ``restore_visible``,
+run by every worker every few seconds) first marks every message of an owner silent for
+``owner_dead_after`` seconds as overdue, so a killed worker's messages come back in
+seconds, not after the visibility timeout. Acks, restores and the visibility timeout work
+as in kombu, so Celery's acks-late and ``reject_on_worker_lost`` keep their meaning.
 
-A queue entry that is not a kombu message (not JSON, no properties) is moved to the
-``_inferq.garbage`` list and handed to the consumer as a refused message (header
-``inferq_refused``), which the worker dead-letters; nothing a producer puts on a queue can
-stop a worker. Design notes: docs/design.md ("Reliable fetch on Redis").
+A queue entry that is not a kombu message is moved to the ``_inferq.garbage`` list and
+handed to the consumer as a refused message (header ``inferq_refused``), which the worker
+dead-letters: nothing a producer puts on a queue can stop a worker. Design notes:
+docs/design.md ("Reliable fetch on Redis").
 """
 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import logging
 import os
 import socket
@@ -37,7 +36,6 @@ from time import monotonic, time
 from typing import Any
 
 from kombu.transport import redis as kombu_redis
-from kombu.transport import virtual
 from kombu.utils.encoding import bytes_to_str
 from kombu.utils.json import dumps, loads
 from redis.exceptions import NoScriptError
@@ -45,70 +43,16 @@ from redis.exceptions import NoScriptError
 from shared import keys
 from shared.envelope import is_message, stand_in
 from shared.redis_heartbeat import Heartbeat
-from shared.redis_scripts import FETCH, PUT, SWEEP_DEAD
+from shared.redis_qos import GARBAGE_KEPT, QoS
+from shared.redis_scripts import FETCH, PUT
 
 logger = logging.getLogger(__name__)
 
-GARBAGE_KEPT = 10_000
 WAKE_TTL_MS = 60_000  # a marker only matters for a moment; queues come and go (replies)
 
 
 _FETCH_SHA = hashlib.sha1(FETCH.encode()).hexdigest()
 _PUT_SHA = hashlib.sha1(PUT.encode()).hexdigest()
-
-
-class QoS(kombu_redis.QoS):
-    """kombu's ack emulation; a message fetched by :data:`FETCH` is already recorded."""
-
-    def append(self, message: Any, delivery_tag: str) -> None:
-        if delivery_tag in self.channel.recorded:
-            virtual.QoS.append(self, message, delivery_tag)  # in memory only
-        else:
-            super().append(message, delivery_tag)
-
-    def _remove_from_indices(self, delivery_tag: str, pipe: Any = None) -> Any:
-        return super()._remove_from_indices(delivery_tag, pipe).hdel(self.channel.owner_key,
-                                                                     delivery_tag)
-
-    def restore_visible(self, start: int = 0, num: int = 10, interval: int = 10) -> None:
-        if not (self._vrestore_count % (interval or 1)):
-            try:
-                with self.channel.conn_or_acquire() as client:
-                    marked = client.register_script(SWEEP_DEAD)(
-                        keys=[self.channel.consumers_key, self.channel.owner_key,
-                              self.unacked_index_key],
-                        args=[self.channel.owner_dead_after])
-            except self.channel.ResponseError:  # a full noeviction server, say
-                logger.exception("sweeping dead consumers failed; the next sweep tries again")
-                marked = 0
-            if marked:
-                logger.warning("restoring %d messages of consumers silent for over %s s",
-                               marked, self.channel.owner_dead_after)
-        super().restore_visible(start, num, interval)
-
-    def restore_by_tag(self, tag: str, client: Any = None, leftmost: bool = False) -> None:
-        """kombu's, but a record that is not a message (garbage fetched by a consumer that
-        died before it could refuse it) is kept in the garbage list instead of raising."""
-
-        def restore_transaction(pipe: Any) -> None:
-            raw = pipe.hget(self.unacked_key, tag)
-            pipe.multi()
-            self._remove_from_indices(tag, pipe)
-            if not raw:
-                return
-            try:
-                message, exchange, routing_key = loads(bytes_to_str(raw))
-                valid = is_message(message)
-            except Exception:  # kombu's loads raises many kinds (__type__ hooks, nesting)
-                valid = False
-            if not valid:
-                garbage = self.channel.garbage_key
-                pipe.lpush(garbage, raw).ltrim(garbage, 0, GARBAGE_KEPT - 1)
-                return
-            self.channel._do_restore_message(message, exchange, routing_key, pipe, leftmost)
-
-        with self.channel.conn_or_acquire(client) as client:
-            client.transaction(restore_transaction, self.unacked_key)
 
 
 def _wake_commands(queue: str) -> list[tuple[Any, ...]]:
@@ -149,6 +93,8 @@ class Channel(kombu_redis.Channel):
         self.owner_key, self.consumers_key, self.garbage_key = (
             p + keys.OWNER, p + keys.CONSUMERS, p + keys.GARBAGE)
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:12]}"
+        # Tags: 80 random bits per channel and a counter (a uuid4 per fetch was a syscall)
+        self._tag_prefix, self._tags = uuid.uuid4().hex[:20], itertools.count()
         self.recorded: set[str] = set()  # tags FETCH recorded, until QoS.append sees them
         self._fetch_next = True  # else wait on the wake markers first
         self._fetching: list[str] | None = None  # the queues of the fetch in flight
@@ -160,6 +106,9 @@ class Channel(kombu_redis.Channel):
         self._plain = False  # the BRPOP in flight is kombu's own (a no-ack consumer)
 
     # -- consuming -----------------------------------------------------------------------
+    def _new_tag(self) -> str:
+        return f"{self._tag_prefix}{next(self._tags):x}"
+
     def _ordered_queues(self) -> list[str]:
         queues = self._queue_cycle.consume(len(self.active_queues))
         if self.priority_suffix:
@@ -221,7 +170,7 @@ class Channel(kombu_redis.Channel):
         self._start_heartbeat()
         if self._fetch_next:
             names = self._fetch_keys(queues)
-            tag = uuid.uuid4().hex
+            tag = self._new_tag()
             script = ("EVAL", FETCH) if self._eval else ("EVALSHA", _FETCH_SHA)
             command: list[Any] = [*script, len(names), *names, *self._fetch_args(tag)]
             self._fetching = [tag, *queues]
@@ -244,7 +193,7 @@ class Channel(kombu_redis.Channel):
                 if fetching is None:  # woken by a marker, or the wait timed out
                     if self._closing:
                         raise Empty()
-                    fetching = [uuid.uuid4().hex, *self._ordered_queues()]
+                    fetching = [self._new_tag(), *self._ordered_queues()]
                     reply = self._fetch(self.client, fetching[1:], fetching[0])
             except self.connection_errors:
                 if fetching is not None:
@@ -330,7 +279,7 @@ class Channel(kombu_redis.Channel):
         if no_ack:
             return super().basic_get(queue, no_ack, **kwargs)
         self._start_heartbeat()
-        tag = uuid.uuid4().hex
+        tag = self._new_tag()
         with self.conn_or_acquire() as client:
             reply = self._fetch(client, [queue], tag)
         if not reply:
