@@ -7,7 +7,6 @@ import dataclasses
 import logging
 import math
 import time
-import uuid
 from dataclasses import dataclass, field
 from typing import Annotated, Any
 
@@ -22,6 +21,7 @@ from api.urls import UrlRefused, check_callback_url
 from producer.client import Client
 from producer.coalesce import Coalescer
 from producer.notify import Notifier
+from shared import keys
 from shared.repository import ModelRef, ModelVersion
 from shared.settings import Settings
 
@@ -45,7 +45,7 @@ class Api:
     notifier: Notifier = field(init=False)
 
     def __post_init__(self) -> None:
-        replies = f"inferq-reply-api-{uuid.uuid4().hex}"
+        replies = keys.new_reply_channel("api")
         self.notifier = Notifier(self.settings.effective_result_backend(), replies)
         self.metrics = ApiMetrics(self.depths)
         # Concurrent requests share broker messages; the API records jobs itself; workers

@@ -11,7 +11,7 @@ from typing import Any
 
 from celery import Celery
 
-from shared import codec, filestore
+from shared import codec, filestore, redis_results
 from shared.errors import ConfigError
 from shared.queues import HIGH_SUFFIX, queue_name
 from shared.settings import Settings
@@ -54,6 +54,8 @@ def make_app(settings: Settings) -> Celery:
         (settings.home / "results").mkdir(parents=True, exist_ok=True)
     if backend.startswith("file://"):
         backend = filestore.URL_PREFIX + backend  # atomic writes: pollers never see half
+    elif backend.startswith(("redis://", "rediss://", "redis+socket://")):
+        backend = redis_results.URL_PREFIX + backend  # no subscription per sent job
     app = Celery("inferq", broker=settings.broker_url or "memory://localhost/", backend=backend,
                  set_as_current=False)
     app.conf.update(_conf(settings))

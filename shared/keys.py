@@ -24,9 +24,10 @@ def deliveries(message_id: str) -> str:
     return f"inferq-deliveries-{message_id}"
 
 
-def new_reply_channel() -> str:
-    """A producer process's own channel, where workers publish its results."""
-    return f"inferq-reply-{uuid.uuid4().hex}"
+def new_reply_channel(kind: str = "") -> str:
+    """A producer process's own channel, where workers publish its results (``kind``:
+    ``api`` for an API process)."""
+    return f"inferq-reply-{kind + '-' if kind else ''}{uuid.uuid4().hex}"
 
 
 # -- per deployment (INFERQ_QUEUE_PREFIX) -------------------------------------------------
