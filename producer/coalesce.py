@@ -157,7 +157,7 @@ class Coalescer:
             queue=model_queue(settings, ref.name, priority), retry=True,
             retry_policy=self.retry_policy,
             headers=tracing.many_headers([it.trace for it in batch]),
-            **summary(ref, jobs=len(jobs)))
+            **summary(ref, [it.job_id for it in batch], jobs=len(jobs)))
 
     def _mark(self, ref: ModelRef, batch: list[Item]) -> None:
         """Each job recorded as queued, so a reader tells queued from unknown: one round

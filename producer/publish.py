@@ -31,6 +31,8 @@ from shared.validation import as_row, check_rows, check_text_rows
 MODEL_TTL = 5.0  # seconds a resolved manifest is reused (the worker re-reads as often)
 
 # Publishing retries while the broker is away (~25 s), then fails naming the job.
+SHOWN_IDS = 8  # job ids a message of several jobs lists for Flower
+
 PUBLISH_RETRY = {"max_retries": 12, "interval_start": 0.1, "interval_step": 0.5,
                  "interval_max": 3.0}
 
@@ -110,13 +112,16 @@ class Sender:
                            **summary(ref, rows=rows))
 
 
-def summary(ref: ModelRef, **counts: int) -> dict[str, str]:
-    """What Flower and Celery's events show for a message's arguments. Celery would
-    otherwise ``saferepr`` the inputs for every message (~0.3-0.5 ms of the producer's CPU
-    per message, measured: more than the rest of publishing) and show row data to anyone
-    watching the workers."""
-    shown = ", ".join([f"'model': {str(ref)!r}", *(f"{k!r}: {v}" for k, v in counts.items())])
-    return {"argsrepr": "()", "kwargsrepr": "{" + shown + "}"}
+def summary(ref: ModelRef, ids: list[str] | None = None, **counts: int) -> dict[str, str]:
+    """What Flower and Celery's events show for a message's arguments: the model, counts
+    and (for a message of several jobs) the first job ids. Celery would otherwise
+    ``saferepr`` the inputs for every message (~0.5 ms of the producer's CPU per message,
+    measured: as much as the rest of publishing) and show row data to anyone watching."""
+    shown = [f"'model': {str(ref)!r}", *(f"{k!r}: {v}" for k, v in counts.items())]
+    if ids:
+        more = ", ..." if len(ids) > SHOWN_IDS else ""
+        shown.append(f"'ids': [{', '.join(repr(i) for i in ids[:SHOWN_IDS])}{more}]")
+    return {"argsrepr": "()", "kwargsrepr": "{" + ", ".join(shown) + "}"}
 
 
 def not_sent(what: str, client: Sender, exc: BaseException,

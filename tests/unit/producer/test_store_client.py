@@ -342,4 +342,7 @@ def test_messages_show_a_summary_not_the_rows(app: Celery, client: Client,
     client.coalescer.mark = False
     client.coalescer.send(ModelRef("digits"), "normal", [
         Item("a", {"image": rows[:1]}, 1.0), Item("b", {"image": rows[1:2]}, 1.0)])
-    assert sent[1]["kwargsrepr"] == "{'model': 'digits', 'jobs': 2}"
+    assert sent[1]["kwargsrepr"] == "{'model': 'digits', 'jobs': 2, 'ids': ['a', 'b']}"
+    many = [Item(f"j{i}", {"image": rows[:1]}, 1.0) for i in range(10)]
+    client.coalescer.send(ModelRef("digits"), "normal", many)
+    assert sent[2]["kwargsrepr"].endswith("'j6', 'j7', ...]}")  # the first 8 ids
