@@ -30,9 +30,9 @@ from shared.validation import as_row, check_rows, check_text_rows
 
 MODEL_TTL = 5.0  # seconds a resolved manifest is reused (the worker re-reads as often)
 
-# Publishing retries while the broker is away (~25 s), then fails naming the job.
 SHOWN_IDS = 8  # job ids a message of several jobs lists for Flower
 
+# Publishing retries while the broker is away (~25 s), then fails naming the job.
 PUBLISH_RETRY = {"max_retries": 12, "interval_start": 0.1, "interval_step": 0.5,
                  "interval_max": 3.0}
 
@@ -55,7 +55,6 @@ class Sender:
             return
         import redis
 
-        from shared.errors import Unavailable
         from shared.settings import scrub
 
         try:
