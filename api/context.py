@@ -16,7 +16,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from api.auth import Keyring, Principal
 from api.limits import QueueDepth
 from api.metrics import ApiMetrics
-from api.store import ApiStore
+from api.store import Admission, ApiStore
 from api.urls import UrlRefused, check_callback_url
 from producer.client import Client
 from producer.coalesce import Coalescer
@@ -43,6 +43,8 @@ class Api:
     metrics: ApiMetrics = field(init=False)
     coalescer: Coalescer = field(init=False)
     notifier: Notifier = field(init=False)
+    in_flight: int = 0  # job requests in progress on the event loop (api/jobs.py)
+    enqueue_healthy: bool = True  # the last enqueue did not fail for an outage
 
     def __post_init__(self) -> None:
         replies = keys.new_reply_channel("api")
@@ -58,26 +60,45 @@ class Api:
     def model(self, ref: str) -> tuple[ModelVersion, ModelRef]:
         return self.client.model(ref)
 
-    def admit_work(self, who: Principal, model: str, ids: list[str]) -> None:
-        """Fair admission (docs/api.md): ``ids`` (jobs, or a batch's chunks) enter when the
-        tenant's own open work stays within its share of the model's queue limit, or when
-        the model's queue has room for them all; else 429 with Retry-After."""
+    def admission(self, who: Principal, model: str) -> Admission | None:
+        """Fair admission (docs/api.md): work enters when the tenant's own open work
+        stays within its share of the model's queue limit, or when the model's queue has
+        room for it all; None: the model has no limit."""
         limit = self.depth.limit(model)
         if not limit:
-            return
+            return None
         fraction = self.settings.api_tenant_queue_share if who.queue_share is None \
             else who.queue_share
-        share = max(1, math.ceil(limit * fraction))
-        depth = self.depth.estimate(model)
-        admitted, held = self.store.admit(model, who.tenant, ids, share, depth, limit)
-        if admitted:
-            self.depth.added(model, len(ids))
-        else:
-            raise HTTPException(
-                429, f"model {model!r} has {depth} messages waiting (limit {limit}) and "
-                f"tenant {who.tenant!r} has {held} jobs or chunks waiting (its share: "
-                f"{share}); retry later", headers={
-                    "Retry-After": str(self.depth.retry_after(model, depth + len(ids)))})
+        return Admission(model, who.tenant, max(1, math.ceil(limit * fraction)),
+                         self.depth.estimate(model), limit)
+
+    def admit_work(self, who: Principal, model: str, ids: list[str]) -> None:
+        """``ids`` (jobs, or a batch's chunks) admitted (``admission``); else 429 with
+        Retry-After."""
+        admission = self.admission(who, model)
+        if admission is not None:
+            self.admitted(admission, len(ids), *self.store.admit(admission, ids))
+
+    def create_job(self, who: Principal, job_id: str, record: dict[str, Any],
+                   callback: bool) -> dict[str, str]:
+        """One job admitted and recorded as queued, in one round trip."""
+        admission = self.admission(who, record["model"])
+        flat, held = self.store.create_job(job_id, record, callback=callback,
+                                           admission=admission)
+        if admission is not None:
+            self.admitted(admission, 1, held is None, held or 0)
+        return flat
+
+    def admitted(self, a: Admission, count: int, ok: bool, held: int) -> None:
+        """Count ``count`` admitted ids in the depth estimate, or answer 429."""
+        if ok:
+            self.depth.added(a.model, count)
+            return
+        raise HTTPException(
+            429, f"model {a.model!r} has {a.depth} messages waiting (limit {a.limit}) and "
+            f"tenant {a.tenant!r} has {held} jobs or chunks waiting (its share: "
+            f"{a.share}); retry later", headers={
+                "Retry-After": str(self.depth.retry_after(a.model, a.depth + count))})
 
     def callback_secret(self, who: Principal) -> str:
         return who.callback_secret or self.settings.callback_secret

@@ -129,12 +129,11 @@ def _enqueue(api: Api, who: Principal, model: str, body: JobRequest, job_id: str
                             f"{api.settings.api_max_job_rows} (INFERQ_API_MAX_JOB_ROWS); "
                             "use POST /v1/batches for many rows")
     callback_url = api.check_callback(who, body.callback_url)
-    api.admit_work(who, ref.name, [job_id])
     record = {"tenant": who.tenant, "key_id": who.key_id, "model": ref.name, "ref": model,
               "rows": rows, "submitted_at": time.time(), "callback_url": callback_url,
               "observed": 1 if observed else None}
     with tracing.submitting(ref.name, job_id, trace):
-        flat = api.store.create_job(job_id, record, callback=callback_url is not None)
+        flat = api.create_job(who, job_id, record, callback_url is not None)
         try:
             api.coalescer.publish(ref, job_id, wire_inputs(inputs), body.priority,
                                   deadline_after(body.expires_in))
@@ -226,23 +225,47 @@ async def run(api: Api, who: Principal, model: str, body: JobRequest, seconds: f
     """Enqueue one job; -> its view if it ended within ``seconds``, else Accepted.
     ``trace``: the request's trace context, parent of the job's submit span."""
     job_id = uuid.uuid4().hex
-    if seconds > 0 and await api.notifier.replying():
-        reply = api.notifier.expect(job_id)
-        try:
-            record = await run_in_threadpool(_enqueue, api, who, model, body, job_id,
-                                             observed=True, trace=trace)
-            view = await _wait_reply(api, job_id, record, who, reply, seconds)
-        finally:
-            api.notifier.forget(job_id)
-        if view is not None:
-            return view
-    else:
-        await run_in_threadpool(_enqueue, api, who, model, body, job_id, trace=trace)
-        if seconds > 0:  # no reply channel (its subscription failed): subscribe per job
-            view = await wait_final(api, job_id, who, seconds, fresh=True)
-            if view.status in _FINAL:
+    api.in_flight += 1
+    try:
+        if seconds > 0 and await api.notifier.replying():
+            reply = api.notifier.expect(job_id)
+            try:
+                record = await _enqueue_soon(api, who, model, body, job_id, observed=True,
+                                             trace=trace)
+                view = await _wait_reply(api, job_id, record, who, reply, seconds)
+            finally:
+                api.notifier.forget(job_id)
+            if view is not None:
                 return view
+        else:
+            await _enqueue_soon(api, who, model, body, job_id, trace=trace)
+            if seconds > 0:  # no reply channel (its subscription failed): subscribe per job
+                view = await wait_final(api, job_id, who, seconds, fresh=True)
+                if view.status in _FINAL:
+                    return view
+    finally:
+        api.in_flight -= 1
     return Accepted(id=job_id, status=JobStatus.queued, location=f"/v1/jobs/{job_id}")
+
+
+async def _enqueue_soon(api: Api, who: Principal, model: str, body: JobRequest,
+                        job_id: str, **options: Any) -> dict[str, str]:
+    """``_enqueue`` in the thread pool, so requests that arrive meanwhile share its
+    message (the coalescer); on the event loop itself when this is the process's only job
+    request: nobody waits behind it, and two thread hand-offs are saved (docs/design.md,
+    "What a request costs"). Not after a failed enqueue (an outage may block for seconds)
+    until one succeeds in the pool again."""
+    if api.in_flight == 1 and api.enqueue_healthy:
+        try:
+            return _enqueue(api, who, model, body, job_id, **options)
+        except (HTTPException, InputError):
+            raise  # the request's fault, not the stores'
+        except Exception:
+            api.enqueue_healthy = False
+            raise
+    record = await run_in_threadpool(_enqueue, api, who, model, body, job_id, **options)
+    api.enqueue_healthy = True
+    return record
 
 
 @router.get("/jobs/{job_id}", response_model=JobView, summary="A job's status and result")

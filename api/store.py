@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import redis
@@ -52,6 +53,19 @@ return {1, open}
 """
 PRUNE = 128  # claimed ids looked for per admission, oldest first
 
+
+@dataclass(frozen=True)
+class Admission:
+    """What admitting work to ``model``'s queue checks (``ApiStore.admit``): ``tenant``
+    may hold ``share`` open ids, or any number while the queue (``depth`` messages) stays
+    within ``limit``."""
+
+    model: str
+    tenant: str
+    share: int
+    depth: int
+    limit: int
+
 class ApiStore:
     def __init__(self, settings: Settings, app: Celery):
         url = settings.effective_result_backend()
@@ -83,20 +97,40 @@ class ApiStore:
         return bytes(self.backend.get_key_for_task(job_id))
 
     # -- jobs ----------------------------------------------------------------------------
-    def create_job(self, job_id: str, record: dict[str, Any], *, callback: bool
-                   ) -> dict[str, str]:
+    def create_job(self, job_id: str, record: dict[str, Any], *, callback: bool,
+                   admission: Admission | None = None) -> tuple[dict[str, str], int | None]:
         """The owner's record and a queued result, in one round trip, before publishing;
-        -> the record as stored (what ``job_record`` reads back)."""
+        with ``admission``, the job is admitted (``admit``) in that same round trip.
+        -> (the record as stored, what ``job_record`` reads back; None, or the tenant's
+        open ids when the job was refused: then nothing of it is kept)."""
         queued = JobRecord.queued(job_id, record["model"], record["submitted_at"])
         flat = _flat(record)
         pipe = self.redis.pipeline(transaction=False)
+        if admission is not None:  # first: a refusal is undone below, before anyone knows
+            names, args = self._admit_call(admission, [job_id])
+            pipe.evalsha(self._admit.sha, len(names), *names, *args)
         pipe.hset(self.job_key(job_id), mapping=flat)
         pipe.expire(self.job_key(job_id), self.expires)
         pipe.set(self.meta_key(job_id), queued.encode(self.backend), ex=self.expires)
         if callback:
             pipe.zadd(self.callbacks_key, {f"job:{job_id}": time.time()})
-        pipe.execute()
-        return flat
+        replies = pipe.execute(raise_on_error=False)
+        if admission is None:
+            _raise_first(replies)
+            return flat, None
+        try:
+            _raise_first(replies[1:])
+            verdict = replies[0]
+            if isinstance(verdict, redis.exceptions.NoScriptError):  # a restarted server
+                verdict = self._admit(keys=names, args=args)
+            _raise_first([verdict])
+        except BaseException:
+            self.drop_job(job_id)
+            raise
+        if not verdict[0]:
+            self.drop_job(job_id)
+            return flat, int(verdict[1])
+        return flat, None
 
     def drop_job(self, job_id: str) -> None:
         """Undo ``create_job`` when publishing failed: no record of a job never sent."""
@@ -220,15 +254,18 @@ class ApiStore:
     def open_key(self, model: str, tenant: str) -> str:
         return f"{self.prefix}open-{model}-{tenant}"
 
-    def admit(self, model: str, tenant: str, ids: list[str], share: int, depth: int,
-              limit: int) -> tuple[bool, int]:
-        """Record ``ids`` as ``tenant``'s open work on ``model`` if it is admitted: the
-        tenant holds at most ``share`` ids with them, or the model's queue (``depth``
-        messages) stays within ``limit``. -> (admitted, the tenant's open ids before)."""
-        now = time.time()
-        ok, open_ = self._admit(keys=[self.open_key(model, tenant)], args=[
-            now, now - self.expires, keys.claim(""), share, depth, limit, PRUNE, *ids])
+    def admit(self, admission: Admission, ids: list[str]) -> tuple[bool, int]:
+        """Record ``ids`` as the tenant's open work on the model if it is admitted: the
+        tenant holds at most its share of ids with them, or the model's queue stays within
+        its limit. -> (admitted, the tenant's open ids before)."""
+        names, args = self._admit_call(admission, ids)
+        ok, open_ = self._admit(keys=names, args=args)
         return bool(ok), int(open_)
+
+    def _admit_call(self, a: Admission, ids: list[str]) -> tuple[list[str], list[Any]]:
+        now = time.time()
+        return [self.open_key(a.model, a.tenant)], [
+            now, now - self.expires, keys.claim(""), a.share, a.depth, a.limit, PRUNE, *ids]
 
     def forget_open(self, model: str, tenant: str, ids: list[str]) -> None:
         """Ids admitted but never queued (publishing failed, nothing valid to run)."""
@@ -276,3 +313,10 @@ def _flat(record: dict[str, Any]) -> dict[str, str]:
 
 def _decode(raw: dict[bytes, bytes]) -> dict[str, str]:
     return {k.decode(): v.decode() for k, v in raw.items()}
+
+
+def _raise_first(replies: list[Any]) -> None:
+    """A pipeline run with ``raise_on_error=False``: raise its first error, if any."""
+    for reply in replies:
+        if isinstance(reply, Exception):
+            raise reply

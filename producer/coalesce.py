@@ -149,14 +149,12 @@ class Coalescer:
         for job, it in zip(jobs, batch, strict=True):
             if it.deadline is not None:
                 job["deadline"] = it.deadline
-        settings = self.client.settings
-        self.client.app.send_task(
-            INFER_MANY_TASK, task_id=f"many-{uuid.uuid4().hex}",
-            kwargs={"model": ref.name, "variant": ref.variant, "version": ref.version,
-                    "jobs": jobs, "reply_to": self.reply_to},
-            queue=model_queue(settings, ref.name, priority), retry=True,
-            retry_policy=self.retry_policy,
-            headers=tracing.many_headers([it.trace for it in batch]),
+        self.client.send_message(
+            INFER_MANY_TASK, f"many-{uuid.uuid4().hex}",
+            {"model": ref.name, "variant": ref.variant, "version": ref.version,
+             "jobs": jobs, "reply_to": self.reply_to},
+            model_queue(self.client.settings, ref.name, priority), self.retry_policy,
+            tracing.many_headers([it.trace for it in batch]),
             **summary(ref, [it.job_id for it in batch], jobs=len(jobs)))
 
     def _mark(self, ref: ModelRef, batch: list[Item]) -> None:

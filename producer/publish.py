@@ -17,6 +17,7 @@ from kombu.utils.url import maybe_sanitize_url
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from producer import direct
 from producer.store import ResultStore
 from shared import tracing
 from shared.catalog import open_for_clients
@@ -46,6 +47,7 @@ class Sender:
         self.repo = open_for_clients(self.settings)
         self.store = ResultStore(self.app)
         self.models = CachedResolver(self.repo, MODEL_TTL)
+        self._direct = direct.DirectPublisher(self.app)
 
     def check_reachable(self, timeout: float = 2.0) -> None:
         """Unavailable, naming the service and its setting, when the broker or the result
@@ -103,12 +105,24 @@ class Sender:
             kwargs["deadline"] = deadline
         first = next(iter(inputs.values()), ())
         rows = len(first) if np.ndim(first) else 1
-        self.app.send_task(INFER_TASK, kwargs=kwargs, task_id=job_id,
-                           queue=model_queue(self.settings, ref.name, priority),
-                           producer=producer, retry=True,
-                           retry_policy=retry_policy or PUBLISH_RETRY,
-                           headers=(tracing.outgoing() if trace is None else trace) or None,
-                           **summary(ref, rows=rows))
+        self.send_message(INFER_TASK, job_id, kwargs,
+                          model_queue(self.settings, ref.name, priority),
+                          retry_policy or PUBLISH_RETRY,
+                          (tracing.outgoing() if trace is None else trace) or None,
+                          producer, **summary(ref, rows=rows))
+
+    def send_message(self, name: str, task_id: str, kwargs: dict[str, Any], queue: Any,
+                     retry_policy: dict[str, Any], headers: dict[str, str] | None = None,
+                     producer: Any = None, **options: Any) -> None:
+        """One task message on ``queue`` (a kombu Queue): straight onto a Redis broker's
+        list (producer/direct.py), else through Celery's ``send_task``."""
+        if producer is None and direct.usable(self.app):
+            self._direct.send(name, task_id, kwargs, queue.name, retry_policy, headers,
+                              **options)
+            return
+        self.app.send_task(name, kwargs=kwargs, task_id=task_id, queue=queue,
+                           producer=producer, retry=True, retry_policy=retry_policy,
+                           headers=headers, **options)
 
 
 def summary(ref: ModelRef, ids: list[str] | None = None, **counts: int) -> dict[str, str]:

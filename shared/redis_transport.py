@@ -210,7 +210,8 @@ class Channel(kombu_redis.Channel):
                 self._fetch_next = False
                 raise Empty() from None
             self._eval = False
-            self._fetch_next = bool(reply)  # else wait on the markers
+            # fetch again while messages wait, else wait on the markers
+            self._fetch_next = bool(reply) and bool(reply[2])
             if not reply:
                 raise Empty()
             tag, queues = fetching[0], fetching[1:]

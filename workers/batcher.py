@@ -4,8 +4,9 @@ Task threads hand rows to :meth:`Batcher.submit` and wait on a Future. The batch
 thread takes the waiting rows, up to ``max_batch_rows``; it waits for more only while
 some task has announced rows that are not yet submitted, and never past
 ``max_delay_ms`` after the first waiting row, so a lone job on an idle worker runs at
-once. A model call that raises is bisected until the failing rows are found; only those
-rows get an error, every other row gets its output.
+once: on the task's own thread (no hand-off to the batcher thread and back), still one
+model call at a time. A model call that raises is bisected until the failing rows are
+found; only those rows get an error, every other row gets its output.
 """
 
 from __future__ import annotations
@@ -101,6 +102,7 @@ class Batcher:
         self._announced = 0
         self._cond = threading.Condition()
         self._running = False
+        self._busy = False  # a model call runs (the batcher thread's or a task's own)
         self._thread: threading.Thread | None = None
 
     # -- the task side -------------------------------------------------------------------
@@ -122,10 +124,12 @@ class Batcher:
                     self._cond.notify()
 
     def submit(self, inputs: Inputs, ticket: _Ticket | None = None,
-               links: tuple[tuple[int, object], ...] = ()) -> Future[Outcome]:
+               links: tuple[tuple[int, object], ...] = (), *, here: bool = False
+               ) -> Future[Outcome]:
         """``links``: (first row, span context) of each traced job these rows belong to,
         in row order (``shared.tracing.links``); each model call's span links the jobs
-        whose rows it runs."""
+        whose rows it runs. ``here``: when nothing runs, waits or is announced, run the
+        call on this thread before returning (the caller waits for the result anyway)."""
         rows = _rows_of(inputs)
         future: Future[Outcome] = Future()
         if rows == 0:
@@ -141,13 +145,23 @@ class Batcher:
             if ticket is not None and not ticket.used:
                 ticket.used = True
                 self._announced -= 1
+            # Nothing runs, waits or is about to arrive: run here, now. A thread hand-off
+            # each way cost more than a small model call (docs/design.md).
+            alone = here and not (self._busy or self._queue or self._announced) \
+                and rows <= size
+            if alone:
+                self._busy = True
             for off in offsets:
                 part = {k: v[off:off + size] for k, v in inputs.items()}
                 n = min(size, rows - off)
-                self._queue.append(_Part(job, off, part, n, now,
-                                         links=_overlapping(links, off, off + n, rows)))
-                self._queued_rows += n
+                made = _Part(job, off, part, n, now,
+                             links=_overlapping(links, off, off + n, rows))
+                if not alone:
+                    self._queue.append(made)
+                    self._queued_rows += n
             self._cond.notify()
+        if alone:
+            self._run_batch([made])
         return future
 
     def submit_alone(self, inputs: Inputs, skip: dict[int, str],
@@ -195,8 +209,8 @@ class Batcher:
     # -- the batcher thread --------------------------------------------------------------
     def _take(self) -> list[_Part] | None:
         with self._cond:
-            while not self._queue:
-                if not self._running:
+            while not self._queue or self._busy:  # a task's own call runs: wait for it
+                if not self._queue and not self._running:
                     return None
                 self._cond.wait()
             deadline = self._queue[0].arrived + self.max_delay
@@ -214,6 +228,7 @@ class Batcher:
                 batch.append(part)
                 rows += part.rows
             self._queued_rows -= rows
+            self._busy = True
             return batch
 
     def _loop(self) -> None:
@@ -221,13 +236,21 @@ class Batcher:
             batch = self._take()
             if batch is None:
                 return
-            try:
-                self._execute(batch)
-            except BaseException as exc:  # never leave a waiting task hanging
-                logger.exception("batcher %s: batch of %d parts failed", self.name, len(batch))
-                for part in batch:
-                    if not part.job.future.done():
-                        part.job.future.set_exception(exc)
+            self._run_batch(batch)
+
+    def _run_batch(self, batch: list[_Part]) -> None:
+        """One model call (``_busy`` is set), on whichever thread took the batch."""
+        try:
+            self._execute(batch)
+        except BaseException as exc:  # never leave a waiting task hanging
+            logger.exception("batcher %s: batch of %d parts failed", self.name, len(batch))
+            for part in batch:
+                if not part.job.future.done():
+                    part.job.future.set_exception(exc)
+        finally:
+            with self._cond:
+                self._busy = False
+                self._cond.notify()  # the batcher thread may wait for this call
 
     def _execute(self, batch: list[_Part]) -> None:
         if batch[0].alone:

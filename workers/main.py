@@ -60,8 +60,10 @@ def prepare(settings: Settings, models: list[str] | None, app: Celery | None = N
     app = app or make_app(settings)
     _survive_restore_without_connection()
     # Celery logs every success at INFO with the result's repr: with numpy outputs that
-    # formatting cost more worker CPU than a small model call. Failures still log.
+    # formatting cost more worker CPU than a small model call. Failures still log. Its
+    # `Task … received` line per message sat on the consumer thread before each hand-off.
     logging.getLogger("celery.app.trace").setLevel(logging.WARNING)
+    logging.getLogger("celery.worker.strategy").setLevel(logging.WARNING)
     # The threads pool traces tasks through the current (thread-local, else default) app.
     app.set_current()
     app.set_default()

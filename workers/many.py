@@ -256,7 +256,7 @@ class ManyJobs:
                 if delivery is None:
                     linked = () if not span_of else tracing.links(
                         [span_of[id(c[0])] for c in checked], sizes)
-                    future = served.batcher.submit(merged, ticket, linked)
+                    future = served.batcher.submit(merged, ticket, linked, here=True)
         return checked, merged, sizes, future
 
 

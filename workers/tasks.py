@@ -84,7 +84,8 @@ class SingleJob:
                 raise
             served.observe(data)
             if delivery is None:
-                future = served.batcher.submit(data, ticket, tracing.links(spans))
+                future = served.batcher.submit(data, ticket, tracing.links(spans),
+                                                here=True)
         if delivery is None:
             outcome = future.result(timeout=self.pool.settings.visibility_timeout)
         else:

@@ -18,6 +18,7 @@ import queue
 import re
 import threading
 import time
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -449,23 +450,61 @@ def test_a_tenants_open_work_forgets_what_workers_claimed(redis_env):
     ids older than the result expiry leave the tenant's count; the rest stay."""
     from celery import Celery
 
-    from api.store import ApiStore
+    from api.store import Admission, ApiStore
     from shared import keys
 
     settings = settings_for(redis_env)
     store = ApiStore(settings, Celery(backend=settings.effective_result_backend()))
     ids = [f"fair-{i}" for i in range(6)]
-    assert store.admit("digits", "acme", ids[:4], share=4, depth=0, limit=100) == (True, 0)
-    assert store.admit("digits", "acme", ids[4:], share=4, depth=99, limit=100) == (False, 4)
+
+    def admit(tenant: str, ids: list[str], share: int, depth: int) -> tuple[bool, int]:
+        return store.admit(Admission("digits", tenant, share, depth, 100), ids)
+
+    assert admit("acme", ids[:4], share=4, depth=0) == (True, 0)
+    assert admit("acme", ids[4:], share=4, depth=99) == (False, 4)
     store.redis.set(keys.claim(ids[0]), "run", ex=60)
     store.redis.set(keys.claim(ids[2]), "cancelled", ex=60)
     store.redis.zadd(store.open_key("digits", "acme"), {ids[3]: time.time() - store.expires - 1})
-    assert store.admit("digits", "acme", ids[4:], share=4, depth=99, limit=100) == (True, 1)
-    assert store.admit("digits", "beta", ["b"], share=1, depth=500, limit=100) == (True, 0)
-    assert store.admit("digits", "beta", ["c"], share=1, depth=500, limit=100) == (False, 1)
+    assert admit("acme", ids[4:], share=4, depth=99) == (True, 1)
+    assert admit("beta", ["b"], share=1, depth=500) == (True, 0)
+    assert admit("beta", ["c"], share=1, depth=500) == (False, 1)
     store.forget_open("digits", "acme", ids)
     assert store.redis.zcard(store.open_key("digits", "acme")) == 0
     store.redis.delete(keys.claim(ids[0]), keys.claim(ids[2]), store.open_key("digits", "beta"))
+
+
+def test_a_job_is_admitted_and_recorded_in_one_round_trip_and_a_refusal_keeps_nothing(
+        redis_env):
+    """``create_job`` with an admission: admitted -> recorded as queued and counted as
+    the tenant's open work; refused -> neither record nor queued result is left; a server
+    that lost the script (a restart) still admits."""
+    from celery import Celery
+
+    from api.store import _ADMIT, Admission, ApiStore
+
+    settings = settings_for(redis_env)
+    store = ApiStore(settings, Celery(backend=settings.effective_result_backend()))
+    record = {"tenant": "acme", "model": "digits", "rows": 1, "submitted_at": time.time()}
+    full = Admission("digits", "acme", share=1, depth=100, limit=100)
+    ids = [f"one-trip-{uuid.uuid4().hex[:8]}" for _ in range(3)]
+    try:
+        # a script this server never saw, as after a restart: EVALSHA answers NOSCRIPT
+        store._admit = store.redis.register_script(f"{_ADMIT}\n-- {ids[0]}")
+        flat, held = store.create_job(ids[0], record, callback=False, admission=full)
+        assert held is None and store.job_record(ids[0])["tenant"] == "acme"
+        assert store.redis.exists(store.meta_key(ids[0]))
+        assert store.redis.zscore(store.open_key("digits", "acme"), ids[0]) is not None
+        _, held = store.create_job(ids[1], record, callback=True, admission=full)
+        assert held == 1  # the tenant's share is 1 and the queue is full: refused
+        assert not store.redis.exists(store.job_key(ids[1]), store.meta_key(ids[1]))
+        assert store.redis.zscore(store.callbacks_key, f"job:{ids[1]}") is None
+        assert store.redis.zscore(store.open_key("digits", "acme"), ids[1]) is None
+        _, held = store.create_job(ids[2], record, callback=False)  # no limit: no admission
+        assert held is None and store.job_record(ids[2])
+    finally:
+        for job_id in ids:
+            store.drop_job(job_id)
+        store.forget_open("digits", "acme", ids)
 
 
 async def test_broker_outage_gets_503_and_enqueues_nothing(redis_env, digits):

@@ -148,6 +148,28 @@ def test_publishing_wakes_a_consumer_and_high_queues_go_first(store):
     assert not _held(store, normal) and not _held(store, high)
 
 
+def test_a_fetch_says_whether_more_wait_and_an_emptied_queue_still_wakes(store):
+    """A consumer fetches again at once only while messages wait (the script says so);
+    one that emptied the queue waits on the marker, which the next publish pushes."""
+    queue = _queue()
+    for i in range(2):
+        _publish(queue, {"n": i})
+    with Connection(URL, transport=RELIABLE_REDIS, transport_options=OPTIONS) as conn:
+        channel = conn.default_channel
+        queue(channel).declare()
+        tags = [uuid.uuid4().hex for _ in range(3)]
+        with channel.conn_or_acquire() as client:
+            replies = [channel._fetch(client, [queue.name], tag) for tag in tags]
+            for tag in tags[:2]:  # acked: this test only reads the replies
+                channel.qos._remove_from_indices(tag, client.pipeline()).execute()
+    assert [r[2] for r in replies[:2]] == [1, 0] and replies[2] is None
+    assert [json.loads(r[1])["body"] for r in replies[:2]]  # the two messages, in turn
+    store.delete(keys.wake(queue.name))  # as a consumer that waited on it would have
+    _publish(queue, {"n": 2})
+    assert store.llen(keys.wake(queue.name)) == 1
+    assert _receive([queue], 1, timeout=10) == [({"n": 2}, False)]
+
+
 def test_a_recorded_entry_that_is_not_a_message_is_kept_not_restored(store):
     """A consumer that died holding a garbage entry: the sweep moves the entry to the
     garbage list instead of failing on it."""

@@ -183,6 +183,89 @@ def test_lone_job_is_not_held_for_the_delay(make: Make) -> None:
     np.testing.assert_array_equal(out.outputs["y"], expected(rows(2)))
 
 
+class ThreadModel(FakeModel):
+    """FakeModel that records which thread made each call and how many ran at once."""
+
+    def __init__(self, **kw: object) -> None:
+        super().__init__(**kw)  # type: ignore[arg-type]
+        self.threads: list[str] = []
+        self.running = 0
+        self.most_at_once = 0
+
+    def __call__(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        with self._lock:
+            self.threads.append(threading.current_thread().name)
+            self.running += 1
+            self.most_at_once = max(self.most_at_once, self.running)
+        try:
+            return super().__call__(inputs)
+        finally:
+            with self._lock:
+                self.running -= 1
+
+
+def test_a_lone_job_submitted_here_runs_on_the_callers_thread(make: Make) -> None:
+    model = ThreadModel()
+    b = make(model)
+    future = b.submit(rows(2), here=True)
+    assert future.done(), "an idle batcher should have run the call before returning"
+    np.testing.assert_array_equal(result(future).outputs["y"], expected(rows(2)))
+    assert model.threads == [threading.current_thread().name]
+    # without ``here`` the batcher thread runs it, as before
+    result(b.submit(rows(1)))
+    assert model.threads[-1] == "batcher-toy@1"
+
+
+def test_here_queues_behind_a_running_call_and_calls_never_overlap(make: Make) -> None:
+    model = ThreadModel(gate_first=True)
+    b = make(model)
+    first: list[Future[Outcome]] = []
+    caller = threading.Thread(target=lambda: first.append(b.submit(rows(1), here=True)),
+                              name="task-1")
+    caller.start()
+    assert model.entered.wait(WAIT), "the inline call never started"
+    # the model is busy on task-1's own call: these queue for the batcher thread
+    queued = [b.submit(rows(2, start=5 * i), here=True) for i in range(3)]
+    assert not any(f.done() for f in queued)
+    model.gate.set()
+    caller.join(WAIT)
+    outs = [result(f) for f in queued]
+    assert model.threads == ["task-1", "batcher-toy@1"]
+    assert model.calls() == [1, 6] and model.most_at_once == 1
+    for i, out in enumerate(outs):
+        np.testing.assert_array_equal(out.outputs["y"], expected(rows(2, start=5 * i)))
+    assert result(first[0]).batch_rows == [1]
+
+
+def test_here_waits_for_announced_rows_like_any_submit(make: Make) -> None:
+    model = ThreadModel()
+    b = make(model, max_delay_ms=10_000)
+    with b.announced():
+        future = b.submit(rows(1), here=True)  # another task's rows are on their way
+        assert not future.done()
+    result(future)
+    assert model.threads == ["batcher-toy@1"]
+
+
+def test_here_with_more_rows_than_a_batch_goes_to_the_batcher(make: Make) -> None:
+    model = ThreadModel()
+    b = make(model, max_batch_rows=4)
+    out = result(b.submit(rows(10), here=True))
+    np.testing.assert_array_equal(out.outputs["y"], expected(rows(10)))
+    assert set(model.threads) == {"batcher-toy@1"} and model.calls() == [4, 4, 2]
+
+
+def test_a_failing_call_run_here_fails_its_future_and_frees_the_batcher(make: Make) -> None:
+    def broken(inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        raise KeyboardInterrupt  # not an Exception: bisection does not catch it
+
+    b = make(broken)
+    with pytest.raises(KeyboardInterrupt):
+        result(b.submit(rows(1), here=True))
+    b._run = FakeModel()  # the next call is not stuck behind the failed one
+    np.testing.assert_array_equal(result(b.submit(rows(1))).outputs["y"], expected(rows(1)))
+
+
 def test_batcher_waits_for_announced_rows(make: Make) -> None:
     model = FakeModel()
     b = make(model, max_delay_ms=10_000)
