@@ -145,17 +145,14 @@ class Batcher:
             if ticket is not None and not ticket.used:
                 ticket.used = True
                 self._announced -= 1
-            # Nothing runs, waits or is about to arrive: run here, now. A thread hand-off
-            # each way cost more than a small model call (docs/design.md).
+            # Nothing runs, waits or is about to arrive: run here (docs/design.md)
             alone = here and not (self._busy or self._queue or self._announced) \
                 and rows <= size
-            if alone:
-                self._busy = True
+            self._busy = self._busy or alone
             for off in offsets:
                 part = {k: v[off:off + size] for k, v in inputs.items()}
                 n = min(size, rows - off)
-                made = _Part(job, off, part, n, now,
-                             links=_overlapping(links, off, off + n, rows))
+                made = _Part(job, off, part, n, now, links=_overlapping(links, off, off + n, rows))
                 if not alone:
                     self._queue.append(made)
                     self._queued_rows += n
