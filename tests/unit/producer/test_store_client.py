@@ -331,9 +331,11 @@ def test_messages_show_a_summary_not_the_rows(app: Celery, client: Client,
                                               monkeypatch: pytest.MonkeyPatch) -> None:
     """Flower and Celery's events show ``kwargsrepr``: the model and a count, never the
     inputs (Celery would saferepr them, ~0.5 ms of CPU per message)."""
+    from producer import direct
     from shared.repository import ModelRef
 
     sent: list[dict[str, Any]] = []
+    monkeypatch.setattr(direct, "usable", lambda app: False)  # send_task's path, faked
     monkeypatch.setattr(app, "send_task", lambda *a, **kw: sent.append(kw))
     rows = np.full((3, 64), 0.123456, np.float32)
     client.publish(ModelRef("digits", "int8"), "job-1", {"image": rows})
