@@ -17,6 +17,7 @@ from api.auth import Keyring, Principal
 from api.limits import QueueDepth
 from api.metrics import ApiMetrics
 from api.store import Admission, ApiStore
+from api.submitter import LoopSubmitter, Quota
 from api.urls import UrlRefused, check_callback_url
 from producer.client import Client
 from producer.coalesce import Coalescer
@@ -43,6 +44,7 @@ class Api:
     metrics: ApiMetrics = field(init=False)
     coalescer: Coalescer = field(init=False)
     notifier: Notifier = field(init=False)
+    submitter: LoopSubmitter | None = field(init=False)  # None: jobs go by the coalescer
     in_flight: int = 0  # job requests in progress on the event loop (api/jobs.py)
     enqueue_healthy: bool = True  # the last enqueue did not fail for an outage
 
@@ -53,6 +55,10 @@ class Api:
         # Concurrent requests share broker messages; the API records jobs itself; workers
         # publish each message's results on this process's reply channel (producer/notify.py).
         self.coalescer = Coalescer(self.client, FAST_PUBLISH, mark=False, reply_to=replies)
+        publisher = self.client.direct
+        self.submitter = None if publisher is None or not LoopSubmitter.usable(
+            self.client) else LoopSubmitter(self.store, self.client, publisher, replies,
+                                            FAST_PUBLISH)
 
     def depths(self) -> dict[str, int]:
         return {name: self.depth.depth(name) for name in self.client.repo.names()}
@@ -64,13 +70,18 @@ class Api:
         """Fair admission (docs/api.md): work enters when the tenant's own open work
         stays within its share of the model's queue limit, or when the model's queue has
         room for it all; None: the model has no limit."""
+        quota = self.quota(who, model)
+        return None if quota is None else Admission(
+            model, quota.tenant, quota.share, self.depth.estimate(model), quota.limit)
+
+    def quota(self, who: Principal, model: str) -> Quota | None:
+        """``admission`` but for the queue's depth; None: the model has no limit."""
         limit = self.depth.limit(model)
         if not limit:
             return None
         fraction = self.settings.api_tenant_queue_share if who.queue_share is None \
             else who.queue_share
-        return Admission(model, who.tenant, max(1, math.ceil(limit * fraction)),
-                         self.depth.estimate(model), limit)
+        return Quota(who.tenant, max(1, math.ceil(limit * fraction)), limit)
 
     def admit_work(self, who: Principal, model: str, ids: list[str]) -> None:
         """``ids`` (jobs, or a batch's chunks) admitted (``admission``); else 429 with

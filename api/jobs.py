@@ -23,11 +23,14 @@ from api.schemas import (
     Problem,
     Timings,
 )
+from api.store import Admission, flat_record
+from api.submitter import LoopSubmitter, Pending
 from producer.bulk.chunks import check_fits
 from producer.notify import RECHECK_S, Reply
 from producer.publish import coerce_inputs, deadline_after, wire_inputs
 from shared import claims, tracing
 from shared.errors import InputError
+from shared.repository import ModelRef
 from shared.results import every_row_failed, is_final, status_of
 from shared.schemas import FINAL_STATUSES, JobStatus, RowError
 
@@ -115,11 +118,10 @@ def _float(record: dict[str, str], key: str) -> float | None:
     return float(record[key]) if key in record else None
 
 
-def _enqueue(api: Api, who: Principal, model: str, body: JobRequest, job_id: str, *,
-             observed: bool = False, trace: dict[str, str] | None = None) -> dict[str, str]:
-    """Admit, record and send one job; -> its record. ``observed``: the caller will count
-    the job's end in the metrics itself (it waits for the reply); ``trace``: the request's
-    trace context (``shared/tracing.py``)."""
+def _checked(api: Api, who: Principal, model: str, body: JobRequest, *,
+             observed: bool) -> tuple[ModelRef, dict[str, Any], dict[str, Any]]:
+    """A job request checked against its model and limits; -> (the model reference, the
+    inputs as they travel, the job's record)."""
     version, ref = api.model(model)
     inputs = coerce_inputs(version.manifest, body.inputs)
     check_fits(api.settings, inputs)
@@ -132,17 +134,45 @@ def _enqueue(api: Api, who: Principal, model: str, body: JobRequest, job_id: str
     record = {"tenant": who.tenant, "key_id": who.key_id, "model": ref.name, "ref": model,
               "rows": rows, "submitted_at": time.time(), "callback_url": callback_url,
               "observed": 1 if observed else None}
+    return ref, wire_inputs(inputs), record
+
+
+def _enqueue(api: Api, who: Principal, model: str, body: JobRequest, job_id: str, *,
+             observed: bool = False, trace: dict[str, str] | None = None) -> dict[str, str]:
+    """Admit, record and send one job by the coalescer (a thread's call); -> its record.
+    ``observed``: the caller will count the job's end in the metrics itself (it waits for
+    the reply); ``trace``: the request's trace context (``shared/tracing.py``)."""
+    ref, inputs, record = _checked(api, who, model, body, observed=observed)
     with tracing.submitting(ref.name, job_id, trace):
-        flat = api.create_job(who, job_id, record, callback_url is not None)
+        flat = api.create_job(who, job_id, record, record["callback_url"] is not None)
         try:
-            api.coalescer.publish(ref, job_id, wire_inputs(inputs), body.priority,
+            api.coalescer.publish(ref, job_id, inputs, body.priority,
                                   deadline_after(body.expires_in))
         except Exception:
             api.store.drop_job(job_id)
             api.store.forget_open(ref.name, who.tenant, [job_id])
             raise
-    audit("submit", who, job_id=job_id, model=model, rows=rows)
+    audit("submit", who, job_id=job_id, model=model, rows=record["rows"])
     return flat
+
+
+async def _submit_on_loop(api: Api, submitter: LoopSubmitter, who: Principal, model: str,
+                          body: JobRequest, job_id: str, *, observed: bool = False,
+                          trace: dict[str, str] | None = None) -> dict[str, str]:
+    """``_enqueue`` by the event loop's submitter (``api/submitter.py``)."""
+    ref, inputs, record = _checked(api, who, model, body, observed=observed)
+    quota = api.quota(who, ref.name)
+    with tracing.submitting(ref.name, job_id, trace):
+        job = Pending(job_id, ref, body.priority, inputs, record,
+                      record["callback_url"] is not None, quota,
+                      deadline_after(body.expires_in), tracing.outgoing(),
+                      record["submitted_at"])
+        ok, held, depth = await submitter.submit(job)
+    if quota is not None:
+        api.admitted(Admission(ref.name, quota.tenant, quota.share, depth, quota.limit),
+                     1, ok, held)
+    audit("submit", who, job_id=job_id, model=model, rows=record["rows"])
+    return flat_record(record)
 
 
 async def _wait_reply(api: Api, job_id: str, record: dict[str, str], who: Principal,
@@ -254,7 +284,11 @@ async def _enqueue_soon(api: Api, who: Principal, model: str, body: JobRequest,
     message (the coalescer); on the event loop itself when this is the process's only job
     request: nobody waits behind it, and two thread hand-offs are saved (docs/design.md,
     "What a request costs"). Not after a failed enqueue (an outage may block for seconds)
-    until one succeeds in the pool again."""
+    until one succeeds in the pool again. Where the event loop's submitter works (a Redis
+    broker that is the result store), always by it."""
+    if api.submitter is not None:
+        return await _submit_on_loop(api, api.submitter, who, model, body, job_id,
+                                     **options)
     if api.in_flight == 1 and api.enqueue_healthy:
         try:
             return _enqueue(api, who, model, body, job_id, **options)

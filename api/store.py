@@ -32,24 +32,32 @@ end
 return 0
 """
 
-# Lua: a tenant's open work on one model (KEYS[1], a sorted set of job and chunk ids by
-# submit time). Forget ids a worker has claimed (started or cancelled: their claim key
-# exists) among the oldest ARGV[7], and ids older than ARGV[2]; then admit ARGV[8..] when
-# the tenant is within its share (ARGV[4]) or the model's queue has room (depth ARGV[5] +
-# new <= limit ARGV[6]). -> {admitted 0/1, the tenant's open count before these}.
-_ADMIT = """
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[2])
-for _, id in ipairs(redis.call('ZRANGE', KEYS[1], 0, tonumber(ARGV[7]) - 1)) do
-  if redis.call('EXISTS', ARGV[3] .. id) == 1 then redis.call('ZREM', KEYS[1], id) end
+# Lua: a tenant's open work on one model (``key``, a sorted set of job and chunk ids by
+# submit time). Forget ids a worker has claimed (started or cancelled: their claim key,
+# ``claimed`` .. id, exists) among the oldest ``prune``, and ids older than ``cutoff``;
+# then admit ``ids`` at score ``now`` when the tenant is within its ``share`` or the model's
+# queue has room (``depth`` + new <= ``limit``). -> {admitted 0/1, the tenant's open count
+# before these}. Shared by ADMIT and the API's submit script (api/submitter.py).
+ADMIT_FUNCTION = """
+local function admit(key, now, cutoff, claimed, share, depth, limit, prune, ids)
+  redis.call('ZREMRANGEBYSCORE', key, '-inf', cutoff)
+  for _, id in ipairs(redis.call('ZRANGE', key, 0, tonumber(prune) - 1)) do
+    if redis.call('EXISTS', claimed .. id) == 1 then redis.call('ZREM', key, id) end
+  end
+  local open = redis.call('ZCARD', key)
+  if open + #ids > tonumber(share) and tonumber(depth) + #ids > tonumber(limit) then
+    return {0, open}
+  end
+  for _, id in ipairs(ids) do redis.call('ZADD', key, now, id) end
+  redis.call('EXPIRE', key, math.ceil(tonumber(now) - tonumber(cutoff)) + 60)
+  return {1, open}
 end
-local open = redis.call('ZCARD', KEYS[1])
-local new = #ARGV - 7
-if open + new > tonumber(ARGV[4]) and tonumber(ARGV[5]) + new > tonumber(ARGV[6]) then
-  return {0, open}
-end
-for i = 8, #ARGV do redis.call('ZADD', KEYS[1], ARGV[1], ARGV[i]) end
-redis.call('EXPIRE', KEYS[1], math.ceil(tonumber(ARGV[1]) - tonumber(ARGV[2])) + 60)
-return {1, open}
+"""
+# KEYS[1]: the open set; ARGV: now, cutoff, claim prefix, share, depth, limit, prune, ids...
+_ADMIT = ADMIT_FUNCTION + """
+local ids = {}
+for i = 8, #ARGV do ids[#ids + 1] = ARGV[i] end
+return admit(KEYS[1], ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6], ARGV[7], ids)
 """
 PRUNE = 128  # claimed ids looked for per admission, oldest first
 
@@ -104,7 +112,7 @@ class ApiStore:
         -> (the record as stored, what ``job_record`` reads back; None, or the tenant's
         open ids when the job was refused: then nothing of it is kept)."""
         queued = JobRecord.queued(job_id, record["model"], record["submitted_at"])
-        flat = _flat(record)
+        flat = flat_record(record)
         pipe = self.redis.pipeline(transaction=False)
         if admission is not None:  # first: a refusal is undone below, before anyone knows
             names, args = self._admit_call(admission, [job_id])
@@ -141,7 +149,7 @@ class ApiStore:
         return _decode(self.redis.hgetall(self.job_key(job_id)))
 
     def update_job(self, job_id: str, **fields: Any) -> None:
-        self.redis.hset(self.job_key(job_id), mapping=_flat(fields))
+        self.redis.hset(self.job_key(job_id), mapping=flat_record(fields))
 
     def first_final(self, job_id: str) -> bool:
         """True the first time anyone records this job as finished (for metrics). A job
@@ -193,7 +201,7 @@ class ApiStore:
     # -- batches -------------------------------------------------------------------------
     def create_batch(self, batch_id: str, record: dict[str, Any]) -> None:
         pipe = self.redis.pipeline(transaction=False)
-        pipe.hset(self.batch_key(batch_id), mapping=_flat(record))
+        pipe.hset(self.batch_key(batch_id), mapping=flat_record(record))
         pipe.expire(self.batch_key(batch_id), self.expires)
         pipe.execute()
 
@@ -201,7 +209,7 @@ class ApiStore:
         return _decode(self.redis.hgetall(self.batch_key(batch_id)))
 
     def update_batch(self, batch_id: str, **fields: Any) -> None:
-        self.redis.hset(self.batch_key(batch_id), mapping=_flat(fields))
+        self.redis.hset(self.batch_key(batch_id), mapping=flat_record(fields))
 
     def add_bad_rows(self, batch_id: str, errors: dict[int, str]) -> None:
         """Rows refused before sending (wrong shape, not a number): row -> message."""
@@ -286,16 +294,20 @@ class ApiStore:
 
     async def hit_async(self, tenant: str, now: float) -> int:
         """``hit`` from the event loop (the API's gate), on its own asyncio client."""
+        key = self._rate_key(tenant, now)
+        async with self.aredis().pipeline(transaction=False) as pipe:
+            pipe.incr(key)
+            pipe.expire(key, 2)
+            return int((await pipe.execute())[0])
+
+    def aredis(self) -> Any:
+        """The asyncio client of the API's event loop (made on first use there)."""
         if self._aredis is None:
             import redis.asyncio as aioredis
 
             self._aredis = aioredis.Redis.from_url(self.url, socket_connect_timeout=1.0,
                                                    socket_timeout=5.0)
-        key = self._rate_key(tenant, now)
-        async with self._aredis.pipeline(transaction=False) as pipe:
-            pipe.incr(key)
-            pipe.expire(key, 2)
-            return int((await pipe.execute())[0])
+        return self._aredis
 
     async def close_async(self) -> None:
         if self._aredis is not None:
@@ -306,7 +318,8 @@ class ApiStore:
         return bool(self.redis.ping())
 
 
-def _flat(record: dict[str, Any]) -> dict[str, str]:
+def flat_record(record: dict[str, Any]) -> dict[str, str]:
+    """A record as its Redis hash holds it: text, JSON for the rest; no empty fields."""
     return {k: v if isinstance(v, str) else json.dumps(v) for k, v in record.items()
             if v is not None}
 

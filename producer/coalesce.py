@@ -15,8 +15,9 @@ from __future__ import annotations
 import threading
 import time
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 from producer.bulk.chunks import SQS_CHUNK_BYTES, payload_bytes
 from producer.publish import Sender, not_sent, summary
@@ -56,7 +57,20 @@ def _nbytes(inputs: dict[str, Any]) -> int:
     return payload_bytes(inputs) + JOB_BYTES
 
 
-def take(pending: list[Item], max_bytes: int) -> list[Item]:
+class Job(Protocol):
+    """What a message of several jobs needs of each (``Item``, the API's ``Pending``)."""
+
+    job_id: str
+    inputs: dict[str, Any]
+    submitted_at: float
+    deadline: float | None
+    trace: dict[str, str] | None
+
+
+J = TypeVar("J", bound=Job)
+
+
+def take(pending: list[J], max_bytes: int) -> list[J]:
     """The next message's jobs: at least one, then while under MAX_JOBS and ``max_bytes``."""
     size = _nbytes(pending[0].inputs) if pending else 0
     n = 1
@@ -144,18 +158,11 @@ class Coalescer:
                                 priority=priority, deadline=it.deadline,
                                 submitted_at=it.submitted_at, trace=it.trace or {})
             return
-        jobs = [{"id": it.job_id, "inputs": it.inputs, "submitted_at": it.submitted_at}
-                for it in batch]
-        for job, it in zip(jobs, batch, strict=True):
-            if it.deadline is not None:
-                job["deadline"] = it.deadline
+        task_id, kwargs, headers, options = many_message(ref, batch, self.reply_to)
         self.client.send_message(
-            INFER_MANY_TASK, f"many-{uuid.uuid4().hex}",
-            {"model": ref.name, "variant": ref.variant, "version": ref.version,
-             "jobs": jobs, "reply_to": self.reply_to},
+            INFER_MANY_TASK, task_id, kwargs,
             model_queue(self.client.settings, ref.name, priority), self.retry_policy,
-            tracing.many_headers([it.trace for it in batch]),
-            **summary(ref, [it.job_id for it in batch], jobs=len(jobs)))
+            headers, **options)
 
     def _mark(self, ref: ModelRef, batch: list[Item]) -> None:
         """Each job recorded as queued, so a reader tells queued from unknown: one round
@@ -173,3 +180,19 @@ class Coalescer:
             pipe.set(backend.get_key_for_task(it.job_id), record.encode(backend),
                      ex=self.client.settings.result_expires)
         pipe.execute()
+
+
+def many_message(ref: ModelRef, batch: Sequence[Job], reply_to: str | None
+                 ) -> tuple[str, dict[str, Any], dict[str, Any] | None, dict[str, str]]:
+    """An ``inferq.infer_many`` message of ``batch``: (task id, kwargs, headers, the
+    summary Flower shows); ``reply_to``: where the worker also publishes the results."""
+    jobs = [{"id": it.job_id, "inputs": it.inputs, "submitted_at": it.submitted_at}
+            for it in batch]
+    for job, it in zip(jobs, batch, strict=True):
+        if it.deadline is not None:
+            job["deadline"] = it.deadline
+    return (f"many-{uuid.uuid4().hex}",
+            {"model": ref.name, "variant": ref.variant, "version": ref.version,
+             "jobs": jobs, "reply_to": reply_to},
+            tracing.many_headers([it.trace for it in batch]),
+            summary(ref, [it.job_id for it in batch], jobs=len(jobs)))

@@ -17,20 +17,32 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
+from dataclasses import dataclass
 from typing import Any
 
 from celery import Celery, signals
 from kombu.exceptions import OperationalError
 from kombu.serialization import dumps
+from kombu.utils.json import dumps as json_dumps
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from shared import backoff
+from shared import backoff, keys
 from shared.celery_app import RELIABLE_REDIS
 
 PERSISTENT = 2  # delivery mode, as Celery's default exchange sets it
 # Broker errors a publish is retried on (kombu wraps a failed connect in OperationalError).
 _DOWN = (OperationalError, RedisConnectionError, RedisTimeoutError, OSError)
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """A message as a Redis broker holds it: ``payload`` goes on the list ``key``;
+    ``wake`` is its queue's wake marker (shared/redis_transport.py)."""
+
+    key: str
+    wake: str
+    payload: str
 
 
 def usable(app: Celery) -> bool:
@@ -50,6 +62,7 @@ class DirectPublisher:
         self._serializer = app.conf.task_serializer
         self._free: list[Any] = []  # (connection, channel) pairs not in use
         self._lock = threading.Lock()
+        self._encoder: tuple[Any, Any] | None = None  # the channel ``encode`` uses
 
     def send(self, name: str, task_id: str, kwargs: dict[str, Any], queue: str,
              retry_policy: dict[str, Any], headers: dict[str, str] | None = None,
@@ -57,21 +70,15 @@ class DirectPublisher:
         """One ``name`` message on ``queue``; ``options`` as ``send_task`` takes them
         (``argsrepr``, ``kwargsrepr``). Connection errors are retried as ``retry_policy``
         says, then raised as kombu's OperationalError, as ``send_task`` does."""
-        message = self.app.amqp.as_task_v2(task_id, name, (), kwargs, ignore_result=None,
-                                           reply_to=self.app.thread_oid, **options)
-        content_type, encoding, body = dumps(message.body, serializer=self._serializer)
-        message.headers.update(headers or {})
-        properties = {**message.properties, "delivery_mode": PERSISTENT}
+        parts = self._parts(name, task_id, kwargs, headers, options)
         retries = int(retry_policy.get("max_retries") or 0)
         for attempt in range(retries + 1):
             pair = None
             try:
                 pair = self._take()
                 channel = pair[1]
-                channel.basic_publish(
-                    channel.prepare_message(body, None, content_type, encoding,
-                                            message.headers, properties),
-                    exchange="", routing_key=queue)
+                channel.basic_publish(channel.prepare_message(*parts), exchange="",
+                                      routing_key=queue)
             except _DOWN as exc:
                 if pair is not None:
                     _close(pair)
@@ -83,6 +90,37 @@ class DirectPublisher:
                 continue
             self._give_back(pair)
             return
+
+    def encode(self, name: str, task_id: str, kwargs: dict[str, Any], queue: str,
+               headers: dict[str, str] | None = None, **options: Any) -> Encoded:
+        """The message ``send`` would put on ``queue``, for a caller that pushes it itself
+        (the API's submit script, api/submitter.py); no I/O after the first call."""
+        if self._encoder is None:
+            self._encoder = self._take()  # kept: only its message methods are used
+        channel = self._encoder[1]
+        message = channel.prepare_message(*self._parts(name, task_id, kwargs, headers,
+                                                       options))
+        channel._inplace_augment_message(message, "", queue)
+        priority = channel._get_message_priority(message, reverse=False)
+        return Encoded(channel._q_for_pri(queue, priority), keys.wake(queue),
+                       json_dumps(message))
+
+    def queue_keys(self, queue: str) -> list[str]:
+        """The Redis lists holding ``queue``'s messages, one per priority step."""
+        if self._encoder is None:
+            self._encoder = self._take()
+        channel = self._encoder[1]
+        return [channel._q_for_pri(queue, step) for step in channel.priority_steps]
+
+    def _parts(self, name: str, task_id: str, kwargs: dict[str, Any],
+               headers: dict[str, str] | None, options: dict[str, Any]) -> tuple[Any, ...]:
+        """``prepare_message``'s arguments: the message Celery's ``as_task_v2`` builds."""
+        message = self.app.amqp.as_task_v2(task_id, name, (), kwargs, ignore_result=None,
+                                           reply_to=self.app.thread_oid, **options)
+        content_type, encoding, body = dumps(message.body, serializer=self._serializer)
+        message.headers.update(headers or {})
+        properties = {**message.properties, "delivery_mode": PERSISTENT}
+        return body, None, content_type, encoding, message.headers, properties
 
     def _take(self) -> tuple[Any, Any]:
         with self._lock:

@@ -49,6 +49,12 @@ class Sender:
         self.models = CachedResolver(self.repo, MODEL_TTL)
         self._direct = direct.DirectPublisher(self.app)
 
+    @property
+    def direct(self) -> direct.DirectPublisher | None:
+        """The publisher that puts messages straight on a Redis broker's lists; None where
+        messages go through ``send_task`` (another broker, a publish hook)."""
+        return self._direct if direct.usable(self.app) else None
+
     def check_reachable(self, timeout: float = 2.0) -> None:
         """Unavailable, naming the service and its setting, when the broker or the result
         store does not answer within ``timeout``: one try, for a command's first step
@@ -116,7 +122,7 @@ class Sender:
                      producer: Any = None, **options: Any) -> None:
         """One task message on ``queue`` (a kombu Queue): straight onto a Redis broker's
         list (producer/direct.py), else through Celery's ``send_task``."""
-        if producer is None and direct.usable(self.app):
+        if producer is None and self.direct is not None:
             self._direct.send(name, task_id, kwargs, queue.name, retry_policy, headers,
                               **options)
             return
