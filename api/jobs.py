@@ -30,7 +30,7 @@ from producer.notify import RECHECK_S, Reply
 from producer.publish import coerce_inputs, deadline_after, wire_inputs
 from shared import claims, tracing
 from shared.errors import InputError
-from shared.repository import ModelRef
+from shared.repository import ModelRef, parse_model_ref
 from shared.results import every_row_failed, is_final, status_of
 from shared.schemas import FINAL_STATUSES, JobStatus, RowError
 
@@ -159,7 +159,11 @@ def _enqueue(api: Api, who: Principal, model: str, body: JobRequest, job_id: str
 async def _submit_on_loop(api: Api, submitter: LoopSubmitter, who: Principal, model: str,
                           body: JobRequest, job_id: str, *, observed: bool = False,
                           trace: dict[str, str] | None = None) -> dict[str, str]:
-    """``_enqueue`` by the event loop's submitter (``api/submitter.py``)."""
+    """``_enqueue`` by the event loop's submitter (``api/submitter.py``). A model not
+    resolved within the last seconds is resolved in the thread pool first: its repository
+    may be a bucket or the catalog, and the loop must not wait on one."""
+    if not api.client.models.fresh(parse_model_ref(model)):
+        await run_in_threadpool(api.model, model)
     ref, inputs, record = _checked(api, who, model, body, observed=observed)
     quota = api.quota(who, ref.name)
     with tracing.submitting(ref.name, job_id, trace):

@@ -56,6 +56,11 @@ class CachedResolver:
         self.repo, self.ttl = repo, ttl
         self._cache: dict[str, tuple[float, ModelVersion]] = {}
 
+    def fresh(self, ref: ModelRef) -> bool:
+        """``resolve`` would answer from memory, without reading the repository."""
+        cached = self._cache.get(str(ref))
+        return cached is not None and time.monotonic() - cached[0] < self.ttl
+
     def resolve(self, ref: ModelRef) -> ModelVersion:
         key = str(ref)
         now = time.monotonic()

@@ -163,10 +163,13 @@ def test_a_cached_resolver_sees_a_new_version_only_after_its_ttl(
     now = [100.0]
     monkeypatch.setattr(repository.time, "monotonic", lambda: now[0])
     resolver = repository.CachedResolver(repo, ttl=5.0)
+    assert not resolver.fresh(parse_model_ref("m"))  # never read: resolving reads
     assert resolver.resolve(parse_model_ref("m")).key == "m@2"
     write_manifest(repo.root, "m", 4, notes="fourth")
     now[0] += 4.9
+    assert resolver.fresh(parse_model_ref("m"))
     assert resolver.resolve(parse_model_ref("m")).key == "m@2"  # reused
     assert resolver.resolve(parse_model_ref("m@4")).key == "m@4"  # another reference
     now[0] += 0.1
+    assert not resolver.fresh(parse_model_ref("m"))  # the API resolves it off its loop
     assert resolver.resolve(parse_model_ref("m")).key == "m@4"  # re-read at the ttl
