@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import time
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +17,6 @@ from shared.repository import ModelCorrupt, ModelRepository, ModelVersion
 from shared.schemas import Manifest
 from workers.build.minilm import (
     TARGETS,
-    build_minilm,
     embed,
     load_sentences,
     reference_embeddings,
@@ -28,12 +26,11 @@ Built = tuple[Path, dict[str, ModelVersion]]
 
 
 @pytest.fixture(scope="module")
-def built(tmp_path_factory: pytest.TempPathFactory) -> Built:
-    root = tmp_path_factory.mktemp("models")
-    started = time.monotonic()
-    versions = build_minilm(root)
-    print(f"\nminilm build: {time.monotonic() - started:.1f}s")
-    return root, versions
+def built(bundled_repo: Path) -> Built:
+    """The session's build of every bundled model (``build_bundled``, which runs
+    ``build_minilm`` and serves ``measured_default``): one minilm build per suite run."""
+    repo = ModelRepository(bundled_repo)
+    return bundled_repo, {v: repo.resolve(f"minilm:{v}") for v in ("fp32", "int8", "fp16")}
 
 
 def embed_independently(version: ModelVersion, sentences: list[str], batch: int = 16
