@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 import time
 import uuid
+from functools import partial
 from typing import Annotated, Any
 
 import numpy as np
@@ -159,12 +160,15 @@ def _enqueue(api: Api, who: Principal, model: str, body: JobRequest, job_id: str
 async def _submit_on_loop(api: Api, submitter: LoopSubmitter, who: Principal, model: str,
                           body: JobRequest, job_id: str, *, observed: bool = False,
                           trace: dict[str, str] | None = None) -> dict[str, str]:
-    """``_enqueue`` by the event loop's submitter (``api/submitter.py``). A model not
-    resolved within the last seconds is resolved in the thread pool first: its repository
-    may be a bucket or the catalog, and the loop must not wait on one."""
-    if not api.client.models.fresh(parse_model_ref(model)):
-        await run_in_threadpool(api.model, model)
-    ref, inputs, record = _checked(api, who, model, body, observed=observed)
+    """``_enqueue`` by the event loop's submitter (``api/submitter.py``). What may block
+    runs in the thread pool first: a model not resolved within the last seconds (its
+    repository may be a bucket or the catalog), a callback URL (its name is resolved), a
+    job of many rows (converting them takes a while)."""
+    if not api.client.models.fresh(parse_model_ref(model)) or _heavy(body):
+        ref, inputs, record = await run_in_threadpool(
+            partial(_checked, api, who, model, body, observed=observed))
+    else:
+        ref, inputs, record = _checked(api, who, model, body, observed=observed)
     quota = api.quota(who, ref.name)
     with tracing.submitting(ref.name, job_id, trace):
         job = Pending(job_id, ref, body.priority, inputs, record,
@@ -172,11 +176,22 @@ async def _submit_on_loop(api: Api, submitter: LoopSubmitter, who: Principal, mo
                       deadline_after(body.expires_in), tracing.outgoing(),
                       record["submitted_at"])
         ok, held, depth = await submitter.submit(job)
-    if quota is not None:
-        api.admitted(Admission(ref.name, quota.tenant, quota.share, depth, quota.limit),
-                     1, ok, held)
+        if quota is not None:
+            api.admitted(Admission(ref.name, quota.tenant, quota.share, depth, quota.limit),
+                         1, ok, held)
     audit("submit", who, job_id=job_id, model=model, rows=record["rows"])
     return flat_record(record)
+
+
+HEAVY_ITEMS = 256  # rows (or values) of a job checked in the thread pool, not the loop
+
+
+def _heavy(body: JobRequest) -> bool:
+    if body.callback_url is not None:
+        return True
+    values = body.inputs.values() if isinstance(body.inputs, dict) else [body.inputs]
+    return any(v.size > HEAVY_ITEMS if isinstance(v, np.ndarray)
+               else isinstance(v, list) and len(v) > HEAVY_ITEMS for v in values)
 
 
 async def _wait_reply(api: Api, job_id: str, record: dict[str, str], who: Principal,
@@ -290,7 +305,7 @@ async def _enqueue_soon(api: Api, who: Principal, model: str, body: JobRequest,
     "What a request costs"). Not after a failed enqueue (an outage may block for seconds)
     until one succeeds in the pool again. Where the event loop's submitter works (a Redis
     broker that is the result store), always by it."""
-    if api.submitter is not None:
+    if api.submitter is not None and api.client.direct is not None:
         return await _submit_on_loop(api, api.submitter, who, model, body, job_id,
                                      **options)
     if api.in_flight == 1 and api.enqueue_healthy:

@@ -87,7 +87,8 @@ class QueueDepth:
     def __init__(self, settings: Settings, app: Celery):
         self.settings = settings
         self.app = app
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # held while reading the broker
+        self._count_lock = threading.Lock()  # never held across I/O: the event loop takes it
         self._conn: Any = None
         self._cache: dict[str, tuple[float, int]] = {}
         self._added: dict[str, int] = {}  # queued by this process since the cached read
@@ -105,8 +106,9 @@ class QueueDepth:
             if cached and time.monotonic() - cached[0] < DEPTH_TTL:
                 return cached[1]
             depth = sum(self._read(queue_name(self.settings, model, p)) for p in PRIORITIES)
-            self._cache[model] = (time.monotonic(), depth)
-            self._added[model] = 0
+            with self._count_lock:
+                self._cache[model] = (time.monotonic(), depth)
+                self._added[model] = 0
         return depth
 
     def estimate(self, model: str) -> int:
@@ -116,7 +118,7 @@ class QueueDepth:
         return depth + self._added.get(model, 0)
 
     def added(self, model: str, messages: int) -> None:
-        with self._lock:
+        with self._count_lock:
             self._added[model] = self._added.get(model, 0) + messages
 
     def _read(self, name: str) -> int:

@@ -33,18 +33,22 @@ return 0
 """
 
 # Lua: a tenant's open work on one model (``key``, a sorted set of job and chunk ids by
-# submit time). Forget ids a worker has claimed (started or cancelled: their claim key,
-# ``claimed`` .. id, exists) among the oldest ``prune``, and ids older than ``cutoff``;
-# then admit ``ids`` at score ``now`` when the tenant is within its ``share`` or the model's
-# queue has room (``depth`` + new <= ``limit``). -> {admitted 0/1, the tenant's open count
-# before these}. Shared by ADMIT and the API's submit script (api/submitter.py).
+# submit time). ``forget_claimed``: forget ids a worker has claimed (started or
+# cancelled: their claim key, ``claimed`` .. id, exists) among the oldest ``prune``, and
+# ids older than ``cutoff``; -> the open count. ``admit``: then admit ``ids`` at score
+# ``now`` when the tenant is within its ``share`` or the model's queue has room
+# (``depth`` + new <= ``limit``). -> {admitted 0/1, the tenant's open count before these}.
+# Shared by ADMIT and the API's submit script (api/submitter.py).
 ADMIT_FUNCTION = """
-local function admit(key, now, cutoff, claimed, share, depth, limit, prune, ids)
+local function forget_claimed(key, cutoff, claimed, prune)
   redis.call('ZREMRANGEBYSCORE', key, '-inf', cutoff)
   for _, id in ipairs(redis.call('ZRANGE', key, 0, tonumber(prune) - 1)) do
     if redis.call('EXISTS', claimed .. id) == 1 then redis.call('ZREM', key, id) end
   end
-  local open = redis.call('ZCARD', key)
+  return redis.call('ZCARD', key)
+end
+local function admit(key, now, cutoff, claimed, share, depth, limit, prune, ids)
+  local open = forget_claimed(key, cutoff, claimed, prune)
   if open + #ids > tonumber(share) and tonumber(depth) + #ids > tonumber(limit) then
     return {0, open}
   end
@@ -304,9 +308,14 @@ class ApiStore:
         """The asyncio client of the API's event loop (made on first use there)."""
         if self._aredis is None:
             import redis.asyncio as aioredis
+            from redis.asyncio.retry import Retry
+            from redis.backoff import NoBackoff
 
-            self._aredis = aioredis.Redis.from_url(self.url, socket_connect_timeout=1.0,
-                                                   socket_timeout=5.0)
+            # No retries of its own: a retried script would run twice (api/submitter.py
+            # retries as the publish policy says, where a repeat is known to be harmless).
+            self._aredis = aioredis.Redis.from_url(
+                self.url, socket_connect_timeout=1.0, socket_timeout=5.0,
+                health_check_interval=30, retry=Retry(NoBackoff(), 0))
         return self._aredis
 
     async def close_async(self) -> None:

@@ -14,6 +14,7 @@ Elsewhere (RabbitMQ, SQS, a separate result store) the API keeps that path
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import hashlib
 import time
 from dataclasses import dataclass, field
@@ -24,6 +25,7 @@ from redis.exceptions import NoScriptError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from api.store import ADMIT_FUNCTION, PRUNE, ApiStore, flat_record
+from producer.bulk.chunks import payload_bytes
 from producer.coalesce import many_message, take
 from producer.direct import DirectPublisher
 from producer.publish import Sender, not_sent
@@ -39,22 +41,39 @@ from shared.results import JobRecord
 # ARGV: 1 message, 2 marker TTL ms, 3 record TTL s, 4 now, 5 admit 1/0, 6 cutoff,
 # 7 claim prefix, 8 share, 9 limit, 10 prune, 11 job count; then per job: id, record key,
 # result key, queued result, callback 1/0, field count, fields and values.
-# -> {admitted 1/0, the tenant's open ids before these, the model's depth}
+# Each job is admitted on its own, in order, as if those before it were; only when every
+# one is are they recorded and the message pushed; else nothing is written. A repeat of a
+# commit that ran (its reply was lost) finds the first record and writes nothing again.
+# -> {all admitted 1/0, the model's depth, then per job: admitted 1/0, the tenant's open
+# ids before it}
 SUBMIT = ADMIT_FUNCTION + """
-local jobs, ids, i = {}, {}, 12
+local jobs, i = {}, 12
 for j = 1, tonumber(ARGV[11]) do
   jobs[j] = {i, tonumber(ARGV[i + 5])}
-  ids[j] = ARGV[i]
   i = i + 6 + 2 * jobs[j][2]
 end
 local depth = 0
 for k = 5, #KEYS do depth = depth + redis.call('LLEN', KEYS[k]) end
-local open = 0
+local out = {1, depth}
+if redis.call('EXISTS', ARGV[13]) == 1 then  -- a repeat of a commit that ran
+  for _ = 1, #jobs do out[#out + 1] = 1; out[#out + 1] = 0 end
+  return out
+end
+local open, share, limit, taken = 0, math.huge, 0, 0
 if ARGV[5] == '1' then
-  local verdict = admit(KEYS[4], ARGV[4], ARGV[6], ARGV[7], ARGV[8], depth, ARGV[9],
-                        ARGV[10], ids)
-  if verdict[1] == 0 then return {0, verdict[2], depth} end
-  open = verdict[2]
+  open = forget_claimed(KEYS[4], ARGV[6], ARGV[7], ARGV[10])
+  share, limit = tonumber(ARGV[8]), tonumber(ARGV[9])
+end
+for _ = 1, #jobs do
+  local ok = open + taken + 1 <= share or depth + taken + 1 <= limit
+  out[#out + 1] = ok and 1 or 0
+  out[#out + 1] = open + taken
+  if ok then taken = taken + 1 else out[1] = 0 end
+end
+if out[1] == 0 then return out end
+if ARGV[5] == '1' then
+  for _, job in ipairs(jobs) do redis.call('ZADD', KEYS[4], ARGV[4], ARGV[job[1]]) end
+  redis.call('EXPIRE', KEYS[4], math.ceil(tonumber(ARGV[4]) - tonumber(ARGV[6])) + 60)
 end
 for _, job in ipairs(jobs) do
   local at, fields = job[1], {}
@@ -69,15 +88,20 @@ if redis.call('LPUSH', KEYS[1], ARGV[1]) == 1 then
   redis.call('LTRIM', KEYS[2], 0, 0)
   redis.call('PEXPIRE', KEYS[2], ARGV[2])
 end
-return {1, open, depth}
+return out
 """
 _SHA = hashlib.sha1(SUBMIT.encode()).hexdigest()
 _DOWN = (RedisConnectionError, RedisTimeoutError, OSError)
+# A commit whose inputs weigh more is encoded in a thread, as is one before the publisher
+# has its channel (a first connection): the loop must not stall on either.
+ENCODE_ON_LOOP_BYTES = 1 << 20
+
+Verdict = tuple[bool, int, int]  # admitted, the tenant's open ids before it, the depth
 
 
 @dataclass(frozen=True)
 class Quota:
-    """The tenant's admission on the model (``Api.admission``); the depth is read by the
+    """The tenant's admission on the model (``Api.quota``); the depth is read by the
     script itself."""
 
     tenant: str
@@ -97,7 +121,11 @@ class Pending:
     deadline: float | None = None
     trace: dict[str, str] | None = None  # its submit span's context (shared/tracing.py)
     submitted_at: float = field(default_factory=time.time)
-    done: asyncio.Future[tuple[bool, int, int]] | None = None
+    done: asyncio.Future[Verdict] | None = None
+
+    def group(self) -> tuple[Any, ...]:
+        """Jobs that may share a message: same model, priority and admission."""
+        return self.ref.name, self.ref.variant, self.ref.version, self.priority, self.quota
 
 
 class LoopSubmitter:
@@ -122,53 +150,61 @@ class LoopSubmitter:
         return (sender.direct is not None
                 and settings.effective_result_backend() == settings.broker_url)
 
-    async def submit(self, job: Pending) -> tuple[bool, int, int]:
+    async def submit(self, job: Pending) -> Verdict:
         """Return once ``job`` is recorded and on the broker, or refused. -> (admitted,
         the tenant's open ids before it, the model's queue depth); raises Unavailable
         when Redis could not be reached."""
         job.done = asyncio.get_running_loop().create_future()
-        key = (job.ref.name, job.ref.variant, job.ref.version, job.priority,
-               job.quota.tenant if job.quota else None)
-        self._pending.setdefault(key, []).append(job)
-        if self._task is None:  # else the commit in flight starts the next one
-            self._task = asyncio.create_task(self._commits())
+        self._pending.setdefault(job.group(), []).append(job)
+        if self._task is None or self._task.done():  # else the running one takes it
+            # a context of its own: the task outlives the request that started it
+            self._task = asyncio.create_task(self._commits(), context=contextvars.Context())
         return await asyncio.shield(job.done)  # a request gone away does not undo it
 
     async def _commits(self) -> None:
-        try:
-            while self._pending:
-                groups, self._pending = self._pending, {}
+        """Commit what is pending until nothing is; whatever fails, every job taken
+        hears it."""
+        while self._pending:
+            groups, self._pending = self._pending, {}
+            jobs = [job for group in groups.values() for job in group]
+            try:
                 batches = []
-                for jobs in groups.values():
-                    while jobs:
-                        batches.append(take(jobs, self.max_bytes))
-                try:
-                    await self._commit(batches)
-                except BaseException as exc:  # every waiter hears it
-                    for batch in batches:
-                        for job in batch:
-                            _settle(job, error=self._error(job, exc))
-                    if not isinstance(exc, Exception):
-                        raise
-        finally:
-            self._task = None
+                for group in groups.values():
+                    while group:
+                        batches.append(take(group, self.max_bytes))
+                await self._commit(batches)
+            except BaseException as exc:
+                for job in jobs:
+                    _settle(job, error=self._error(job, exc))
+                if not isinstance(exc, Exception):
+                    raise
 
     async def _commit(self, batches: list[list[Pending]]) -> None:
-        calls = [self._call(batch) for batch in batches]
+        heavy = not self.publisher.ready or sum(
+            payload_bytes(job.inputs) for batch in batches for job in batch
+        ) > ENCODE_ON_LOOP_BYTES
+        calls = (await asyncio.to_thread(self._calls, batches)) if heavy \
+            else self._calls(batches)
         replies = await self._run(calls)
         for batch, reply in zip(batches, replies, strict=True):
             if isinstance(reply, Exception):
                 for job in batch:
                     _settle(job, error=self._error(job, reply))
                 continue
-            self.messages += 1
-            self.jobs += len(batch)
-            for job in batch:
-                _settle(job, result=(bool(reply[0]), int(reply[1]), int(reply[2])))
+            every, depth = bool(reply[0]), int(reply[1])
+            if every:
+                self.messages += 1
+                self.jobs += len(batch)
+            for k, job in enumerate(batch):
+                admitted, held = bool(reply[2 + 2 * k]), int(reply[3 + 2 * k])
+                if every or not admitted:
+                    _settle(job, result=(admitted, held, depth))
+                else:  # admissible, but it shared a message with a refused job: again
+                    self._pending.setdefault(job.group(), []).append(job)
 
     async def _run(self, calls: list[tuple[Any, ...]]) -> list[Any]:
         """One pipeline of SUBMIT calls; connection errors retried as ``retry_policy``
-        says (a repeat is harmless: same records, and workers run a job id once)."""
+        says (a repeat of a call that ran finds its records and writes nothing)."""
         redis = self.store.aredis()
         retries = int(self.retry_policy.get("max_retries") or 0)
         for attempt in range(retries + 1):
@@ -188,6 +224,9 @@ class LoopSubmitter:
                     attempt, float(self.retry_policy.get("interval_start", 0.1)) or 0.1,
                     float(self.retry_policy.get("interval_max", 1.0))))
         raise AssertionError("unreachable")
+
+    def _calls(self, batches: list[list[Pending]]) -> list[tuple[Any, ...]]:
+        return [self._call(batch) for batch in batches]
 
     def _call(self, batch: list[Pending]) -> tuple[Any, ...]:
         """EVALSHA SUBMIT's arguments for one message of ``batch``."""
@@ -234,7 +273,7 @@ async def _pipeline(redis: Any, calls: list[tuple[Any, ...]]) -> list[Any]:
         return list(await pipe.execute(raise_on_error=False))
 
 
-def _settle(job: Pending, *, result: tuple[bool, int, int] | None = None,
+def _settle(job: Pending, *, result: Verdict | None = None,
             error: BaseException | None = None) -> None:
     if job.done is None or job.done.done():
         return

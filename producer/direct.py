@@ -91,6 +91,11 @@ class DirectPublisher:
             self._give_back(pair)
             return
 
+    @property
+    def ready(self) -> bool:
+        """``encode`` and ``queue_keys`` do no I/O (the first call takes a channel)."""
+        return self._encoder is not None
+
     def encode(self, name: str, task_id: str, kwargs: dict[str, Any], queue: str,
                headers: dict[str, str] | None = None, **options: Any) -> Encoded:
         """The message ``send`` would put on ``queue``, for a caller that pushes it itself

@@ -91,6 +91,53 @@ async def test_a_refused_job_leaves_no_record_result_callback_or_message(redis_e
         await store.close_async()
 
 
+async def test_jobs_of_one_commit_are_admitted_each_on_its_own(redis_env, digits):
+    """Three jobs at once, the tenant's share 2 and the queue full: two are admitted (in a
+    message of their own), the third is refused and leaves nothing."""
+    sub = _submitter(redis_env)
+    store, r = sub.store, sub.store.redis
+    queue = queue_name(sub.sender.settings, "digits")
+    quota = Quota("acme", share=2, limit=0)
+    jobs = [_job(rows(digits, [i]), quota) for i in range(3)]
+    try:
+        verdicts = await asyncio.gather(*(sub.submit(j) for j in jobs))
+        assert sorted(verdicts) == [(False, 2, 0), (True, 0, 0), (True, 1, 0)]
+        kept = [j for j, v in zip(jobs, verdicts, strict=True) if v[0]]
+        refused = next(j for j, v in zip(jobs, verdicts, strict=True) if not v[0])
+        for job in kept:
+            assert store.job_record(job.job_id)["tenant"] == "acme"
+        assert not r.exists(store.job_key(refused.job_id), store.meta_key(refused.job_id))
+        assert r.llen(queue) == 1 and sub.messages == 1 and sub.jobs == 2
+        assert r.zscore(store.open_key("digits", "acme"), refused.job_id) is None
+    finally:
+        for job in jobs:
+            store.drop_job(job.job_id)
+        store.forget_open("digits", "acme", [j.job_id for j in jobs])
+        r.delete(queue)
+        await store.close_async()
+
+
+async def test_a_commit_sent_again_after_a_lost_reply_writes_nothing_twice(redis_env,
+                                                                           digits):
+    """A retry of a commit that ran (its reply lost on the way back) finds its records:
+    no second message, no second admission, the verdict is still 'admitted'."""
+    sub = _submitter(redis_env)
+    store, r = sub.store, sub.store.redis
+    queue = queue_name(sub.sender.settings, "digits")
+    job = _job(rows(digits, [0]), Quota("acme", share=1, limit=1))
+    calls = sub._calls([[job]])
+    try:
+        first, again = await sub._run(calls), await sub._run(calls)
+        # all admitted, the depth (0, then its own message), the job: admitted, 0 open before
+        assert first == [[1, 0, 1, 0]] and again == [[1, 1, 1, 0]]
+        assert r.llen(queue) == 1 and r.zcard(store.open_key("digits", "acme")) == 1
+    finally:
+        store.drop_job(job.job_id)
+        store.forget_open("digits", "acme", [job.job_id])
+        r.delete(queue)
+        await store.close_async()
+
+
 async def test_a_server_that_lost_the_script_still_submits(redis_env, digits, monkeypatch):
     """EVALSHA of a script the server never saw answers NOSCRIPT, as after a restart."""
     fresh = f"{submitter_module.SUBMIT}\n-- {uuid.uuid4().hex}"
