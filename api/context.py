@@ -105,7 +105,11 @@ class Api:
         if ok:
             self.depth.added(a.model, count)
             return
-        raise HTTPException(
+        raise self.refusal(a, count, held)
+
+    def refusal(self, a: Admission, count: int, held: int) -> HTTPException:
+        """The 429 of ``count`` ids refused: the depth, the limit, the tenant's share."""
+        return HTTPException(
             429, f"model {a.model!r} has {a.depth} messages waiting (limit {a.limit}) and "
             f"tenant {a.tenant!r} has {held} jobs or chunks waiting (its share: "
             f"{a.share}); retry later", headers={

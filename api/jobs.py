@@ -25,7 +25,7 @@ from api.schemas import (
     Timings,
 )
 from api.store import Admission, flat_record
-from api.submitter import LoopSubmitter, Pending
+from api.submitter import LoopSubmitter, Pending, Verdict
 from producer.bulk.chunks import check_fits
 from producer.notify import RECHECK_S, Reply
 from producer.publish import coerce_inputs, deadline_after, wire_inputs
@@ -170,28 +170,43 @@ async def _submit_on_loop(api: Api, submitter: LoopSubmitter, who: Principal, mo
     else:
         ref, inputs, record = _checked(api, who, model, body, observed=observed)
     quota = api.quota(who, ref.name)
+
+    def sent(verdict: Verdict) -> None:  # also when the request went away meanwhile
+        if verdict[0]:
+            api.depth.added(ref.name, 1)
+            audit("submit", who, job_id=job_id, model=model, rows=record["rows"])
+
     with tracing.submitting(ref.name, job_id, trace):
         job = Pending(job_id, ref, body.priority, inputs, record,
                       record["callback_url"] is not None, quota,
                       deadline_after(body.expires_in), tracing.outgoing(),
                       record["submitted_at"])
-        ok, held, depth = await submitter.submit(job)
-        if quota is not None:
-            api.admitted(Admission(ref.name, quota.tenant, quota.share, depth, quota.limit),
-                         1, ok, held)
-    audit("submit", who, job_id=job_id, model=model, rows=record["rows"])
+        ok, held, depth = await submitter.submit(job, sent)
+        if not ok and quota is not None:
+            raise api.refusal(Admission(ref.name, quota.tenant, quota.share, depth,
+                                        quota.limit), 1, held)
     return flat_record(record)
 
 
-HEAVY_ITEMS = 256  # rows (or values) of a job checked in the thread pool, not the loop
+HEAVY_ITEMS = 16_384  # values in a job's inputs above which it is checked off the loop
 
 
 def _heavy(body: JobRequest) -> bool:
+    """Checking it may block (a callback URL's name is resolved) or take a while."""
     if body.callback_url is not None:
         return True
     values = body.inputs.values() if isinstance(body.inputs, dict) else [body.inputs]
-    return any(v.size > HEAVY_ITEMS if isinstance(v, np.ndarray)
-               else isinstance(v, list) and len(v) > HEAVY_ITEMS for v in values)
+    return sum(_items(v) for v in values) > HEAVY_ITEMS
+
+
+def _items(value: Any) -> int:
+    """About how many values ``value`` holds: arrays exactly, nested lists by their
+    first element."""
+    if isinstance(value, np.ndarray):
+        return int(value.size)
+    if isinstance(value, list):
+        return len(value) * (_items(value[0]) if value else 1)
+    return 1
 
 
 async def _wait_reply(api: Api, job_id: str, record: dict[str, str], who: Principal,

@@ -105,10 +105,12 @@ class QueueDepth:
             cached = self._cache.get(model)
             if cached and time.monotonic() - cached[0] < DEPTH_TTL:
                 return cached[1]
-            depth = sum(self._read(queue_name(self.settings, model, p)) for p in PRIORITIES)
             with self._count_lock:
+                before = self._added.get(model, 0)
+            depth = sum(self._read(queue_name(self.settings, model, p)) for p in PRIORITIES)
+            with self._count_lock:  # what was added during the read may not be in it
                 self._cache[model] = (time.monotonic(), depth)
-                self._added[model] = 0
+                self._added[model] = self._added.get(model, 0) - before
         return depth
 
     def estimate(self, model: str) -> int:

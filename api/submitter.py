@@ -17,6 +17,7 @@ import asyncio
 import contextvars
 import hashlib
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -150,11 +151,16 @@ class LoopSubmitter:
         return (sender.direct is not None
                 and settings.effective_result_backend() == settings.broker_url)
 
-    async def submit(self, job: Pending) -> Verdict:
+    async def submit(self, job: Pending, then: Callable[[Verdict], None] | None = None
+                     ) -> Verdict:
         """Return once ``job`` is recorded and on the broker, or refused. -> (admitted,
         the tenant's open ids before it, the model's queue depth); raises Unavailable
-        when Redis could not be reached."""
+        when Redis could not be reached. ``then``: called with the verdict when it is
+        known, even if the caller stopped waiting (its request went away)."""
         job.done = asyncio.get_running_loop().create_future()
+        if then is not None:
+            job.done.add_done_callback(
+                lambda done: None if done.exception() else then(done.result()))
         self._pending.setdefault(job.group(), []).append(job)
         if self._task is None or self._task.done():  # else the running one takes it
             # a context of its own: the task outlives the request that started it
@@ -163,7 +169,7 @@ class LoopSubmitter:
 
     async def _commits(self) -> None:
         """Commit what is pending until nothing is; whatever fails, every job taken
-        hears it."""
+        hears it (on cancellation, those still pending too)."""
         while self._pending:
             groups, self._pending = self._pending, {}
             jobs = [job for group in groups.values() for job in group]
@@ -172,20 +178,28 @@ class LoopSubmitter:
                 for group in groups.values():
                     while group:
                         batches.append(take(group, self.max_bytes))
-                await self._commit(batches)
+                again = await self._commit(batches)
             except BaseException as exc:
+                if not isinstance(exc, Exception):
+                    jobs += [job for group in self._pending.values() for job in group]
                 for job in jobs:
                     _settle(job, error=self._error(job, exc))
                 if not isinstance(exc, Exception):
                     raise
+                continue
+            for key, group in again.items():  # ahead of those that came after them
+                self._pending[key] = group + self._pending.get(key, [])
 
-    async def _commit(self, batches: list[list[Pending]]) -> None:
+    async def _commit(self, batches: list[list[Pending]]) -> dict[tuple[Any, ...],
+                                                                  list[Pending]]:
+        """-> the jobs to send again: admissible, but in a message with a refused job."""
         heavy = not self.publisher.ready or sum(
             payload_bytes(job.inputs) for batch in batches for job in batch
         ) > ENCODE_ON_LOOP_BYTES
         calls = (await asyncio.to_thread(self._calls, batches)) if heavy \
             else self._calls(batches)
         replies = await self._run(calls)
+        again: dict[tuple[Any, ...], list[Pending]] = {}
         for batch, reply in zip(batches, replies, strict=True):
             if isinstance(reply, Exception):
                 for job in batch:
@@ -199,8 +213,9 @@ class LoopSubmitter:
                 admitted, held = bool(reply[2 + 2 * k]), int(reply[3 + 2 * k])
                 if every or not admitted:
                     _settle(job, result=(admitted, held, depth))
-                else:  # admissible, but it shared a message with a refused job: again
-                    self._pending.setdefault(job.group(), []).append(job)
+                else:
+                    again.setdefault(job.group(), []).append(job)
+        return again
 
     async def _run(self, calls: list[tuple[Any, ...]]) -> list[Any]:
         """One pipeline of SUBMIT calls; connection errors retried as ``retry_policy``

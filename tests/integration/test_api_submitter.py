@@ -117,6 +117,29 @@ async def test_jobs_of_one_commit_are_admitted_each_on_its_own(redis_env, digits
         await store.close_async()
 
 
+async def test_the_verdict_is_heard_even_when_the_request_went_away(redis_env, digits):
+    """A request cancelled while its job is being committed: the job is still recorded
+    and queued, and the submitter's ``then`` (the API's audit line) still hears it."""
+    sub = _submitter(redis_env)
+    heard: list[Any] = []
+    job = _job(rows(digits, [0]))
+    waiting = asyncio.create_task(sub.submit(job, heard.append))
+    await asyncio.sleep(0)  # it has joined the pending submits
+    waiting.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiting
+    try:
+        with anyio.fail_after(10):
+            while not heard:
+                await asyncio.sleep(0.01)
+        assert heard == [(True, 0, 0)]
+        assert sub.store.job_record(job.job_id)["tenant"] == "acme"
+    finally:
+        sub.store.drop_job(job.job_id)
+        sub.store.redis.delete(queue_name(sub.sender.settings, "digits"))
+        await sub.store.close_async()
+
+
 async def test_a_commit_sent_again_after_a_lost_reply_writes_nothing_twice(redis_env,
                                                                            digits):
     """A retry of a commit that ran (its reply lost on the way back) finds its records:
