@@ -330,3 +330,19 @@ def test_callback_urls_must_be_http(url: str) -> None:
 
     with pytest.raises(UrlRefused, match="callback_url"):
         check_callback_url(url, allow_private=True)
+
+
+def test_a_job_is_checked_off_the_event_loop_when_that_may_block_or_take_long() -> None:
+    """``_heavy``: a callback URL (its name is resolved) or more than HEAVY_ITEMS values;
+    a row or a few rows of a small model stay on the loop, whatever their nesting."""
+    import numpy as np
+
+    from api.jobs import HEAVY_ITEMS, _heavy
+    from api.schemas import JobRequest
+
+    assert not _heavy(JobRequest(inputs=[0.0] * 784))  # one flat row
+    assert not _heavy(JobRequest(inputs=[[0.0] * 64] * 64))  # 64 digits rows
+    assert not _heavy(JobRequest(inputs="a sentence"))
+    assert _heavy(JobRequest(inputs=[[0.0] * 784] * 64))  # 50,176 values
+    assert _heavy(JobRequest(inputs={"image": np.zeros((HEAVY_ITEMS + 1,))}))
+    assert _heavy(JobRequest(inputs=[0.0], callback_url="https://example.com/hook"))
