@@ -56,9 +56,9 @@ class Api:
         # publish each message's results on this process's reply channel (producer/notify.py).
         self.coalescer = Coalescer(self.client, FAST_PUBLISH, mark=False, reply_to=replies)
         publisher = self.client.direct
-        self.submitter = None if publisher is None or not LoopSubmitter.usable(
-            self.client) else LoopSubmitter(self.store, self.client, publisher, replies,
-                                            FAST_PUBLISH)
+        self.submitter = LoopSubmitter(self.store, self.client, publisher, replies,
+                                       FAST_PUBLISH) \
+            if publisher is not None and LoopSubmitter.usable(self.client) else None
 
     def depths(self) -> dict[str, int]:
         return {name: self.depth.depth(name) for name in self.client.repo.names()}

@@ -100,9 +100,7 @@ class DirectPublisher:
                headers: dict[str, str] | None = None, **options: Any) -> Encoded:
         """The message ``send`` would put on ``queue``, for a caller that pushes it itself
         (the API's submit script, api/submitter.py); no I/O after the first call."""
-        if self._encoder is None:
-            self._encoder = self._take()  # kept: only its message methods are used
-        channel = self._encoder[1]
+        channel = self._encoding_channel()
         message = channel.prepare_message(*self._parts(name, task_id, kwargs, headers,
                                                        options))
         channel._inplace_augment_message(message, "", queue)
@@ -112,10 +110,14 @@ class DirectPublisher:
 
     def queue_keys(self, queue: str) -> list[str]:
         """The Redis lists holding ``queue``'s messages, one per priority step."""
+        channel = self._encoding_channel()
+        return [channel._q_for_pri(queue, step) for step in channel.priority_steps]
+
+    def _encoding_channel(self) -> Any:
+        """A channel kept for ``encode``: only its message methods are used."""
         if self._encoder is None:
             self._encoder = self._take()
-        channel = self._encoder[1]
-        return [channel._q_for_pri(queue, step) for step in channel.priority_steps]
+        return self._encoder[1]
 
     def _parts(self, name: str, task_id: str, kwargs: dict[str, Any],
                headers: dict[str, str] | None, options: dict[str, Any]) -> tuple[Any, ...]:
