@@ -16,7 +16,7 @@ import os
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
@@ -162,12 +162,12 @@ class Batcher:
         return future
 
     def submit_alone(self, inputs: Inputs, skip: dict[int, str],
-                     guard: Callable[[int], AbstractContextManager[object]]
-                     ) -> Future[Outcome]:
+                     guard: Callable[[int], AbstractContextManager[object]],
+                     first: Sequence[int] = ()) -> Future[Outcome]:
         """Each row in a model call of its own, sharing none with other rows, and never
         while another call of this batcher runs (a suspect message: workers/deliveries.py).
         Row i's call runs on the batcher thread inside ``guard(i)``; a row in ``skip`` is
-        not run and fails with its message."""
+        not run and fails with its message. Rows in ``first`` run before the others."""
         rows = _rows_of(inputs)
         future: Future[Outcome] = Future()
         if rows == 0:
@@ -178,7 +178,8 @@ class Batcher:
         with self._cond:
             if not self._running:
                 raise RuntimeError(f"batcher for {self.name} is not running")
-            for i in range(rows):
+            ahead = [i for i in dict.fromkeys(first) if 0 <= i < rows]
+            for i in ahead + sorted(set(range(rows)).difference(ahead)):
                 part = {k: v[i:i + 1] for k, v in inputs.items()}
                 self._queue.append(_Part(job, i, part, 1, now, alone=True,
                                          guard=partial(guard, i), refused=skip.get(i)))

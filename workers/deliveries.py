@@ -19,7 +19,12 @@ got to run are capped separately, at ``TAKEN_FACTOR`` times the limit, so a mess
 kills its worker before any row runs (while being decoded, say) still ends.
 
 Blaming twice, not once, keeps a worker killed from outside (a deploy, the OOM killer)
-while it ran a suspect row from failing that innocent row.
+while it ran a suspect row from failing that innocent row. For that to hold, a blamed row
+runs *first* in the next delivery, not at its place: run in order from row 0, the next
+worker would reach it again about as long after it starts as the last one did, and a
+second outside kill at a similar moment (a rolling restart, a chaos schedule) would blame
+it again. Run first, a row that kills does so at once (found one delivery sooner), and an
+innocent one is exposed to an outside kill for one model call only.
 """
 
 from __future__ import annotations
@@ -82,6 +87,10 @@ class Delivery:
     def dead_rows(self) -> set[int]:
         return {row for row, deaths in self.blamed.items() if deaths >= BLAME_LIMIT}
 
+    def once_blamed(self) -> list[int]:
+        """Rows blamed but not yet dead: they run first (see the module's doc)."""
+        return sorted(row for row, deaths in self.blamed.items() if 0 < deaths < BLAME_LIMIT)
+
 
 class Deliveries:
     """Redelivery records and the dead-letter list, in the Redis result store."""
@@ -116,8 +125,10 @@ class Deliveries:
             pipe.hincrby(key, "n", 1)
         pipe.execute()
         delivery.started = True
-        yield
-        self.redis.hdel(key, "cursor")
+        try:
+            yield
+        finally:  # a row that raised did not kill its worker
+            self.redis.hdel(key, "cursor")
 
     def done(self, message_id: str) -> None:
         """The message ended (stored and about to be acked): forget its record."""
@@ -184,7 +195,7 @@ def run_suspect(deliveries: Deliveries, pool: ModelPool, served: Served,
             "inputs": {k: np.asarray(v[i]).tolist() for k, v in data.items()}})
         pool.metrics.dead_lettered(served.version.manifest.name)
     future = served.batcher.submit_alone(
-        data, skip, partial(deliveries.running, delivery))
+        data, skip, partial(deliveries.running, delivery), first=delivery.once_blamed())
     return future.result(timeout=pool.settings.visibility_timeout)
 
 

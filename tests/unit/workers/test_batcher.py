@@ -530,3 +530,18 @@ def test_out_of_memory_is_not_a_lost_device() -> None:
     assert not is_device_lost(RuntimeError("CUDA out of memory. Tried to allocate 2 GiB"))
     assert is_device_lost(RuntimeError("CUDA error: device-side assert triggered"))
     assert is_device_lost(RuntimeError("CUDA_ERROR_NO_DEVICE: no CUDA-capable device"))
+
+
+def test_submit_alone_runs_the_rows_named_first_before_the_rest(make: Make) -> None:
+    b = make(FakeModel())
+    log: list[int] = []
+
+    @contextlib.contextmanager
+    def guard(i: int) -> Iterator[None]:
+        log.append(i)
+        yield
+
+    inputs = rows(5)
+    out = result(b.submit_alone(inputs, {}, guard, first=[3, 1, 3, 9]))
+    assert log == [3, 1, 0, 2, 4]  # repeats and rows past the end are ignored
+    np.testing.assert_array_equal(out.outputs["y"], expected(inputs))  # type: ignore[index]
