@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -116,8 +117,8 @@ def check_rows(spec: TensorSpec, arr: np.ndarray, first_row: int = 0, *,
         raise InputError(f"field {spec.name!r}: expected dtype {spec.dtype}, got {arr.dtype}",
                          field=spec.name)
     if -1 not in want and arr.shape[1:] != want:
-        per_row = int(np.prod(arr.shape[1:]))
-        if per_row != int(np.prod(want)):
+        per_row = math.prod(arr.shape[1:])
+        if per_row != math.prod(want):
             raise InputError(
                 f"field {spec.name!r}: expected rows of shape {_describe(want)}, "
                 f"got rows of shape {arr.shape[1:]}", field=spec.name)

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 from celery import Celery
 
-from shared.claims import Claims, redis_of
+from shared.claims import Claims, Sent, redis_of
 from workers import rejects
 from workers.batcher import Outcome
 from workers.deliveries import (
@@ -55,6 +55,24 @@ class Intake:
         except STORE_DOWN as exc:
             raise give_back(exc, request.id) from exc
         return taken, delivery
+
+    def send_claims(self, request: Any, job_ids: list[str]) -> tuple[Sent, Delivery | None]:
+        """``take`` whose claims are read later (``taken``): a first delivery's rows run
+        while they travel."""
+        sent = self.claims.send(job_ids)
+        try:
+            delivery = None if self.deliveries is None else self.deliveries.redelivery(request)
+        except STORE_DOWN as exc:
+            sent.discard()
+            raise give_back(exc, request.id) from exc
+        return sent, delivery
+
+    def taken(self, sent: Sent, request: Any) -> list[bool]:
+        """The claims of ``send_claims`` (False: cancelled first)."""
+        try:
+            return sent.taken()
+        except STORE_DOWN as exc:
+            raise give_back(exc, request.id) from exc
 
     def too_often(self, delivery: Delivery | None, task: str, model: str,
                   job_ids: list[str]) -> str | None:

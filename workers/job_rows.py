@@ -50,7 +50,8 @@ def validate(manifest: Manifest, inputs: Any, first_row: int, row_ids: Any
             index = int(np.flatnonzero(labels == e.row)[0])
             errors.setdefault(index, {"index": index, **e.model_dump()})
     assert rows is not None and labels is not None
-    keep = np.setdiff1d(np.arange(rows), np.array(list(errors), dtype=np.int64))
+    keep = np.arange(rows) if not errors else \
+        np.setdiff1d(np.arange(rows), np.array(list(errors), dtype=np.int64))
     valid = {name: data if len(kept) == len(keep) else data[np.searchsorted(kept, keep)]
              for name, (data, kept) in checked.items()}
     return valid, keep, labels, list(errors.values())

@@ -12,6 +12,7 @@ from __future__ import annotations
 import itertools
 import logging
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -22,7 +23,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from shared import backoff, tracing
 from shared.celery_app import INFER_MANY_TASK
-from shared.claims import EXPIRED_STATE, redis_of
+from shared.claims import EXPIRED_STATE, Sent, redis_of
 from shared.errors import DeadLettered, InferqError
 from shared.results import JobRecord, reply_message
 from workers.batcher import Outcome
@@ -122,9 +123,34 @@ def register_many(app: Celery, pool: ModelPool, intake: Intake) -> None:
             tracing.end(spans, [outcomes.get(id(j), "ok") for j in jobs])
 
 
+@dataclass
+class _Message:
+    """One ``inferq.infer_many`` message on its way through ``ManyJobs``."""
+
+    task: Any
+    model: str
+    jobs: list[dict[str, Any]]  # as sent
+    version: int | None
+    variant: str | None
+    reply_to: str | None
+    started: float
+    sent: Sent  # the jobs' claims (``Intake.send_claims``)
+    delivery: Delivery | None  # its earlier delivery, if the broker delivered it before
+    span_of: dict[int, Any]  # each traced job's span, by id() of its dict
+    outcomes: dict[int, str]  # how the jobs that did not simply succeed ended, likewise
+
+    def late(self, job: dict[str, Any]) -> bool:
+        return job.get("deadline") is not None and self.started > job["deadline"]
+
+
 class ManyJobs:
     """``inferq.infer_many``'s steps: each job admitted (workers/intake.py) and checked
-    on its own, their valid rows run as one batcher submit, every result stored at once."""
+    on its own, their valid rows run as one batcher submit, every result stored at once.
+
+    On a first delivery the rows run while the jobs' claims travel, and the claims are
+    read before anything is stored: a job cancelled first is dropped then, its run unseen
+    (one round trip less per message; docs/design.md, "What a request costs"). A
+    redelivered message reads its claims first: its rows run one by one."""
 
     def __init__(self, app: Celery, pool: ModelPool, intake: Intake):
         self.app, self.pool, self.intake = app, pool, intake
@@ -133,131 +159,144 @@ class ManyJobs:
                     model: str, jobs: list[dict[str, Any]], version: int | None,
                     variant: str | None, reply_to: str | None) -> None:
         started = time.time()
-        taken, delivery = self.intake.take(task.request, [j["id"] for j in jobs])
+        sent, delivery = self.intake.send_claims(task.request, [j["id"] for j in jobs])
         span_of = {} if not spans else {id(j): s for j, s in zip(jobs, spans, strict=True)}
-        runnable = self._skip_cancelled(task, model, jobs, taken, outcomes, started)
-        runnable = self._expire(model, runnable, outcomes, started, reply_to)
-        reason = self.intake.too_often(delivery, task.name, model,
-                                       [j["id"] for j in runnable])
-        if reason is not None:
-            store_many(self.app, [(j["id"], states.FAILURE, DeadLettered(reason))
-                                  for j in runnable], reply_to)
-            outcomes.update({id(j): "dead_lettered" for j in runnable})
-            return
+        m = _Message(task, model, jobs, version, variant, reply_to, started, sent, delivery,
+                     span_of, outcomes)
+        runnable = jobs
+        if delivery is not None:
+            runnable = self._admitted(m)
+            reason = self.intake.too_often(delivery, task.name, model,
+                                           [j["id"] for j in runnable])
+            if reason is not None:
+                store_many(self.app, [(j["id"], states.FAILURE, DeadLettered(reason))
+                                      for j in runnable], reply_to)
+                outcomes.update({id(j): "dead_lettered" for j in runnable})
+                return
         try:
-            self.run_jobs(runnable, model, version, variant, started, task.request.hostname,
-                          reply_to, delivery, span_of, outcomes)
+            self.run_jobs(m, runnable)
+        except Reject:  # the result store is away: back on the queue, run again later
+            raise
         except Exception as exc:  # every job still unanswered gets this error, not silence
-            self._fail_all(task, model, version, runnable, exc, outcomes, started, reply_to)
+            self._fail_all(m, exc)
 
-    def _skip_cancelled(self, task: Any, model: str, jobs: list[dict[str, Any]],
-                        taken: list[bool], outcomes: dict[int, str], started: float
-                        ) -> list[dict[str, Any]]:
-        runnable = [j for j, ok in zip(jobs, taken, strict=True) if ok]
-        if len(runnable) == len(jobs):
+    def _admitted(self, m: _Message) -> list[dict[str, Any]]:
+        """The claimed jobs (cancelled ones skipped) whose deadline has not passed (the
+        others are stored ``expired``)."""
+        taken = self.intake.taken(m.sent, m.task.request)
+        return self._expire(m, self._skip_cancelled(m, taken))
+
+    def _skip_cancelled(self, m: _Message, taken: list[bool]) -> list[dict[str, Any]]:
+        runnable = [j for j, ok in zip(m.jobs, taken, strict=True) if ok]
+        if len(runnable) == len(m.jobs):
             return runnable
-        skipped = [j for j, ok in zip(jobs, taken, strict=True) if not ok]
-        outcomes.update({id(j): "cancelled" for j in skipped})
+        skipped = [j for j, ok in zip(m.jobs, taken, strict=True) if not ok]
+        m.outcomes.update({id(j): "cancelled" for j in skipped})
         for _ in skipped:
-            self.pool.metrics.job(model, "cancelled", None, started)
+            self.pool.metrics.job(m.model, "cancelled", None, m.started)
         ids = [j["id"] for j in skipped]
+        request = m.task.request
         logger.info("message %s: %d of %d jobs cancelled before they ran; skipped: %s",
-                    task.request.id, len(ids), len(jobs),
+                    request.id, len(ids), len(m.jobs),
                     " ".join(ids[:8]) + (" …" if len(ids) > 8 else ""),
-                    extra={"event": "jobs_skipped", "message_id": task.request.id,
-                           "model": model, "worker": task.request.hostname, "job_ids": ids})
+                    extra={"event": "jobs_skipped", "message_id": request.id,
+                           "model": m.model, "worker": request.hostname, "job_ids": ids})
         return runnable
 
-    def _expire(self, model: str, runnable: list[dict[str, Any]], outcomes: dict[int, str],
-                started: float, reply_to: str | None) -> list[dict[str, Any]]:
+    def _expire(self, m: _Message, runnable: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """Jobs whose deadline passed are stored ``expired``; -> the others."""
-        late = [j.get("deadline") is not None and started > j["deadline"] for j in runnable]
-        expired = [j for j, past in zip(runnable, late, strict=True) if past]
+        expired = [j for j in runnable if m.late(j)]
         if not expired:
             return runnable
-        store_expired(self.app, [(j["id"], j["deadline"]) for j in expired], reply_to)
+        store_expired(self.app, [(j["id"], j["deadline"]) for j in expired], m.reply_to)
         for job in expired:
-            self.pool.metrics.job(model, "expired", job.get("submitted_at"), started)
-            outcomes[id(job)] = "expired"
-        return [j for j, past in zip(runnable, late, strict=True) if not past]
+            self.pool.metrics.job(m.model, "expired", job.get("submitted_at"), m.started)
+            m.outcomes[id(job)] = "expired"
+        return [j for j in runnable if not m.late(j)]
 
-    def _fail_all(self, task: Any, model: str, version: int | None,
-                  runnable: list[dict[str, Any]], exc: Exception, outcomes: dict[int, str],
-                  started: float, reply_to: str | None) -> None:
-        outcomes.update({id(j): "failed" for j in runnable})
+    def _fail_all(self, m: _Message, exc: Exception) -> None:
+        taken = self.intake.taken(m.sent, m.task.request)
+        runnable = [j for j, ok in zip(m.jobs, taken, strict=True)
+                    if ok and m.outcomes.get(id(j)) not in ("cancelled", "expired")]
+        m.outcomes.update({id(j): "failed" for j in runnable})
         ids = [j["id"] for j in runnable]
-        logger.exception("message %s: %d jobs failed", task.request.id, len(runnable),
-                         extra={"event": "message_failed", "message_id": task.request.id,
-                                "model": model, "version": version,
-                                "worker": task.request.hostname, "job_ids": ids,
-                                "duration_s": round(time.time() - started, 6)})
+        request = m.task.request
+        logger.exception("message %s: %d jobs failed", request.id, len(runnable),
+                         extra={"event": "message_failed", "message_id": request.id,
+                                "model": m.model, "version": m.version,
+                                "worker": request.hostname, "job_ids": ids,
+                                "duration_s": round(time.time() - m.started, 6)})
         try:
-            store_many(self.app, [(j, states.FAILURE, exc) for j in ids], reply_to)
+            store_many(self.app, [(j, states.FAILURE, exc) for j in ids], m.reply_to)
         except Exception:  # not even the failures can be stored: run it all again
             logger.exception("message %s: storing the failures failed; requeued",
-                             task.request.id, extra={
-                                 "event": "message_requeued", "message_id": task.request.id,
-                                 "model": model, "worker": task.request.hostname,
+                             request.id, extra={
+                                 "event": "message_requeued", "message_id": request.id,
+                                 "model": m.model, "worker": request.hostname,
                                  "job_ids": ids})
             raise Reject(exc, requeue=True) from exc
 
-    def run_jobs(self, runnable: list[dict[str, Any]], model: str, version: int | None,
-                 variant: str | None, started: float, hostname: str | None,
-                 reply_to: str | None, delivery: Delivery | None,
-                 span_of: dict[int, Any], outcomes: dict[int, str]) -> None:
-        """``span_of``: each traced job's span, by id() of its dict; ``outcomes`` gets
-        how the jobs that did not simply succeed ended."""
+    def run_jobs(self, m: _Message, jobs: list[dict[str, Any]]) -> None:
+        """Check, run and store ``jobs``: on a first delivery, those not late, their
+        claims read once the rows ran; on a redelivery, the admitted ones."""
+        served = self.pool.get(m.model, m.version, m.variant)
+        first = m.delivery is None
+        checked, invalid, merged, sizes, future = self._submit(
+            served, [j for j in jobs if not m.late(j)] if first else jobs, m)
+        outcome = None if future is None else \
+            future.result(timeout=self.pool.settings.visibility_timeout)
+        admitted = {id(j) for j in (self._admitted(m) if first else jobs)}
+        if checked and not first:
+            assert m.delivery is not None
+            outcome = self.intake.run_suspect(served, merged, m.delivery,
+                                              _describe(checked, sizes))
         items: list[tuple[str, str, Any]] = []
-        served = self.pool.get(model, version, variant)
-        checked, merged, sizes, future = self._submit(served, runnable, started, delivery,
-                                                      span_of, outcomes, items)
-        if checked:
-            if delivery is None:
-                outcome = future.result(timeout=self.pool.settings.visibility_timeout)
-            else:
-                outcome = self.intake.run_suspect(served, merged, delivery,
-                                                  _describe(checked, sizes))
-            for (job, _, keep, labels, errors), part in zip(checked, _split(outcome, sizes),
-                                                            strict=True):
-                result = finish(served, part, keep, labels, errors, job.get("submitted_at"),
-                                started, hostname, self.pool.metrics)
-                items.append((job["id"], states.SUCCESS, result))
-                if not result["ok"].all():
-                    outcomes[id(job)] = "rows_failed"
-        store_many(self.app, items, reply_to)
-        if delivery is not None:
-            self.intake.done(delivery.message_id)
+        for job, exc in invalid:
+            if id(job) in admitted:
+                items.append((job["id"], states.FAILURE, exc))
+                self.pool.metrics.job(m.model, "failed", job.get("submitted_at"), m.started)
+                m.outcomes[id(job)] = "invalid"
+        parts = [] if outcome is None else _split(outcome, sizes)
+        for (job, _, keep, labels, errors), part in zip(checked, parts, strict=True):
+            if id(job) not in admitted:
+                continue
+            result = finish(served, part, keep, labels, errors, job.get("submitted_at"),
+                            m.started, m.task.request.hostname, self.pool.metrics)
+            items.append((job["id"], states.SUCCESS, result))
+            if not result["ok"].all():
+                m.outcomes[id(job)] = "rows_failed"
+        store_many(self.app, items, m.reply_to)
+        if m.delivery is not None:
+            self.intake.done(m.delivery.message_id)
 
-    def _submit(self, served: Served, runnable: list[dict[str, Any]], started: float,
-                delivery: Delivery | None, span_of: dict[int, Any],
-                outcomes: dict[int, str], items: list[tuple[str, str, Any]]
-                ) -> tuple[list[tuple], dict[str, np.ndarray], list[int], Any]:
-        """Each job's rows checked (a job with a bad input fails alone, into ``items``);
-        the valid rows merged and, unless redelivered, handed to the batcher as one
-        submit -> (checked jobs, merged rows, rows per job, the batcher's future)."""
+    def _submit(self, served: Served, jobs: list[dict[str, Any]], m: _Message
+                ) -> tuple[list[tuple], list[tuple[dict[str, Any], InferqError]],
+                           dict[str, np.ndarray], list[int], Any]:
+        """Each job's rows checked (a job with a bad input fails alone); the valid rows
+        merged and, on a first delivery, handed to the batcher as one submit -> (checked
+        jobs, invalid jobs with their error, merged rows, rows per checked job, the
+        batcher's future or None)."""
         manifest = served.version.manifest
         checked: list[tuple] = []
+        invalid: list[tuple[dict[str, Any], InferqError]] = []
         merged: dict[str, np.ndarray] = {}
         future = None
         with served.batcher.announced() as ticket:
-            for job in runnable:
+            for job in jobs:
                 try:
                     checked.append((job, *validate(manifest, job["inputs"], 0, None)))
                 except InferqError as exc:
-                    items.append((job["id"], states.FAILURE, exc))
-                    self.pool.metrics.job(manifest.name, "failed", job.get("submitted_at"),
-                                          started)
-                    outcomes[id(job)] = "invalid"
+                    invalid.append((job, exc))
             sizes = [len(c[2]) for c in checked]  # each job's valid rows, in merged order
             if checked:
                 names = checked[0][1].keys()
                 merged = {k: np.concatenate([c[1][k] for c in checked]) for k in names}
                 served.observe(merged)
-                if delivery is None:
-                    linked = () if not span_of else tracing.links(
-                        [span_of[id(c[0])] for c in checked], sizes)
+                if m.delivery is None:
+                    linked = () if not m.span_of else tracing.links(
+                        [m.span_of[id(c[0])] for c in checked], sizes)
                     future = served.batcher.submit(merged, ticket, linked, here=True)
-        return checked, merged, sizes, future
+        return checked, invalid, merged, sizes, future
 
 
 def _describe(checked: list[tuple], sizes: list[int]) -> Any:

@@ -60,9 +60,14 @@ def test_a_bad_or_cancelled_job_in_a_shared_message_fails_alone(redis_env, start
     late = uuid.uuid4().hex
     jobs.append({"id": late, "inputs": {"image": rows[0][None]}, "submitted_at": 0.0,
                  "deadline": time.time() - 1})  # passed: not run, its neighbours are
-    for j in ids:
+    bad_and_cancelled = uuid.uuid4().hex
+    jobs.append({"id": bad_and_cancelled, "inputs": {"image": rows[1][None]},
+                 "submitted_at": 0.0})
+    for j in [*ids, bad_and_cancelled]:
         client.store.mark_queued(j, {"model": "digits"})
-    assert client.store.cancel([ids[3]]) == [True]  # cancelled before any worker saw it
+    # cancelled before any worker saw them (the worker's rows run while their claims
+    # travel: nothing of the run may show)
+    assert client.store.cancel([ids[3], bad_and_cancelled]) == [True, True]
     client.app.send_task(INFER_MANY_TASK, task_id=f"many-{uuid.uuid4().hex}",
                          kwargs={"model": "digits", "jobs": jobs},
                          queue=model_queue(client.settings, "digits"))
@@ -76,4 +81,5 @@ def test_a_bad_or_cancelled_job_in_a_shared_message_fails_alone(redis_env, start
     assert bad.status is JobStatus.failed and bad.error is not None
     assert "'image'" in bad.error and "shape" in bad.error, bad.error
     assert client.get(ids[3]).status is JobStatus.cancelled
+    assert client.get(bad_and_cancelled).status is JobStatus.cancelled
     assert client.wait(late, timeout=30).status is JobStatus.expired
