@@ -7,8 +7,10 @@ under load, measured). Here one Lua script moves the message from the first non-
 (high-priority queues first) into kombu's unacked records, so a message is always either on
 a queue or recorded. Redis cannot block inside a script, so idle consumers block on a *wake
 marker* per queue (a one-element list that every publish and restore pushes) and fetch when
-it fires, as BullMQ's workers do; while messages flow, consumers fetch back to back. A lost
-marker costs at most ``brpop_timeout`` (1 s): a consumer fetches after every wait.
+it fires, as BullMQ's workers do; while messages flow, consumers fetch back to back. The
+wait and its fetch are one write: Redis runs a blocked client's next command as the wait
+ends, so a woken consumer has its message without a second round trip. A lost marker costs
+at most ``brpop_timeout`` (1 s): a consumer fetches after every wait.
 
 Each consuming channel is an *owner*: the fetch records which owner holds each message, and
 a heartbeat keeps the owner's time fresh. The restore sweep (kombu's ``restore_visible``,
@@ -98,6 +100,7 @@ class Channel(kombu_redis.Channel):
         self.recorded: set[str] = set()  # tags FETCH recorded, until QoS.append sees them
         self._fetch_next = True  # else wait on the wake markers first
         self._fetching: list[str] | None = None  # the queues of the fetch in flight
+        self._waking = False  # the fetch in flight waits behind a BRPOP on the markers
         self._eval = False  # the script cache lost FETCH: send the script itself once
         self._heartbeat: Heartbeat | None = None
         self._fetch_script = self.client.register_script(FETCH)  # loads it when missing
@@ -168,45 +171,43 @@ class Channel(kombu_redis.Channel):
         if not queues:
             return
         self._start_heartbeat()
-        if self._fetch_next:
-            names = self._fetch_keys(queues)
-            tag = self._new_tag()
-            script = ("EVAL", FETCH) if self._eval else ("EVALSHA", _FETCH_SHA)
-            command: list[Any] = [*script, len(names), *names, *self._fetch_args(tag)]
-            self._fetching = [tag, *queues]
-        else:
-            command = ["BRPOP", *[keys.wake(q) for q in queues],
-                       timeout if timeout is not None else (self.brpop_timeout or 1)]
-            self._fetching = None
-        self._in_poll = self.client.connection
+        names = self._fetch_keys(queues)
+        tag = self._new_tag()
+        script = ("EVAL", FETCH) if self._eval else ("EVALSHA", _FETCH_SHA)
+        commands: list[list[Any]] = [[*script, len(names), *names, *self._fetch_args(tag)]]
+        self._fetching = [tag, *queues]
+        self._waking = not self._fetch_next
+        if self._waking:  # wait on the markers; Redis runs the fetch once the wait ends
+            commands.insert(0, ["BRPOP", *[keys.wake(q) for q in queues],
+                                timeout if timeout is not None else (self.brpop_timeout or 1)])
+        connection = self.client.connection
+        self._in_poll = connection
         self._brpop_sent_at = monotonic()  # type: ignore[assignment]
-        self.client.connection.send_command(*command)
+        connection.send_packed_command(connection.pack_commands(commands))
 
     def _brpop_read(self, **options: Any) -> bool:
         if self._plain:
             return bool(super()._brpop_read(**options))
         fetching, self._fetching = self._fetching, None
+        waking, self._waking = self._waking, False
         try:
+            if fetching is None:
+                raise Empty()
             try:
-                reply = self.client.parse_response(
-                    self.client.connection, "EVALSHA" if fetching else "BRPOP", **options)
-                if fetching is None:  # woken by a marker, or the wait timed out
-                    if self._closing:
-                        raise Empty()
-                    fetching = [self._new_tag(), *self._ordered_queues()]
-                    reply = self._fetch(self.client, fetching[1:], fetching[0])
+                if waking:  # woken by a marker, or the wait timed out: the fetch ran next
+                    self._woken(**options)
+                reply = self.client.parse_response(self.client.connection, "EVALSHA",
+                                                   **options)
             except self.connection_errors:
-                if fetching is not None:
-                    self._orphans.append(fetching[0])
+                self._orphans.append(fetching[0])
                 self.client.connection.disconnect()
                 raise
-            except NoScriptError:  # the script never ran
-                self._eval = True
+            except NoScriptError:  # the script never ran: send it itself, at once (a
+                self._eval = self._fetch_next = True  # marker that fired is spent)
                 raise Empty() from None
             except self.ResponseError:
                 logger.exception("fetching from Redis failed")
-                if fetching is not None:
-                    self._orphans.append(fetching[0])
+                self._orphans.append(fetching[0])
                 self._fetch_next = False
                 raise Empty() from None
             self._eval = False
@@ -215,6 +216,11 @@ class Channel(kombu_redis.Channel):
             if not reply:
                 raise Empty()
             tag, queues = fetching[0], fetching[1:]
+            if self._closing:  # taken as the wait ended: back on its queue
+                self.qos.restore_by_tag(tag)
+                raise Empty()
+            if waking:
+                self._restamp(tag)
             queue = queues[int(reply[0])]
             self._queue_cycle.rotate(queue)
             self._deliver_fetched(reply[1], tag, queue)
@@ -223,9 +229,27 @@ class Channel(kombu_redis.Channel):
             self._in_poll = None  # type: ignore[assignment]
             self._flush_brpop_reauth()
 
+    def _woken(self, **options: Any) -> None:
+        """The reply of the wait on the markers; the fetch's follows it."""
+        try:
+            self.client.parse_response(self.client.connection, "BRPOP", **options)
+        except self.ResponseError:  # a marker of another type, say: the fetch still ran
+            logger.exception("waiting on the wake markers failed")
+
+    def _restamp(self, tag: str) -> None:
+        """The fetch's arguments were written before the wait: after a long one, its
+        time in the unacked index (the visibility timeout counts from it) is now's.
+        Exact to within 1% of the timeout, or 1 s; a round trip only after such a wait."""
+        waited = monotonic() - float(self._brpop_sent_at or 0.0)
+        if waited <= min(1.0, self.visibility_timeout / 100):
+            return
+        try:
+            self.client.zadd(self.unacked_index_key, {tag: time()})
+        except self.connection_errors:  # delivered all the same; it may come back early
+            logger.warning("could not restamp message %s after a long wait", tag)
+
     def _fetch(self, client: Any, queues: list[str], tag: str) -> Any:
-        """One :data:`FETCH` now, on ``client`` (a woken consumer fetches on the connection
-        it waited on: no trip through the event loop)."""
+        """One :data:`FETCH` now, on ``client``."""
         if not queues:
             return None
         return self._fetch_script(keys=self._fetch_keys(queues), args=self._fetch_args(tag),

@@ -14,6 +14,7 @@ import json
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -233,3 +234,40 @@ def test_deployments_sharing_a_database_never_sweep_each_others_messages(store):
         assert store.hexists(slow + "unacked", held.delivery_tag)  # in its own records
         held.ack()
         assert not store.hexists(slow + "unacked", held.delivery_tag)
+
+
+def test_an_idle_consumer_gets_a_message_with_its_wake_up(store, monkeypatch):
+    """The wait on the markers and the fetch go in one write: Redis runs the fetch as the
+    wait ends, so a woken consumer makes no second round trip; after a wait longer than 1%
+    of the visibility timeout, the message's time in the unacked index is restamped (the
+    fetch's arguments were written before the wait)."""
+    from shared.redis_transport import Channel
+
+    fetches: list[str] = []
+    monkeypatch.setattr(Channel, "_fetch", lambda self, *a: fetches.append("fetch"))
+    queue = _queue()
+    seen: list[tuple[Any, float, float]] = []
+    with Connection(URL, transport=RELIABLE_REDIS,
+                    transport_options={**OPTIONS, "visibility_timeout": 20}) as conn:
+
+        def on_message(body: Any, message: Any) -> None:
+            score = store.zscore("unacked_index", message.delivery_tag)
+            seen.append((body, score, time.time()))
+            message.ack()
+
+        with conn.Consumer([queue], callbacks=[on_message]):
+            with contextlib.suppress(TimeoutError):
+                conn.drain_events(timeout=0.1)  # now waiting on the marker
+            time.sleep(0.1)
+            timer = threading.Timer(0.5, _publish, (queue, {"n": 1}))
+            timer.start()
+            deadline = time.monotonic() + 10
+            while not seen and time.monotonic() < deadline:
+                with contextlib.suppress(TimeoutError):
+                    conn.drain_events(timeout=0.5)
+            timer.join()
+    assert fetches == []
+    [(body, score, at)] = seen
+    assert body == {"n": 1}
+    assert score is not None and at - score < 0.2, (at, score)  # not the wait's start
+    assert not _held(store, queue)
